@@ -1,0 +1,143 @@
+"""Capture a causal LM with ``torch.export`` and lower it to ONNX with an explicit KV cache.
+
+The artifact contract (shared with onnxruntime-genai and Optimum) wants flat tensors in and out:
+``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value`` ->
+``logits``, ``present.{i}.key/value``. ``KVCacheWrapper`` is the one place that translates
+between those flat tensors and a ``transformers`` cache object, so the exported graph is the
+model's own forward, untouched. The cache is a plain ``DynamicCache`` built without the model
+config: every layer keeps its full past, and sliding-window layers (Gemma 3) get their window
+from the attention mask the model builds, which keeps ``present`` = ``past + seq`` for every
+layer as onnxruntime-genai expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import onnx_ir as ir
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+__all__ = ["CacheLayout", "KVCacheWrapper", "cache_layout", "export_onnx", "untie_lm_head"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Per-layer KV shapes, read from the model's own cache rather than from config fields."""
+
+    num_layers: int
+    kv_heads: tuple[int, ...]
+    head_dims: tuple[int, ...]
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", "position_ids"]
+        for i in range(self.num_layers):
+            names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for i in range(self.num_layers):
+            names += [f"present.{i}.key", f"present.{i}.value"]
+        return names
+
+    def empty_past(self, batch: int, length: int = 0, dtype=torch.float32) -> tuple:
+        return tuple(
+            (
+                torch.zeros(batch, h, length, d, dtype=dtype),
+                torch.zeros(batch, h, length, d, dtype=dtype),
+            )
+            for h, d in zip(self.kv_heads, self.head_dims)
+        )
+
+
+class KVCacheWrapper(nn.Module):
+    """Flat-tensor forward of a causal LM: the signature of the exported graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        cache = DynamicCache(past_key_values)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        return out.logits, presents
+
+
+@torch.no_grad()
+def cache_layout(model: nn.Module) -> CacheLayout:
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    out = model(input_ids=ids, use_cache=True, past_key_values=DynamicCache())
+    layers = out.past_key_values.layers
+    return CacheLayout(
+        num_layers=len(layers),
+        kv_heads=tuple(layer.keys.shape[1] for layer in layers),
+        head_dims=tuple(layer.keys.shape[3] for layer in layers),
+    )
+
+
+def untie_lm_head(model: nn.Module) -> bool:
+    """Give the LM head its own parameter when it shares the embedding's.
+
+    A tied weight would be one initializer used by both ``Gather`` and ``MatMul``; the lowering
+    passes quantize the head (MatMulNBits) and the embedding (GatherBlockQuantized) differently,
+    so each must own its initializer. Returns whether anything was untied.
+    """
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    if head is None or head.weight is not embed.weight:
+        return False
+    head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    return True
+
+
+def export_onnx(model: nn.Module, layout: CacheLayout, opset: int = 21) -> tuple[ir.Model, float]:
+    """``torch.export`` + dynamo lowering; returns the ONNX IR model and the seconds it took."""
+    wrapper = KVCacheWrapper(model).eval()
+    batch, seq, past = 2, 3, 4
+    example = (
+        torch.randint(0, 8, (batch, seq)),
+        torch.ones(batch, past + seq, dtype=torch.long),
+        torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+        layout.empty_past(batch, past),
+    )
+    b = torch.export.Dim("batch_size")
+    s = torch.export.Dim("sequence_length")
+    p = torch.export.Dim("past_sequence_length")
+    t = torch.export.Dim("total_sequence_length")
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past_key_values": tuple(({0: b, 2: p}, {0: b, 2: p}) for _ in range(layout.num_layers)),
+    }
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            example,
+            dynamic_shapes=dynamic_shapes,
+            input_names=layout.input_names(),
+            output_names=layout.output_names(),
+            dynamo=True,
+            opset_version=opset,
+            optimize=True,
+            external_data=True,
+            verbose=False,
+        )
+    seconds = time.perf_counter() - start
+    logger.info("exported in %.1f s", seconds)
+    return program.model, seconds

@@ -1,0 +1,203 @@
+"""``aqexport`` command line: build, run, eval, inspect.
+
+Every failure the user can act on is an ``AqexportError`` and prints as one line
+``error: <cause> — fix: <fix>`` with exit status 2 for bad input and 1 for runtime failures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from aqexport.errors import AqexportError
+
+__all__ = ["main"]
+
+PROVIDERS = click.Choice(["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"])
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        raise AqexportError(
+            f"no usable tokenizer in '{directory}' ({str(exc).splitlines()[0][:120]})",
+            "pass an artifact directory built by 'aqexport build'",
+        ) from None
+
+
+def _artifact_dir(value: str) -> Path:
+    path = Path(value)
+    if not (path / "model.onnx").is_file():
+        raise AqexportError(f"'{path}' is not an artifact directory (no model.onnx)",
+                            "pass the output directory of 'aqexport build'")
+    return path
+
+
+@click.group()
+@click.version_option(package_name="aqexport")
+@click.option("-v", "--verbose", is_flag=True, help="Log each stage and pass.")
+def cli(verbose: bool) -> None:
+    """Compile Hugging Face causal LMs into quantized ONNX artifacts for ONNX Runtime."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Override output.dir.")
+def build(config: Path, output: Path | None) -> None:
+    """Build the artifact described by CONFIG (a model.yaml)."""
+    from rich.console import Console
+
+    from aqexport.config import load_config
+    from aqexport.pipeline import build as run_build
+
+    console = Console(stderr=True)
+    cfg = load_config(config)
+    with console.status("starting") as status:
+        out = run_build(cfg, config.parent.resolve(), output,
+                        on_stage=lambda name: status.update(f"[bold]{name}[/bold]"))
+    report = json.loads((out / "report.json").read_text())
+    verification = report.get("verification", {})
+    console.print(f"[green]built[/green] {out}  ({report['model_bytes'] / 2**20:.1f} MiB model)")
+    parity = verification.get("logits_parity", {}).get("prefill", {})
+    if parity:
+        console.print(f"  logits max-abs vs PyTorch: {parity['max_abs']:.2e}")
+    ppl = verification.get("perplexity")
+    if ppl:
+        line = f"  perplexity (onnx): {ppl['onnx']['perplexity']:.4f}"
+        if "pytorch" in ppl:
+            line += f"  pytorch: {ppl['pytorch']['perplexity']:.4f}  rel diff {ppl['relative_difference']:.2e}"
+        console.print(line)
+    greedy = verification.get("greedy")
+    if greedy and greedy.get("identical_to_pytorch") is not None:
+        console.print(f"  greedy {greedy['tokens']} tokens identical to PyTorch: {greedy['identical_to_pytorch']}")
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--sample/--greedy", default=False, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--provider", "providers", multiple=True, type=PROVIDERS, default=("cpu",), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
+def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat, providers, as_json):
+    """Generate text with the artifact in ARTIFACT."""
+    from aqexport.runtime import OnnxDecoder, create_session, generate
+    from aqexport.runtime.generate import SamplingConfig
+
+    directory = _artifact_dir(artifact)
+    tokenizer = _load_tokenizer(directory)
+    if chat:
+        tokens = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True, tokenize=True)
+        tokens = list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
+    else:
+        tokens = tokenizer(prompt)["input_ids"]
+    session, info = create_session(directory, providers)
+    eos = tokenizer.eos_token_id
+    result = generate(
+        OnnxDecoder(session), tokens, max_new_tokens,
+        eos_token_ids=frozenset({eos}) if eos is not None else frozenset(),
+        sampling=SamplingConfig(sample, temperature, top_k, top_p, seed),
+    )
+    text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
+    if as_json:
+        click.echo(json.dumps({
+            "text": text, "tokens": result.new_tokens, "providers": info.used,
+            "prefill_tokens_per_second": result.prefill_tokens_per_second,
+            "decode_tokens_per_second": result.decode_tokens_per_second,
+        }))
+        return
+    click.echo(prompt + text if not chat else text)
+    click.echo(
+        f"[{len(result.new_tokens)} tokens; prefill {result.prefill_tokens_per_second:.1f} tok/s, "
+        f"decode {result.decode_tokens_per_second:.1f} tok/s; providers {', '.join(info.used)}]",
+        err=True,
+    )
+
+
+@cli.command(name="eval")
+@click.argument("artifact")
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(8))
+@click.option("--max-windows", default=None, type=click.IntRange(1), help="Score only the first K windows.")
+@click.option("--provider", "providers", multiple=True, type=PROVIDERS, default=("cpu",), show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
+    """Perplexity of ARTIFACT on a text file (non-overlapping windows, ALGORITHMS.md §7)."""
+    from tqdm import tqdm
+
+    from aqexport.runtime import OnnxDecoder, create_session, perplexity, split_windows
+    from aqexport.runtime.perplexity import onnx_logits_of
+    from aqexport.verify import tokenize_text
+
+    directory = _artifact_dir(artifact)
+    tokenizer = _load_tokenizer(directory)
+    try:
+        windows = split_windows(tokenize_text(tokenizer, text_file), seqlen, max_windows)
+    except ValueError as exc:
+        raise AqexportError(str(exc), "use a longer text or a smaller --seqlen") from None
+    session, info = create_session(directory, providers)
+    result = perplexity(onnx_logits_of(OnnxDecoder(session)), windows,
+                        lambda it: tqdm(it, desc="windows", disable=as_json))
+    payload = {**result.as_dict(), "text": str(text_file), "providers": info.used,
+               "tokenizer": tokenizer.name_or_path}
+    if as_json:
+        click.echo(json.dumps(payload))
+    else:
+        click.echo(f"perplexity {result.perplexity:.4f} over {result.windows} windows of {seqlen} tokens "
+                   f"({result.tokens} predicted tokens)")
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(artifact, as_json):
+    """Op histogram, sizes, I/O and quantization summary of ARTIFACT."""
+    from aqexport.inspect_artifact import inspect_artifact
+
+    summary = inspect_artifact(Path(artifact))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['model']}: {summary['nodes']} nodes, {summary['initializers']} initializers, "
+               f"{summary['total_bytes'] / 2**20:.1f} MiB on disk; opsets {summary['opset']}")
+    click.echo("inputs:  " + ", ".join(f"{i['name']}{i['shape']}" for i in summary["inputs"][:5])
+               + (" ..." if len(summary["inputs"]) > 5 else ""))
+    click.echo("outputs: " + ", ".join(f"{o['name']}{o['shape']}" for o in summary["outputs"][:3])
+               + (" ..." if len(summary["outputs"]) > 3 else ""))
+    click.echo("ops:")
+    for op, count in summary["ops"].items():
+        click.echo(f"  {op:32s} {count}")
+    click.echo(f"weights by dtype: {summary['weight_bytes_by_dtype']}")
+    click.echo(f"quantization: {summary['quantization']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except AqexportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The *what* of a build: ``model.yaml`` as frozen, validated pydantic models.
+
+Every section forbids unknown keys, because a misspelt key that is silently ignored (``sequlen``)
+gives a build that looks fine and measures the wrong thing. Relative paths are resolved against
+the folder of the YAML file, not the current directory, so a config means the same thing
+wherever the command is run from. ``load_config`` turns every validation failure into one
+``ConfigError`` line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from aqexport.errors import ConfigError
+
+__all__ = [
+    "BuildConfig",
+    "CalibrationSpec",
+    "EvaluationSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "QuantizationSpec",
+    "TargetSpec",
+    "load_config",
+    "IMPLEMENTED_RECIPES",
+]
+
+Recipe = Literal["none", "rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"]
+Preset = Literal["w4a16", "w4a16g128", "w3a16g128", "w8a8", "w4a8", "w4a4"]
+Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
+
+#: Recipes this version can build. The schema names all of them so configs written for later
+#: versions validate; the pipeline refuses the rest with one line instead of a half-built artifact.
+IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"})
+IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu"})
+IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path.resolve()
+
+
+class ModelSpec(_Section):
+    """Where the model comes from.
+
+    ``source`` is one string because that is how people name models: ``default`` (the packaged
+    SmolLM2-135M-Instruct), a local Hugging Face folder, a ``.gguf`` file, or a Hub id such as
+    ``HuggingFaceTB/SmolLM2-135M``. Which one it is is decided in ``aqexport.sources``.
+    """
+
+    source: str = "default"
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside a folder or Hub repo holding several"
+    )
+    revision: str | None = None
+    dtype: Literal["float32"] = "float32"
+    trust_remote_code: bool = False
+
+
+class CalibrationSpec(_Section):
+    data: Path | None = None
+    samples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=16)
+    seed: int = 2
+    epochs: int = Field(20, ge=2)
+
+    _resolve = field_validator("data")(_resolve_path)
+
+
+class QuantizationSpec(_Section):
+    recipe: Recipe = "none"
+    preset: Preset | None = None
+
+
+class TargetSpec(_Section):
+    profile: Literal["cpu", "cuda", "mobile"] = "cpu"
+    providers: tuple[Provider, ...] = ("cpu",)
+    opset: int = Field(21, ge=21, le=23)
+    formats: tuple[Literal["onnx", "ort"], ...] = ("onnx",)
+
+
+class EvaluationSpec(_Section):
+    """What the build verifies. ``text: null`` skips perplexity (parity is always checked)."""
+
+    text: Path | None = None
+    seqlen: int = Field(512, ge=8)
+    max_windows: int | None = Field(40, ge=1)
+    compare_pytorch: bool = True
+    prompt: str = "The capital of France is"
+    generate_tokens: int = Field(64, ge=0)
+
+    _resolve = field_validator("text")(_resolve_path)
+
+
+class OutputSpec(_Section):
+    dir: Path
+
+    _resolve = field_validator("dir")(_resolve_path)
+
+
+class BuildConfig(_Section):
+    model: ModelSpec = ModelSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    quantization: QuantizationSpec = QuantizationSpec()
+    target: TargetSpec = TargetSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    output: OutputSpec
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    def sha256(self) -> str:
+        """Hash of the validated config (not the YAML text), so comments don't change it."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def _explain(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section: Any = model
+        for part in error["loc"][:-1]:
+            field = section.model_fields.get(str(part)) if hasattr(section, "model_fields") else None
+            section = field.annotation if field is not None else None
+        allowed = ", ".join(section.model_fields) if hasattr(section, "model_fields") else "?"
+        return f"unknown key '{loc}'", f"remove it or use one of: {allowed}"
+    if kind == "missing":
+        return f"missing key '{loc}'", f"add '{loc}' to the config"
+    given = error.get("input")
+    return (
+        f"bad value for '{loc}': {error['msg']} (got {given!r})",
+        f"set '{loc}' to a valid value",
+    )
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BuildConfig:
+    """Read and validate a YAML config; every failure is one ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found", "pass the path of a model.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"'{path}' is not valid YAML{where}", "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{path}' must hold a mapping of sections", "see examples/*.yaml")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        config = BuildConfig.model_validate(raw, context={"base_dir": path.parent.resolve()})
+    except ValidationError as exc:
+        errors = exc.errors()
+        cause, fix = _explain(errors[0], BuildConfig)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{path}: {cause}{more}", fix) from None
+    _check_implemented(config)
+    _check_files(config)
+    return config
+
+
+def _check_implemented(config: BuildConfig) -> None:
+    recipe = config.quantization.recipe
+    if recipe not in IMPLEMENTED_RECIPES:
+        raise ConfigError(
+            f"quantization.recipe '{recipe}' is not available in this version of aqexport",
+            f"use one of: {', '.join(sorted(IMPLEMENTED_RECIPES))}",
+        )
+    if config.target.profile not in IMPLEMENTED_PROFILES:
+        raise ConfigError(
+            f"target.profile '{config.target.profile}' is not available in this version",
+            f"use one of: {', '.join(sorted(IMPLEMENTED_PROFILES))}",
+        )
+    missing = set(config.target.formats) - IMPLEMENTED_FORMATS
+    if missing:
+        raise ConfigError(
+            f"target.formats {sorted(missing)} not available in this version",
+            "use formats: [onnx]",
+        )
+
+
+def _check_files(config: BuildConfig) -> None:
+    for key, value in (
+        ("calibration.data", config.calibration.data),
+        ("evaluation.text", config.evaluation.text),
+    ):
+        if value is not None and not value.is_file():
+            raise ConfigError(f"{key}: file '{value}' not found", f"point '{key}' at a text file")
+    out = config.output.dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.dir '{out}' exists and is a file", "choose another directory")

@@ -1,0 +1,56 @@
+"""Run graph passes one by one and record what each did.
+
+``onnx_ir.passes.PassManager`` runs a list of passes but reports only their combined result; a
+compiler report wants, per pass, whether it changed the graph, the node counts before and after
+and its time, so this loop calls each pass (with its pre/postcondition checks) itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from aqexport.passes import StableNamesPass
+
+__all__ = ["fp_passes", "run_passes"]
+
+logger = logging.getLogger(__name__)
+
+
+def fp_passes() -> list[ir.passes.PassBase]:
+    """Passes for an unquantized artifact.
+
+    Initializer deduplication is left out on purpose: the LM head was untied from the embedding
+    so each can be quantized differently, and deduplication would tie them again.
+    """
+    return [
+        StableNamesPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.TopologicalSortPass(),
+    ]
+
+
+def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> list[dict[str, Any]]:
+    stats = []
+    for graph_pass in passes:
+        before = sum(1 for _ in model.graph.all_nodes())
+        start = time.perf_counter()
+        result = graph_pass(model)
+        model = result.model
+        stats.append(
+            {
+                "pass": type(graph_pass).__name__,
+                "modified": bool(result.modified),
+                "nodes_before": before,
+                "nodes_after": sum(1 for _ in model.graph.all_nodes()),
+                "seconds": round(time.perf_counter() - start, 4),
+            }
+        )
+        logger.info("%s: %s", stats[-1]["pass"], stats[-1])
+    return stats

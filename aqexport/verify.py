@@ -1,0 +1,105 @@
+"""The parity ladder for a built artifact: PyTorch (the exported model) vs ONNX Runtime.
+
+Three checks, from cheapest to most telling: logits of a prefill and of a cached decode step
+(max-abs, relative, top-1 agreement), greedy generation token by token, and perplexity on the
+evaluation text by the same windows for both. The figures go to ``report.json``; thresholds
+are applied by the caller (tests, ``aqexport diff``), not hidden here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from aqexport.config import EvaluationSpec
+from aqexport.reference import torch_greedy, torch_logits_of, torch_step
+from aqexport.runtime import OnnxDecoder, create_session, generate, perplexity, split_windows
+from aqexport.runtime.perplexity import onnx_logits_of
+
+__all__ = ["compare_logits", "logits_parity", "verify_artifact", "tokenize_text"]
+
+logger = logging.getLogger(__name__)
+
+
+def compare_logits(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    diff = np.abs(ours.astype(np.float64) - reference.astype(np.float64))
+    scale = float(np.abs(reference).max()) or 1.0
+    return {
+        "max_abs": float(diff.max()),
+        "max_rel": float(diff.max() / scale),
+        "top1_agreement": float(np.mean(ours.argmax(-1) == reference.argmax(-1))),
+    }
+
+
+def tokenize_text(tokenizer: Any, path: Path) -> np.ndarray:
+    """The whole split as one text, no special tokens (ALGORITHMS.md §7)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def logits_parity(model: Any, decoder: OnnxDecoder, prompt_tokens: list[int]) -> dict[str, Any]:
+    """Prefill on all but the last prompt token, then one cached step on the last."""
+    prefix, last = np.asarray([prompt_tokens[:-1]]), np.asarray([prompt_tokens[-1:]])
+    ref_prefill, cache = torch_step(model, prefix, None, 0)
+    ref_step, _ = torch_step(model, last, cache, prefix.shape[1])
+    ours_prefill, past = decoder.step(prefix, np.ones_like(prefix), decoder.empty_past(1))
+    ours_step, _ = decoder.step(last, np.ones((1, len(prompt_tokens)), dtype=np.int64), past)
+    return {
+        "prefill": compare_logits(ours_prefill, ref_prefill),
+        "decode_step": compare_logits(ours_step, ref_step),
+    }
+
+
+def verify_artifact(
+    artifact_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    spec: EvaluationSpec,
+    providers: tuple[str, ...] = ("cpu",),
+) -> dict[str, Any]:
+    session, info = create_session(artifact_dir, providers)
+    decoder = OnnxDecoder(session)
+    prompt = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"]
+    if len(prompt) < 2:
+        prompt = list(prompt) * 2
+    report: dict[str, Any] = {"providers": info.as_dict(), "prompt": spec.prompt}
+    report["logits_parity"] = logits_parity(model, decoder, prompt)
+
+    if spec.generate_tokens:
+        ours = generate(decoder, prompt, spec.generate_tokens)
+        theirs = torch_greedy(model, prompt, spec.generate_tokens) if spec.compare_pytorch else None
+        same, diverged = None, None
+        if theirs is not None:
+            pairs = zip(ours.new_tokens, theirs)
+            diverged = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+            if diverged is None and len(ours.new_tokens) != len(theirs):
+                diverged = min(len(ours.new_tokens), len(theirs))
+            same = diverged is None
+        report["greedy"] = {
+            "tokens": len(ours.new_tokens),
+            "pytorch_tokens": None if theirs is None else len(theirs),
+            "identical_to_pytorch": same,
+            "first_divergence": diverged,
+            "text": tokenizer.decode(ours.new_tokens),
+            "prefill_tokens_per_second": ours.prefill_tokens_per_second,
+            "decode_tokens_per_second": ours.decode_tokens_per_second,
+        }
+
+    if spec.text is not None:
+        windows = split_windows(tokenize_text(tokenizer, spec.text), spec.seqlen, spec.max_windows)
+        section: dict[str, Any] = {"text": str(spec.text), "tokenizer": getattr(tokenizer, "name_or_path", "")}
+        start = time.perf_counter()
+        onnx = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="ppl onnx", leave=False))
+        section["onnx"] = {**onnx.as_dict(), "seconds": time.perf_counter() - start}
+        if spec.compare_pytorch:
+            start = time.perf_counter()
+            ref = perplexity(torch_logits_of(model), windows, lambda it: tqdm(it, desc="ppl torch", leave=False))
+            section["pytorch"] = {**ref.as_dict(), "seconds": time.perf_counter() - start}
+            section["relative_difference"] = abs(onnx.perplexity - ref.perplexity) / ref.perplexity
+        report["perplexity"] = section
+    return report

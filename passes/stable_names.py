@@ -1,0 +1,114 @@
+"""Name initializers and nodes after the Hugging Face module paths they came from.
+
+The dynamo exporter names initializers after the *wrapper's* state dict
+(``model.model.layers.0.self_attn.q_proj.weight`` under ``KVCacheWrapper.model``) and nodes
+``node_<fx name>_<counter>``, which changes whenever an unrelated op is added upstream. A
+QuantPlan is keyed by Hugging Face module path and ``aqexport diff`` compares graphs by name, so
+both need names that only change when the model changes.
+
+Rewrite rules:
+
+1. An initializer whose name starts with ``strip_prefix`` loses that prefix
+   (``model.model.layers.0...`` -> ``model.layers.0...``). Names that would collide are left
+   alone (logged), never overwritten.
+2. A node whose ``pkg.torch.onnx.name_scopes`` metadata names a module path is renamed
+   ``/<module path with '/' separators>/<OpType>``, with ``_<k>`` appended from the second node of
+   the same op type in the same module, in graph order (``/model/layers.0/self_attn/q_proj/MatMul``,
+   the convention of Optimum and ONNX Runtime's tools).
+3. Nodes without that metadata (shape arithmetic the exporter adds), and nodes of the
+   top-level model object itself, keep their names.
+
+Precondition: a graph produced by ``torch.onnx.export(dynamo=True)``.
+Postcondition: same computation; names unique; values and outputs untouched.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import logging
+
+import onnx_ir as ir
+
+__all__ = ["StableNamesPass"]
+
+logger = logging.getLogger(__name__)
+
+_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+class StableNamesPass(ir.passes.InPlacePass):
+    def __init__(self, strip_prefix: str = "model.") -> None:
+        super().__init__()
+        self.strip_prefix = strip_prefix
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        initializers = list(model.graph.initializers.values())
+        renamed = sum(self._try_rename_initializer(v, model.graph) for v in initializers)
+        counters: collections.Counter[tuple[str, str]] = collections.Counter()
+        taken = {node.name for node in model.graph}
+        for node in model.graph:
+            renamed += self._try_rename_node(node, counters, taken)
+        logger.info("stable names: %d renamed", renamed)
+        return ir.passes.PassResult(model, modified=renamed > 0)
+
+    def _try_rename_initializer(self, value: ir.Value, graph: ir.Graph) -> bool:
+        name = value.name or ""
+        if not name.startswith(self.strip_prefix):
+            return False
+        new_name = name[len(self.strip_prefix) :]
+        if new_name in graph.initializers:
+            logger.debug("keeping %s: %s already exists", name, new_name)
+            return False
+        value.name = new_name
+        return True
+
+    def _try_rename_node(
+        self, node: ir.Node, counters: collections.Counter[tuple[str, str]], taken: set[str]
+    ) -> bool:
+        module_path = self._module_path(node)
+        if module_path is None:
+            return False
+        key = (module_path, node.op_type)
+        index = counters[key]
+        counters[key] += 1
+        base = f"/{'/'.join(self._split(module_path))}/{node.op_type}"
+        new_name = base if index == 0 else f"{base}_{index}"
+        while new_name in taken and new_name != node.name:
+            counters[key] += 1
+            new_name = f"{base}_{counters[key]}"
+        taken.discard(node.name)
+        taken.add(new_name)
+        node.name = new_name
+        return True
+
+    def _module_path(self, node: ir.Node) -> str | None:
+        raw = node.metadata_props.get(_SCOPES_KEY)
+        if not raw:
+            return None
+        try:
+            scopes = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return None
+        # The last entry is the fx node itself; the ones before are nested module paths.
+        modules = [s for s in scopes[:-1] if s]
+        if not modules:
+            return None
+        path = modules[-1]
+        wrapper = self.strip_prefix.rstrip(".")
+        if path == wrapper:
+            return None
+        if path.startswith(self.strip_prefix):
+            path = path[len(self.strip_prefix) :]
+        return path
+
+    @staticmethod
+    def _split(module_path: str) -> list[str]:
+        """``model.layers.0.self_attn`` -> ``[model, layers.0, self_attn]``: indices stay with their list."""
+        parts: list[str] = []
+        for piece in module_path.split("."):
+            if piece.isdigit() and parts:
+                parts[-1] = f"{parts[-1]}.{piece}"
+            else:
+                parts.append(piece)
+        return parts

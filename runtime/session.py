@@ -1,0 +1,86 @@
+"""ONNX Runtime sessions from an ordered list of short provider names, with honest reporting.
+
+ONNX Runtime silently drops a requested execution provider that the installed build lacks and
+runs on the CPU instead. A user benchmarking "on XNNPACK" deserves to know that happened, so
+``create_session`` returns what was requested, what this build offers, and what the session
+actually uses; ``strict=True`` turns a silent fallback into an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from aqexport.errors import AqexportError
+
+__all__ = ["PROVIDER_NAMES", "SessionInfo", "create_session"]
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_NAMES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+
+@dataclass
+class SessionInfo:
+    requested: list[str]
+    available: list[str]
+    used: list[str]
+    unavailable: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def create_session(
+    model_path: str | Path,
+    providers: tuple[str, ...] | list[str] = ("cpu",),
+    *,
+    intra_op_threads: int | None = None,
+    strict: bool = False,
+) -> tuple[ort.InferenceSession, SessionInfo]:
+    """Open ``model_path`` on the first available providers of ``providers``, CPU last."""
+    unknown = [p for p in providers if p not in PROVIDER_NAMES]
+    if unknown:
+        raise AqexportError(
+            f"unknown execution provider(s) {unknown}",
+            f"use some of: {', '.join(PROVIDER_NAMES)}",
+        )
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise AqexportError(f"no ONNX model at '{path}'", "pass an artifact directory built by aqexport")
+    available = ort.get_available_providers()
+    wanted = [PROVIDER_NAMES[p] for p in providers]
+    unavailable = [name for name in wanted if name not in available]
+    if unavailable and strict:
+        raise AqexportError(
+            f"execution provider(s) {unavailable} not in this onnxruntime build ({available})",
+            "install the onnxruntime package that ships them, or drop them from --provider",
+        )
+    chosen = [name for name in wanted if name in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = intra_op_threads or int(os.environ.get("AQEXPORT_THREADS", "0"))
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    info = SessionInfo(
+        requested=wanted, available=list(available), used=session.get_providers(), unavailable=unavailable
+    )
+    if unavailable:
+        logger.warning("providers %s unavailable; running on %s", unavailable, info.used)
+    return session, info
