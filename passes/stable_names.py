@@ -11,11 +11,15 @@ Rewrite rules:
 1. An initializer whose name starts with ``strip_prefix`` loses that prefix
    (``model.model.layers.0...`` -> ``model.layers.0...``). Names that would collide are left
    alone (logged), never overwritten.
-2. A node whose ``pkg.torch.onnx.name_scopes`` metadata names a module path is renamed
+2. An initializer the exporter's constant folder derived from exactly one parameter (the
+   ``Transpose`` of a linear weight into ONNX's ``MatMul`` layout ``[in, out]``) takes that
+   parameter's name, and records it under ``aqexport.derived_from``: it *is* that weight, laid
+   out for ``MatMul``, and the QuantPlan looks weights up by module path.
+3. A node whose ``pkg.torch.onnx.name_scopes`` metadata names a module path is renamed
    ``/<module path with '/' separators>/<OpType>``, with ``_<k>`` appended from the second node of
    the same op type in the same module, in graph order (``/model/layers.0/self_attn/q_proj/MatMul``,
    the convention of Optimum and ONNX Runtime's tools).
-3. Nodes without that metadata (shape arithmetic the exporter adds), and nodes of the
+4. Nodes without that metadata (shape arithmetic the exporter adds), and nodes of the
    top-level model object itself, keep their names.
 
 Precondition: a graph produced by ``torch.onnx.export(dynamo=True)``.
@@ -30,11 +34,13 @@ import logging
 
 import onnx_ir as ir
 
-__all__ = ["StableNamesPass"]
+__all__ = ["DERIVED_FROM_KEY", "StableNamesPass"]
 
 logger = logging.getLogger(__name__)
 
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
+DERIVED_FROM_KEY = "aqexport.derived_from"
 
 
 class StableNamesPass(ir.passes.InPlacePass):
@@ -54,14 +60,28 @@ class StableNamesPass(ir.passes.InPlacePass):
 
     def _try_rename_initializer(self, value: ir.Value, graph: ir.Graph) -> bool:
         name = value.name or ""
+        source = name
         if not name.startswith(self.strip_prefix):
-            return False
-        new_name = name[len(self.strip_prefix) :]
+            source = self._single_source(value)
+            if source is None:
+                return False
+            value.metadata_props[DERIVED_FROM_KEY] = source
+        new_name = source[len(self.strip_prefix) :]
         if new_name in graph.initializers:
             logger.debug("keeping %s: %s already exists", name, new_name)
             return False
         value.name = new_name
         return True
+
+    def _single_source(self, value: ir.Value) -> str | None:
+        raw = value.metadata_props.get(_FOLDED_FROM_KEY)
+        if not raw:
+            return None
+        try:
+            sources = [s for s in ast.literal_eval(raw) if s.startswith(self.strip_prefix)]
+        except (ValueError, SyntaxError):
+            return None
+        return sources[0] if len(sources) == 1 else None
 
     def _try_rename_node(
         self, node: ir.Node, counters: collections.Counter[tuple[str, str]], taken: set[str]
