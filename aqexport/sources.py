@@ -154,14 +154,19 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
             attn_implementation="sdpa",
             **kwargs,
         ).eval()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot load the weights of '{source.location}': {str(exc).splitlines()[0][:200]}",
+            "make sure model.source holds the model's weights (safetensors, bin or gguf)",
+        ) from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(
             source.location, trust_remote_code=spec.trust_remote_code, **kwargs
         )
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(
-            f"cannot load model or tokenizer from '{source.location}': "
-            f"{str(exc).splitlines()[0][:200]}",
-            "make sure the folder holds the weights and tokenizer files",
+            f"no usable tokenizer in '{source.location}' ({str(exc).splitlines()[0][:160]})",
+            "add the tokenizer files (tokenizer.json, tokenizer_config.json) to the model folder",
         ) from None
     # GGUF-loaded configs remember the GGUF quantization they were read from; the weights are
     # already de-quantized to float, so that entry would only mislead later consumers.

@@ -1,0 +1,83 @@
+"""Bad input gets one clear line naming the key and the fix, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from aqexport.cli import main
+from aqexport.config import load_config
+from aqexport.errors import ConfigError
+from tests.conftest import write_config
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sections, expected",
+    [
+        ({"model": {"sourc": "default"}, "output": {"dir": "out"}}, "unknown key 'model.sourc'"),
+        ({"model": {"source": "default"}}, "missing key 'output'"),
+        ({"evaluation": {"seqlen": "long"}, "output": {"dir": "out"}}, "bad value for 'evaluation.seqlen'"),
+        ({"quantization": {"recipe": "gptq"}, "output": {"dir": "out"}}, "quantization.recipe"),
+        ({"target": {"opset": 17}, "output": {"dir": "out"}}, "target.opset"),
+        ({"evaluation": {"text": "nope.txt"}, "output": {"dir": "out"}}, "evaluation.text: file"),
+        ({"quantization": {"recipe": "affinequant"}, "output": {"dir": "out"}}, "not available in this version"),
+    ],
+)
+def test_config_errors_are_one_line_with_fix(tmp_path, capsys, sections, expected):
+    config = write_config(tmp_path, **sections)
+    code, err = run_cli(["build", str(config)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and expected in lines[0] and "fix:" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = run_cli(["build", str(tmp_path / "absent.yaml")], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    bad = tmp_path / "model.yaml"
+    bad.write_text("model: [unclosed\n")
+    code, err = run_cli(["build", str(bad)], capsys)
+    assert code == 2 and "not valid YAML" in err
+
+
+def test_relative_paths_resolve_against_the_config(tmp_path, monkeypatch):
+    (tmp_path / "data.txt").write_text("hello")
+    config = write_config(tmp_path, evaluation={"text": "data.txt"}, output={"dir": "out"})
+    monkeypatch.chdir("/")
+    loaded = load_config(config)
+    assert loaded.evaluation.text == tmp_path / "data.txt"
+    assert loaded.output.dir == tmp_path / "out"
+
+
+def test_config_hash_ignores_formatting(tmp_path):
+    a = write_config(tmp_path, output={"dir": "out"})
+    other = tmp_path / "other"
+    other.mkdir()
+    b = other / "model.yaml"
+    b.write_text(f"# a comment\noutput:\n  dir: {tmp_path / 'out'}\n")
+    assert load_config(a).sha256() == load_config(b).sha256()
+
+
+def test_cli_reports_missing_artifact(tmp_path):
+    result = CliRunner().invoke(
+        __import__("aqexport.cli", fromlist=["cli"]).cli, ["inspect", str(tmp_path)]
+    )
+    assert result.exit_code != 0
+
+
+def test_config_error_type():
+    with pytest.raises(ConfigError):
+        load_config(Path("/definitely/not/here.yaml"))
