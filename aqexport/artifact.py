@@ -32,8 +32,18 @@ __all__ = [
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-_TRACKED = ("aqexport", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime",
-            "onnxruntime-gpu", "gguf", "numpy")
+_TRACKED = (
+    "aqexport",
+    "torch",
+    "transformers",
+    "onnx",
+    "onnx-ir",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "gguf",
+    "numpy",
+)
 
 
 @contextmanager

@@ -35,8 +35,9 @@ def _load_tokenizer(directory: Path):
 def _artifact_dir(value: str) -> Path:
     path = Path(value)
     if not (path / "model.onnx").is_file():
-        raise AqexportError(f"'{path}' is not an artifact directory (no model.onnx)",
-                            "pass the output directory of 'aqexport build'")
+        raise AqexportError(
+            f"'{path}' is not an artifact directory (no model.onnx)", "pass the output directory of 'aqexport build'"
+        )
     return path
 
 
@@ -61,8 +62,9 @@ def build(config: Path, output: Path | None) -> None:
     console = Console(stderr=True)
     cfg = load_config(config)
     with console.status("starting") as status:
-        out = run_build(cfg, config.parent.resolve(), output,
-                        on_stage=lambda name: status.update(f"[bold]{name}[/bold]"))
+        out = run_build(
+            cfg, config.parent.resolve(), output, on_stage=lambda name: status.update(f"[bold]{name}[/bold]")
+        )
     report = json.loads((out / "report.json").read_text())
     verification = report.get("verification", {})
     console.print(f"[green]built[/green] {out}  ({report['model_bytes'] / 2**20:.1f} MiB model)")
@@ -100,25 +102,34 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     directory = _artifact_dir(artifact)
     tokenizer = _load_tokenizer(directory)
     if chat:
-        tokens = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                               add_generation_prompt=True, tokenize=True)
+        tokens = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         tokens = list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
     else:
         tokens = tokenizer(prompt)["input_ids"]
     session, info = create_session(directory, providers)
     eos = tokenizer.eos_token_id
     result = generate(
-        OnnxDecoder(session), tokens, max_new_tokens,
+        OnnxDecoder(session),
+        tokens,
+        max_new_tokens,
         eos_token_ids=frozenset({eos}) if eos is not None else frozenset(),
         sampling=SamplingConfig(sample, temperature, top_k, top_p, seed),
     )
     text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
     if as_json:
-        click.echo(json.dumps({
-            "text": text, "tokens": result.new_tokens, "providers": info.used,
-            "prefill_tokens_per_second": result.prefill_tokens_per_second,
-            "decode_tokens_per_second": result.decode_tokens_per_second,
-        }))
+        click.echo(
+            json.dumps(
+                {
+                    "text": text,
+                    "tokens": result.new_tokens,
+                    "providers": info.used,
+                    "prefill_tokens_per_second": result.prefill_tokens_per_second,
+                    "decode_tokens_per_second": result.decode_tokens_per_second,
+                }
+            )
+        )
         return
     click.echo(prompt + text if not chat else text)
     click.echo(
@@ -150,15 +161,17 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
     except ValueError as exc:
         raise AqexportError(str(exc), "use a longer text or a smaller --seqlen") from None
     session, info = create_session(directory, providers)
-    result = perplexity(onnx_logits_of(OnnxDecoder(session)), windows,
-                        lambda it: tqdm(it, desc="windows", disable=as_json))
-    payload = {**result.as_dict(), "text": str(text_file), "providers": info.used,
-               "tokenizer": tokenizer.name_or_path}
+    result = perplexity(
+        onnx_logits_of(OnnxDecoder(session)), windows, lambda it: tqdm(it, desc="windows", disable=as_json)
+    )
+    payload = {**result.as_dict(), "text": str(text_file), "providers": info.used, "tokenizer": tokenizer.name_or_path}
     if as_json:
         click.echo(json.dumps(payload))
     else:
-        click.echo(f"perplexity {result.perplexity:.4f} over {result.windows} windows of {seqlen} tokens "
-                   f"({result.tokens} predicted tokens)")
+        click.echo(
+            f"perplexity {result.perplexity:.4f} over {result.windows} windows of {seqlen} tokens "
+            f"({result.tokens} predicted tokens)"
+        )
 
 
 @cli.command()
@@ -172,12 +185,20 @@ def inspect(artifact, as_json):
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{summary['model']}: {summary['nodes']} nodes, {summary['initializers']} initializers, "
-               f"{summary['total_bytes'] / 2**20:.1f} MiB on disk; opsets {summary['opset']}")
-    click.echo("inputs:  " + ", ".join(f"{i['name']}{i['shape']}" for i in summary["inputs"][:5])
-               + (" ..." if len(summary["inputs"]) > 5 else ""))
-    click.echo("outputs: " + ", ".join(f"{o['name']}{o['shape']}" for o in summary["outputs"][:3])
-               + (" ..." if len(summary["outputs"]) > 3 else ""))
+    click.echo(
+        f"{summary['model']}: {summary['nodes']} nodes, {summary['initializers']} initializers, "
+        f"{summary['total_bytes'] / 2**20:.1f} MiB on disk; opsets {summary['opset']}"
+    )
+    click.echo(
+        "inputs:  "
+        + ", ".join(f"{i['name']}{i['shape']}" for i in summary["inputs"][:5])
+        + (" ..." if len(summary["inputs"]) > 5 else "")
+    )
+    click.echo(
+        "outputs: "
+        + ", ".join(f"{o['name']}{o['shape']}" for o in summary["outputs"][:3])
+        + (" ..." if len(summary["outputs"]) > 3 else "")
+    )
     click.echo("ops:")
     for op, count in summary["ops"].items():
         click.echo(f"  {op:32s} {count}")

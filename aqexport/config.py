@@ -65,9 +65,7 @@ class ModelSpec(_Section):
     """
 
     source: str = "default"
-    gguf_file: str | None = Field(
-        None, description="GGUF file name inside a folder or Hub repo holding several"
-    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside a folder or Hub repo holding several")
     revision: str | None = None
     dtype: Literal["float32"] = "float32"
     trust_remote_code: bool = False

@@ -50,8 +50,7 @@ def inspect_artifact(directory: Path) -> dict[str, Any]:
         raise AqexportError(f"no {MODEL_FILE} in '{directory}'", "pass an artifact directory")
     model = ir.load(path)
     ops = collections.Counter(
-        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-        for n in model.graph.all_nodes()
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.all_nodes()
     )
     weight_bytes = collections.Counter()
     for value in model.graph.initializers.values():

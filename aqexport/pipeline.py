@@ -92,8 +92,9 @@ def verify_stage(ctx: BuildContext) -> None:
 
 def finalize_stage(ctx: BuildContext) -> None:
     loaded = ctx.loaded
-    sizes = {name: (ctx.staging / name).stat().st_size for name in (MODEL_FILE, DATA_FILE)
-             if (ctx.staging / name).exists()}
+    sizes = {
+        name: (ctx.staging / name).stat().st_size for name in (MODEL_FILE, DATA_FILE) if (ctx.staging / name).exists()
+    }
     ctx.report.update(
         {
             "model_bytes": sum(sizes.values()),

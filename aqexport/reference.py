@@ -52,8 +52,6 @@ def torch_greedy(model: torch.nn.Module, prompt_tokens: list[int], max_new_token
     generation config, which stops at EOS.
     """
     ids = torch.tensor([prompt_tokens], dtype=torch.long)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[], pad_token_id=0
-    )
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[], pad_token_id=0)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, len(prompt_tokens) :].tolist()

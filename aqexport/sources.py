@@ -160,9 +160,7 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
             "make sure model.source holds the model's weights (safetensors, bin or gguf)",
         ) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.location, trust_remote_code=spec.trust_remote_code, **kwargs
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(
             f"no usable tokenizer in '{source.location}' ({str(exc).splitlines()[0][:160]})",

@@ -85,6 +85,7 @@ def verify_artifact(
             "pytorch_tokens": None if theirs is None else len(theirs),
             "identical_to_pytorch": same,
             "first_divergence": diverged,
+            "token_ids": ours.new_tokens,
             "text": tokenizer.decode(ours.new_tokens),
             "prefill_tokens_per_second": ours.prefill_tokens_per_second,
             "decode_tokens_per_second": ours.decode_tokens_per_second,

@@ -83,9 +83,7 @@ class StableNamesPass(ir.passes.InPlacePass):
             return None
         return sources[0] if len(sources) == 1 else None
 
-    def _try_rename_node(
-        self, node: ir.Node, counters: collections.Counter[tuple[str, str]], taken: set[str]
-    ) -> bool:
+    def _try_rename_node(self, node: ir.Node, counters: collections.Counter[tuple[str, str]], taken: set[str]) -> bool:
         module_path = self._module_path(node)
         if module_path is None:
             return False

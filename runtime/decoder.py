@@ -74,9 +74,7 @@ class OnnxDecoder:
                 index += 1
         outputs = self.session.run(None, feeds)
         named = dict(zip(self.output_names, outputs))
-        present = [
-            named[f"present.{i}.{kind}"] for i in range(self.num_layers) for kind in ("key", "value")
-        ]
+        present = [named[f"present.{i}.{kind}"] for i in range(self.num_layers) for kind in ("key", "value")]
         return named["logits"], present
 
 

@@ -86,9 +86,7 @@ def generate(
     while len(result.new_tokens) < max_new_tokens and token not in eos_token_ids:
         position = mask.shape[1]
         mask = np.ones((1, position + 1), dtype=np.int64)
-        logits, past = decoder.step(
-            np.asarray([[token]], dtype=np.int64), mask, past, np.asarray([[position]])
-        )
+        logits, past = decoder.step(np.asarray([[token]], dtype=np.int64), mask, past, np.asarray([[position]]))
         token = _choose(logits[0, -1], sampling, rng)
         result.new_tokens.append(token)
     result.decode_seconds = time.perf_counter() - start

@@ -18,8 +18,9 @@ def test_failure_leaves_previous_artifact_and_no_temp_dirs(tiny_model_dir, tmp_p
     out = tmp_path / "artifact"
     out.mkdir()
     (out / "marker").write_text("previous build")
-    config = load_config(tiny_build_config(tmp_path, tiny_model_dir("llama"),
-                                           evaluation={"text": None, "generate_tokens": 0}))
+    config = load_config(
+        tiny_build_config(tmp_path, tiny_model_dir("llama"), evaluation={"text": None, "generate_tokens": 0})
+    )
     stages = tuple((name, _fail if name == "verify" else stage) for name, stage in pipeline.STAGES)
     monkeypatch.setattr(pipeline, "STAGES", stages)
     with pytest.raises(RuntimeError, match="exploded"):
@@ -32,8 +33,9 @@ def test_success_replaces_previous_artifact(tiny_model_dir, tmp_path):
     out = tmp_path / "artifact"
     out.mkdir()
     (out / "marker").write_text("previous build")
-    config = load_config(tiny_build_config(tmp_path, tiny_model_dir("llama"),
-                                           evaluation={"text": None, "generate_tokens": 0}))
+    config = load_config(
+        tiny_build_config(tmp_path, tiny_model_dir("llama"), evaluation={"text": None, "generate_tokens": 0})
+    )
     pipeline.build(config, tmp_path)
     assert not (out / "marker").exists() and (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "model.yaml"]

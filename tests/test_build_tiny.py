@@ -33,8 +33,15 @@ def test_build_matches_pytorch(tiny_artifact, kind):
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_artifact_contract(tiny_artifact, kind):
     artifact = tiny_artifact(kind)
-    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "manifest.json", "report.json",
-                 "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "model.onnx",
+        "model.onnx.data",
+        "genai_config.json",
+        "manifest.json",
+        "report.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (artifact / name).is_file(), name
     graph = onnx.load(artifact / "model.onnx", load_external_data=False)
     inputs = [i.name for i in graph.graph.input]
@@ -68,8 +75,8 @@ def test_artifact_contract(tiny_artifact, kind):
 def test_cli_eval_matches_build_report(tiny_artifact, kind):
     artifact = tiny_artifact(kind)
     result = CliRunner().invoke(
-        cli, ["eval", str(artifact), "--text", str(data_file("test")), "--seqlen", "48",
-              "--max-windows", "3", "--json"],
+        cli,
+        ["eval", str(artifact), "--text", str(data_file("test")), "--seqlen", "48", "--max-windows", "3", "--json"],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -83,15 +90,17 @@ def test_cli_run_greedy_matches_build_report(tiny_artifact):
     greedy = read_report(artifact)["verification"]["greedy"]
     prompt = read_report(artifact)["verification"]["prompt"]
     # The build's check tokenizes without special tokens; so does this tokenizer by default.
-    result = CliRunner().invoke(cli, ["run", str(artifact), "--prompt", prompt, "--max-new-tokens", "12",
-                                      "--json"])
+    result = CliRunner().invoke(cli, ["run", str(artifact), "--prompt", prompt, "--max-new-tokens", "12", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["text"].strip()
     assert len(payload["tokens"]) <= 12
     sampled = [
-        json.loads(CliRunner().invoke(cli, ["run", str(artifact), "--prompt", prompt, "--sample",
-                                            "--seed", "7", "--json"]).stdout)["tokens"]
+        json.loads(
+            CliRunner()
+            .invoke(cli, ["run", str(artifact), "--prompt", prompt, "--sample", "--seed", "7", "--json"])
+            .stdout
+        )["tokens"]
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1], "sampling with a seed must be reproducible"

@@ -72,9 +72,7 @@ def test_config_hash_ignores_formatting(tmp_path):
 
 
 def test_cli_reports_missing_artifact(tmp_path):
-    result = CliRunner().invoke(
-        __import__("aqexport.cli", fromlist=["cli"]).cli, ["inspect", str(tmp_path)]
-    )
+    result = CliRunner().invoke(__import__("aqexport.cli", fromlist=["cli"]).cli, ["inspect", str(tmp_path)])
     assert result.exit_code != 0
 
 

@@ -37,7 +37,8 @@ def train_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(lines, trainer)
@@ -49,11 +50,26 @@ def train_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
 def _common(kind: str) -> dict:
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if kind == "opt":
-        return {**ids, "vocab_size": VOCAB, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "max_position_embeddings": 256, "word_embed_proj_dim": 64}
-    return {**ids, "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 256}
+        return {
+            **ids,
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "word_embed_proj_dim": 64,
+        }
+    return {
+        **ids,
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
 
 
 CONFIGS = {
@@ -62,7 +78,9 @@ CONFIGS = {
     "opt": lambda: OPTConfig(**_common("opt")),
     # Sliding window shorter than the test windows, so windowed attention is exercised.
     "gemma3_text": lambda: Gemma3TextConfig(
-        **_common("gemma3"), head_dim=16, sliding_window=8,
+        **_common("gemma3"),
+        head_dim=16,
+        sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],
     ),
 }
