@@ -71,7 +71,7 @@ def test_artifact_contract(tiny_artifact, kind):
     assert genai["search"]["past_present_share_buffer"] is False
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_cli_eval_matches_build_report(tiny_artifact, kind):
     artifact = tiny_artifact(kind)
     result = CliRunner().invoke(
@@ -85,16 +85,19 @@ def test_cli_eval_matches_build_report(tiny_artifact, kind):
     assert payload["providers"] == ["CPUExecutionProvider"]
 
 
-def test_cli_run_greedy_matches_build_report(tiny_artifact):
-    artifact = tiny_artifact("llama")
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_cli_run_greedy_matches_build_report(tiny_artifact, kind):
+    artifact = tiny_artifact(kind)
     greedy = read_report(artifact)["verification"]["greedy"]
     prompt = read_report(artifact)["verification"]["prompt"]
-    # The build's check tokenizes without special tokens; so does this tokenizer by default.
+    # The build's check tokenizes without special tokens; this tokenizer adds none by default.
     result = CliRunner().invoke(cli, ["run", str(artifact), "--prompt", prompt, "--max-new-tokens", "12", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["text"].strip()
-    assert len(payload["tokens"]) <= 12
+    tokens = payload["tokens"]
+    # Same greedy tokens as the build's check, except that `run` stops at EOS.
+    assert tokens == greedy["token_ids"][: len(tokens)]
+    assert len(tokens) == 12 or tokens[-1] == 2
     sampled = [
         json.loads(
             CliRunner()
