@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -23,13 +22,15 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import commit_id, write_section  # noqa: E402
 
 from aqexport.config import load_config  # noqa: E402
 from aqexport.pipeline import build  # noqa: E402
 from aqexport.runtime import OnnxDecoder, create_session, generate  # noqa: E402
 
 CONFIG = ROOT / "examples" / "smollm2-fp32.yaml"
-MARK_BEGIN, MARK_END = "<!-- skeleton:begin -->", "<!-- skeleton:end -->"
 
 
 def machine() -> str:
@@ -84,9 +85,7 @@ def main() -> None:
     verification = report["verification"]
     ppl = verification["perplexity"]
     figures = speed(artifact)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = commit_id()
     rows = [
         ("export (torch.export + dynamo lowering)", f"{report['export_seconds']:.1f} s"),
         ("whole build (load, export, passes, write, verify)", f"{build_seconds:.1f} s"),
@@ -109,7 +108,7 @@ def main() -> None:
         ("time to first token, 16-token prompt (ms)", stat(figures["ttft_16"])),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    section = f"""{MARK_BEGIN}
+    body = f"""
 ## Walking skeleton: SmolLM2-135M-Instruct, fp32, unquantized
 
 Machine: {machine()}; onnxruntime {ort.__version__}, {", ".join(figures["providers"])},
@@ -124,19 +123,8 @@ Perplexity is WikiText-2 test (the tokenized v1 release shipped in shared/data),
 split tokenized once with the model's tokenizer, non-overlapping windows, no BOS: not
 comparable to papers' raw-WikiText figures. Decode runs the plain (unfused) graph, copying the
 KV cache through numpy each step; fused attention and IO binding come with the targets issue.
-{MARK_END}"""
-    path = ROOT / "BENCHMARKS.md"
-    text = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmarks\n\nEvery figure here is written by a script in `benchmarks/`.\n"
-    )
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+"""
+    section = write_section("skeleton", body)
     print(section)
 
 
