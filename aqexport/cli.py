@@ -102,10 +102,12 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     directory = _artifact_dir(artifact)
     tokenizer = _load_tokenizer(directory)
     if chat:
-        tokens = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        if not getattr(tokenizer, "chat_template", None):
+            raise AqexportError(f"the tokenizer in '{directory}' has no chat template", "drop --chat")
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
         )
-        tokens = list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
+        tokens = list(encoded["input_ids"])
     else:
         tokens = tokenizer(prompt)["input_ids"]
     session, info = create_session(directory, providers)

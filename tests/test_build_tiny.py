@@ -117,3 +117,12 @@ def test_cli_inspect(tiny_artifact):
     assert summary["ops"]["MatMul"] >= 2 * 7
     assert summary["inputs"][0]["name"] == "input_ids"
     assert summary["quantization"]["recipe"] == "none"
+
+
+def test_cli_run_chat_without_template_is_one_clear_error(tiny_artifact, capsys):
+    from aqexport.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(tiny_artifact("llama")), "--prompt", "hi", "--chat"])
+    assert exit_info.value.code == 1
+    assert "no chat template" in capsys.readouterr().err

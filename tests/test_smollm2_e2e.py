@@ -83,3 +83,21 @@ def test_smollm2_runs_under_genai(smollm2_artifact):
     ours = report["token_ids"]
     # genai stops at EOS; the build's check does not, so compare genai's tokens as a prefix.
     assert theirs and ours[: len(theirs)] == theirs
+
+
+def test_smollm2_chat_answers(smollm2_artifact):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(smollm2_artifact),
+            "--prompt",
+            "What is the capital of France?",
+            "--chat",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Paris" in json.loads(result.stdout)["text"]

@@ -19,9 +19,7 @@ __all__ = ["quantizable_linears", "rtn_fake_quantize_"]
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head
+        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head
     }
 
 
