@@ -57,7 +57,7 @@ def main() -> None:
     body = f"""
 ## RTN baseline: SmolLM2-135M-Instruct, PyTorch fake-quant (weights only)
 
-WikiText-2 test, seqlen 512, first 40 windows ({windows.shape[0] * 511} predicted tokens).
+WikiText-2 test, seqlen 512, first 40 windows ({windows.shape[0] * (windows.shape[1] - 1)} predicted tokens).
 Every linear of the decoder blocks quantized, asymmetric, LM head and embedding in float.
 Measured {date.today()} at commit {commit} with `python benchmarks/rtn_baseline.py`.
 
