@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from aqexport.cli import main
 from aqexport.config import load_config
@@ -71,9 +70,9 @@ def test_config_hash_ignores_formatting(tmp_path):
     assert load_config(a).sha256() == load_config(b).sha256()
 
 
-def test_cli_reports_missing_artifact(tmp_path):
-    result = CliRunner().invoke(__import__("aqexport.cli", fromlist=["cli"]).cli, ["inspect", str(tmp_path)])
-    assert result.exit_code != 0
+def test_cli_reports_missing_artifact(tmp_path, capsys):
+    code, err = run_cli(["inspect", str(tmp_path)], capsys)
+    assert code == 1 and "no model.onnx" in err and "fix:" in err
 
 
 def test_config_error_type():
