@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DELTA_FLOOR", "QuantScheme", "fake_quantize", "quantize_params", "round_ste"]
+__all__ = [
+    "DELTA_FLOOR",
+    "QuantScheme",
+    "dequantize_codes",
+    "fake_quantize",
+    "quantize_codes",
+    "quantize_params",
+    "round_ste",
+]
 
 DELTA_FLOOR = 1e-5
 
@@ -97,3 +105,19 @@ def fake_quantize(
     q = (round_ste(groups / scale) + zero).clamp(scheme.qmin, scheme.qmax)
     out = ((q - zero) * scale).reshape(*x.shape[:-1], -1)
     return out[..., : x.shape[-1]] if pad else out
+
+
+def quantize_codes(x: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Integer codes [..., C] (uint8, or int8 when symmetric) for given per-group scale/zero [..., G, 1]."""
+    groups, pad = _grouped(x, scheme)
+    q = (torch.round(groups / scale) + zero).clamp(scheme.qmin, scheme.qmax).reshape(*x.shape[:-1], -1)
+    q = q[..., : x.shape[-1]] if pad else q
+    return q.to(torch.int8 if scheme.symmetric else torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(q − z)·Δ`` with Δ, z per group [..., G] (float32 result)."""
+    columns = codes.shape[-1]
+    groups, pad = _grouped(codes.float(), scheme)
+    out = ((groups - zero.float()[..., None]) * scale.float()[..., None]).reshape(*codes.shape[:-1], -1)
+    return out[..., :columns] if pad else out

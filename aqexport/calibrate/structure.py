@@ -179,7 +179,7 @@ def _find_out_pair(block, hidden, kwargs, candidates, orphans, head_dim, kv_head
             repeat = heads // kv_heads
             captured: dict[str, torch.Tensor] = {}
 
-            def grab(module, args, key):
+            def grab(module, args, key, captured=captured):
                 captured[key] = args[0].detach().clone()
 
             consumer_module = block.get_submodule(consumer)
@@ -188,7 +188,7 @@ def _find_out_pair(block, hidden, kwargs, candidates, orphans, head_dim, kv_head
             handle.remove()
             handles = [
                 block.get_submodule(producer).register_forward_hook(
-                    lambda m, a, out: _block_diag_apply(out, probe, 1)
+                    lambda m, a, out, probe=probe: _block_diag_apply(out, probe, 1)
                 ),
                 consumer_module.register_forward_pre_hook(lambda m, a: grab(m, a, "probed")),
             ]

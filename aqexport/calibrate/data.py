@@ -1,0 +1,21 @@
+"""Calibration windows: random windows of the calibration text (the reference's protocol)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["calibration_windows"]
+
+
+def calibration_windows(tokenizer: Any, path: Path, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens at random offsets (seeded), as [N, L] int64."""
+    ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

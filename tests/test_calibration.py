@@ -1,0 +1,140 @@
+"""Calibration engine on tiny models: structure discovery, exact folding, ordering, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aqexport.calibrate.block_inputs import catch_block_inputs
+from aqexport.calibrate.data import calibration_windows
+from aqexport.calibrate.engine import calibrate, transformed_weights
+from aqexport.calibrate.plan import QuantPlan
+from aqexport.calibrate.recipe import make_recipe
+from aqexport.calibrate.structure import decoder_blocks, discover_block
+from aqexport.calibrate.transforms import enforce_dominance_
+from aqexport.capture import cache_layout
+from tests.conftest import ARCHITECTURES
+from tests.tiny_models import data_file
+
+EXPECTED_GROUPS = {
+    "llama": {"input_layernorm": 3, "post_attention_layernorm": 2},
+    "qwen2": {"input_layernorm": 3, "post_attention_layernorm": 2},
+    "gemma3_text": {"input_layernorm": 3, "pre_feedforward_layernorm": 2},
+    "opt": {"self_attn_layer_norm": 3, "final_layer_norm": 1},
+}
+
+
+def _load(tiny_model_dir, kind):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind), attn_implementation="sdpa").eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir(kind))
+
+
+def _first_block(model):
+    layout = cache_layout(model)
+    _, blocks = decoder_blocks(model)
+    inputs = catch_block_inputs(model, blocks, torch.randint(4, 300, (2, 24)))
+    return blocks, inputs, layout
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_structure_is_discovered_without_names(tiny_model_dir, kind):
+    model, _ = _load(tiny_model_dir, kind)
+    blocks, inputs, layout = _first_block(model)
+    structure = discover_block(blocks[0], inputs.hidden[:1], inputs.kwargs[0], layout.head_dims[0], layout.kv_heads[0])
+    assert {g.norm: len(g.linears) for g in structure.norm_groups} == EXPECTED_GROUPS[kind]
+    assert structure.out_pair is not None and structure.out_pair.producer.endswith("v_proj")
+    assert structure.out_pair.consumer.endswith(("o_proj", "out_proj"))
+    # The MLP's last linear has no foldable predecessor.
+    assert not any(lin.endswith(("down_proj", "fc2")) for g in structure.norm_groups for lin in g.linears)
+    assert {g.weight_offset for g in structure.norm_groups} == ({1.0} if kind == "gemma3_text" else {0.0})
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_folding_random_transforms_preserves_fp_outputs(tiny_model_dir, kind):
+    torch.manual_seed(0)
+    model, _ = _load(tiny_model_dir, kind)
+    blocks, inputs, layout = _first_block(model)
+    block, kwargs, hidden = blocks[0], inputs.kwargs[0], inputs.hidden[:1]
+    structure = discover_block(block, hidden, kwargs, layout.head_dims[0], layout.kv_heads[0])
+    norm = {}
+    for group in structure.norm_groups:
+        width = block.get_submodule(group.linears[0]).in_features
+        matrix = torch.eye(width, dtype=torch.float64) * 2 + 0.2 * torch.randn(width, width, dtype=torch.float64)
+        enforce_dominance_(matrix, torch.ones_like(matrix), 0.05)
+        norm[group.norm.replace(".", "__")] = matrix
+    pair = structure.out_pair
+    out = torch.eye(pair.head_dim, dtype=torch.float64) + 0.1 * torch.randn(
+        pair.kv_heads, pair.head_dim, pair.head_dim, dtype=torch.float64
+    )
+    weights, biases = transformed_weights(block, structure, norm, out, torch.float64)
+    overrides = {}
+    for name, weight in weights.items():
+        group = structure.group_of(name)
+        if group is not None:
+            weight = weight @ torch.linalg.inv(norm[group.norm.replace(".", "__")]).T
+        overrides[f"{name}.weight"] = weight.float()
+    overrides.update({f"{name}.bias": bias.float() for name, bias in biases.items()})
+    with torch.no_grad():
+        reference = block(hidden, **kwargs)
+        folded = functional_call(block, overrides, (hidden,), kwargs)
+    reference = reference[0] if isinstance(reference, tuple) else reference
+    folded = folded[0] if isinstance(folded, tuple) else folded
+    assert float((folded - reference).abs().max() / reference.abs().max()) <= 1e-4
+
+
+def _calibrate(tiny_model_dir, method, plan, stop_after=None, kind="llama"):
+    model, tokenizer = _load(tiny_model_dir, kind)
+    layout = cache_layout(model)
+    windows = calibration_windows(tokenizer, data_file("valid"), 6, 48, 2)
+    recipe = make_recipe(method, "w3a16g128", epochs=3)
+
+    def stop(done, total):
+        if stop_after is not None and done == stop_after:
+            raise KeyboardInterrupt
+
+    calibrate(model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block=stop)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_methods_order_by_block_error(tiny_model_dir, kind):
+    errors = {}
+    for method in ("rtn", "omniquant", "affinequant"):
+        recipe = make_recipe(method, "w3a16g128", epochs=3)
+        plan = QuantPlan(recipe.as_dict(), {})
+        _calibrate(tiny_model_dir, method, plan, kind=kind)
+        errors[method] = sum(b.output_mse for b in plan.blocks.values())
+        for block in plan.blocks.values():
+            for report in block.matrix_reports.values():
+                assert report["min_dominance_margin"] > 0 and report["inverse_error"] < 1e-10
+    assert errors["affinequant"] < errors["omniquant"] < errors["rtn"], errors
+
+
+def test_resume_after_interruption_gives_the_same_plan(tiny_model_dir, tmp_path):
+    recipe = make_recipe("affinequant", "w3a16g128", epochs=3).as_dict()
+    identity = {"source": "tiny-llama"}
+    whole = QuantPlan.open(tmp_path / "whole", recipe, identity)
+    _calibrate(tiny_model_dir, "affinequant", whole)
+
+    with pytest.raises(KeyboardInterrupt):
+        _calibrate(tiny_model_dir, "affinequant", QuantPlan.open(tmp_path / "resumed", recipe, identity), stop_after=1)
+    partial = QuantPlan.open(tmp_path / "resumed", recipe, identity)
+    assert sorted(partial.blocks) == [0]
+    _calibrate(tiny_model_dir, "affinequant", partial)
+    resumed = QuantPlan.open(tmp_path / "resumed", recipe, identity)
+    assert sorted(resumed.blocks) == sorted(whole.blocks) == [0, 1]
+    for index in whole.blocks:
+        expected, got = whole.blocks[index].tensors(), resumed.blocks[index].tensors()
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (index, key)
+
+
+def test_plan_for_another_recipe_is_refused(tmp_path):
+    from aqexport.errors import AqexportError
+
+    QuantPlan.open(tmp_path, {"method": "rtn"}, {}).save(tmp_path)
+    with pytest.raises(AqexportError, match="another recipe"):
+        QuantPlan.open(tmp_path, {"method": "affinequant"}, {})
