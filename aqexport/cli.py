@@ -56,11 +56,12 @@ def build(config: Path, output: Path | None) -> None:
     """Build the artifact described by CONFIG (a model.yaml)."""
     from rich.console import Console
 
-    from aqexport.config import load_config
+    from aqexport.config import load_config, require_buildable
     from aqexport.pipeline import build as run_build
 
     console = Console(stderr=True)
     cfg = load_config(config)
+    require_buildable(cfg)
     with console.status("starting") as status:
         out = run_build(
             cfg, config.parent.resolve(), output, on_stage=lambda name: status.update(f"[bold]{name}[/bold]")
@@ -80,6 +81,33 @@ def build(config: Path, output: Path | None) -> None:
     greedy = verification.get("greedy")
     if greedy and greedy.get("identical_to_pytorch") is not None:
         console.print(f"  greedy {greedy['tokens']} tokens identical to PyTorch: {greedy['identical_to_pytorch']}")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+def calibrate(config: Path) -> None:
+    """Calibrate CONFIG's recipe into a QuantPlan and report its fake-quant perplexity.
+
+    Resumes from the last finished block if a plan for the same recipe and model is there.
+    """
+    from rich.progress import Progress
+
+    from aqexport.calibration_run import run_calibration
+    from aqexport.config import load_config
+
+    cfg = load_config(config)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("calibrating blocks", total=None)
+        report = run_calibration(
+            cfg, config.parent.resolve(), lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    click.echo(f"plan: {report['plan_dir']}  ({report['calibration_seconds']:.0f} s)")
+    ev = report["evaluation"]
+    if ev:
+        click.echo(
+            f"perplexity fp {ev['fp_perplexity']:.4f}  fake-quant {ev['fake_quant_perplexity']:.4f}  "
+            f"ratio {ev['ratio']:.3f}  ({ev['windows']}x{ev['seqlen']})"
+        )
 
 
 @cli.command()

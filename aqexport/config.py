@@ -29,15 +29,20 @@ __all__ = [
     "TargetSpec",
     "load_config",
     "IMPLEMENTED_RECIPES",
+    "CALIBRATED_RECIPES",
+    "require_buildable",
+    "require_calibratable",
 ]
 
 Recipe = Literal["none", "rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"]
 Preset = Literal["w4a16", "w4a16g128", "w3a16g128", "w8a8", "w4a8", "w4a4"]
 Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
 
-#: Recipes this version can build. The schema names all of them so configs written for later
-#: versions validate; the pipeline refuses the rest with one line instead of a half-built artifact.
+#: Recipes this version can lower into an artifact (``build``) and calibrate (``calibrate``). The
+#: schema names all of them so configs written for later versions validate; the commands refuse
+#: the rest with one line instead of a half-built artifact.
 IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"})
+CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "omniquant", "affinequant"})
 IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu"})
 IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx"})
 
@@ -72,13 +77,17 @@ class ModelSpec(_Section):
 
 
 class CalibrationSpec(_Section):
-    data: Path | None = None
-    samples: int = Field(128, ge=1)
-    seqlen: int = Field(2048, ge=16)
-    seed: int = 2
-    epochs: int = Field(20, ge=2)
+    """Defaults are sized for a 2-core CPU (SmolLM2 w4a16g128 affinequant in well under 15
+    minutes); the paper's protocol is samples 128, seqlen 2048, epochs 20."""
 
-    _resolve = field_validator("data")(_resolve_path)
+    data: Path | None = None
+    samples: int = Field(16, ge=1)
+    seqlen: int = Field(256, ge=16)
+    seed: int = 2
+    epochs: int = Field(4, ge=2)
+    plan_dir: Path | None = Field(None, description="where the QuantPlan lives; default: <output.dir>.plan")
+
+    _resolve = field_validator("data", "plan_dir")(_resolve_path)
 
 
 class QuantizationSpec(_Section):
@@ -119,6 +128,9 @@ class BuildConfig(_Section):
     target: TargetSpec = TargetSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     output: OutputSpec
+
+    def plan_dir(self) -> Path:
+        return self.calibration.plan_dir or self.output.dir.with_name(self.output.dir.name + ".plan")
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -173,16 +185,33 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Bu
         cause, fix = _explain(errors[0], BuildConfig)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(f"{path}: {cause}{more}", fix) from None
-    _check_implemented(config)
     _check_files(config)
     return config
 
 
-def _check_implemented(config: BuildConfig) -> None:
+def require_calibratable(config: BuildConfig) -> None:
+    """``aqexport calibrate`` needs a calibrated recipe, a preset and calibration text."""
+    recipe = config.quantization.recipe
+    if recipe not in CALIBRATED_RECIPES:
+        raise ConfigError(
+            f"quantization.recipe '{recipe}' cannot be calibrated in this version",
+            f"use one of: {', '.join(sorted(CALIBRATED_RECIPES))}",
+        )
+    if config.quantization.preset is None:
+        raise ConfigError("missing key 'quantization.preset'", "add e.g. 'preset: w4a16g128'")
+    if config.calibration.data is None:
+        raise ConfigError("missing key 'calibration.data'", "point it at the calibration text (WikiText-2 valid)")
+
+
+def require_buildable(config: BuildConfig) -> None:
     recipe = config.quantization.recipe
     if recipe not in IMPLEMENTED_RECIPES:
+        hint = (
+            " (run 'aqexport calibrate' for its plan and fake-quant perplexity)" if recipe in CALIBRATED_RECIPES else ""
+        )
         raise ConfigError(
-            f"quantization.recipe '{recipe}' is not available in this version of aqexport",
+            f"quantization.recipe '{recipe}' cannot be lowered to ONNX in this version, so it is not available "
+            f"in this version of 'build'{hint}",
             f"use one of: {', '.join(sorted(IMPLEMENTED_RECIPES))}",
         )
     if config.target.profile not in IMPLEMENTED_PROFILES:

@@ -28,7 +28,7 @@ from aqexport.artifact import (
     write_json,
 )
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, untie_lm_head
-from aqexport.config import BuildConfig
+from aqexport.config import BuildConfig, require_buildable
 from aqexport.genai_config import build_genai_config
 from aqexport.lowering import fp_passes, run_passes
 from aqexport.sources import LoadedModel, load_model
@@ -143,6 +143,7 @@ def build(
     on_stage: Callable[[str], None] = lambda name: None,
 ) -> Path:
     """Run every stage; return the artifact directory (only created if all stages succeed)."""
+    require_buildable(config)
     final = Path(output_dir) if output_dir is not None else config.output.dir
     with atomic_directory(final) as staging:
         ctx = BuildContext(config=config, config_dir=config_dir, staging=staging)

@@ -138,3 +138,56 @@ def test_plan_for_another_recipe_is_refused(tmp_path):
     QuantPlan.open(tmp_path, {"method": "rtn"}, {}).save(tmp_path)
     with pytest.raises(AqexportError, match="another recipe"):
         QuantPlan.open(tmp_path, {"method": "affinequant"}, {})
+
+
+def test_calibrate_command_writes_plan_and_report(tiny_model_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from aqexport.cli import cli
+    from tests.conftest import tiny_build_config
+
+    config = tiny_build_config(
+        tmp_path,
+        tiny_model_dir("qwen2"),
+        quantization={"recipe": "affinequant", "preset": "w4a16g128"},
+        calibration={"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
+    )
+    result = CliRunner().invoke(cli, ["calibrate", str(config)])
+    assert result.exit_code == 0, result.output
+    plan_dir = tmp_path / "artifact.plan"
+    report = json.loads((plan_dir / "report.json").read_text())
+    assert report["evaluation"]["fake_quant_perplexity"] > 0 and report["min_dominance_margin"] > 0
+    assert sorted(p.name for p in plan_dir.glob("block_*.safetensors")) == [
+        "block_000.safetensors",
+        "block_001.safetensors",
+    ]
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    linears = plan["blocks"]["0"]["linears"]
+    assert linears["self_attn.q_proj"]["input_transform"] == "input_layernorm"
+    assert linears["self_attn.v_proj"]["has_bias"]  # Qwen2's v bias moved by the out transform
+    # A second run finds every block done and resumes without retraining.
+    again = CliRunner().invoke(cli, ["calibrate", str(config)])
+    assert again.exit_code == 0, again.output
+    assert json.loads((plan_dir / "report.json").read_text())["resumed_from_block"] == 2
+
+
+@pytest.mark.parametrize(
+    "quantization, expected",
+    [
+        ({"recipe": "none"}, "cannot be calibrated"),
+        ({"recipe": "rtn"}, "quantization.preset"),
+        ({"recipe": "rtn", "preset": "w4a8"}, "quantizes activations"),
+    ],
+)
+def test_calibrate_refuses_bad_recipes(tiny_model_dir, tmp_path, capsys, quantization, expected):
+    from aqexport.cli import main
+    from tests.conftest import tiny_build_config
+
+    config = tiny_build_config(
+        tmp_path, tiny_model_dir("llama"), quantization=quantization, calibration={"data": str(data_file("valid"))}
+    )
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", str(config)])
+    assert info.value.code == 2 and expected in capsys.readouterr().err
