@@ -38,7 +38,16 @@ def run_calibration(
 ) -> dict[str, Any]:
     require_calibratable(config)
     spec = config.calibration
-    recipe = make_recipe(config.quantization.recipe, config.quantization.preset, spec.epochs, spec.seed)
+    quant = config.quantization
+    recipe = make_recipe(
+        quant.recipe,
+        quant.preset,
+        spec.epochs,
+        spec.seed,
+        stability_factor=quant.stability_factor,
+        lr_transform=quant.lr_transform,
+        lr_lwc=quant.lr_lwc,
+    )
     loaded = load_model(config.model, config_dir)
     model = loaded.model
     layout = cache_layout(model)

@@ -52,7 +52,8 @@ class CalibrationRecipe:
         return data
 
 
-def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2) -> CalibrationRecipe:
+def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2, **training: float) -> CalibrationRecipe:
+    """``training`` overrides ``stability_factor``, ``lr_transform`` and ``lr_lwc``."""
     if preset not in WEIGHT_ONLY_PRESETS:
         raise ConfigError(
             f"preset '{preset}' quantizes activations, which this version does not calibrate yet",
@@ -62,7 +63,7 @@ def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2) -> Ca
     if method == "rtn":
         return CalibrationRecipe("rtn", scheme, epochs=0, lwc=False, transform="none", seed=seed)
     if method == "omniquant":
-        return CalibrationRecipe("omniquant", scheme, epochs=epochs, transform="diagonal", seed=seed)
+        return CalibrationRecipe("omniquant", scheme, epochs=epochs, transform="diagonal", seed=seed, **training)
     if method == "affinequant":
-        return CalibrationRecipe("affinequant", scheme, epochs=epochs, transform="dense", seed=seed)
+        return CalibrationRecipe("affinequant", scheme, epochs=epochs, transform="dense", seed=seed, **training)
     raise ConfigError(f"calibration method '{method}' is not available", "use rtn, omniquant or affinequant")

@@ -1,0 +1,102 @@
+"""Fake-quant perplexity of SmolLM2-135M-Instruct per calibration method and weight-only preset.
+
+Each method calibrates with the config defaults sized for a 2-core CPU (16 random windows of
+256 tokens of WikiText-2 valid, 4 epochs), then the PyTorch fake-quant model is scored on
+WikiText-2 test, seqlen 512, first 40 windows: the same scorer as the build's verification.
+Results accumulate in benchmarks/out/calibration.json (a rerun skips rows already measured, so
+an interrupted run continues), and the table goes into BENCHMARKS.md.
+
+    python benchmarks/calibration.py [--presets w4a16g128,...] [--methods rtn,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import commit_id, write_section  # noqa: E402
+
+from aqexport.calibrate.data import calibration_windows  # noqa: E402
+from aqexport.calibrate.engine import calibrate  # noqa: E402
+from aqexport.calibrate.plan import QuantPlan  # noqa: E402
+from aqexport.calibrate.recipe import make_recipe  # noqa: E402
+from aqexport.capture import cache_layout  # noqa: E402
+from aqexport.config import CalibrationSpec, ModelSpec  # noqa: E402
+from aqexport.reference import torch_logits_of  # noqa: E402
+from aqexport.runtime import perplexity, split_windows  # noqa: E402
+from aqexport.sources import load_model  # noqa: E402
+from aqexport.verify import tokenize_text  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+RESULTS = ROOT / "benchmarks" / "out" / "calibration.json"
+TARGETS = {"w4a16": 1.08, "w4a16g128": 1.04, "w3a16g128": 1.20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--presets", default="w4a16,w4a16g128,w3a16g128")
+    parser.add_argument("--methods", default="rtn,omniquant,affinequant")
+    args = parser.parse_args()
+    defaults = CalibrationSpec()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    loaded = load_model(ModelSpec(source="default"))
+    model = loaded.model
+    layout = cache_layout(model)
+    fp_state = copy.deepcopy(model.state_dict())
+    windows = split_windows(tokenize_text(loaded.tokenizer, DATA / "test.txt"), 512, 40)
+    calib = calibration_windows(loaded.tokenizer, DATA / "valid.txt", defaults.samples, defaults.seqlen, defaults.seed)
+    if "fp" not in results:
+        results["fp"] = perplexity(torch_logits_of(model), windows).perplexity
+    for preset in args.presets.split(","):
+        for method in args.methods.split(","):
+            key = f"{method}/{preset}"
+            if key in results:
+                continue
+            model.load_state_dict(fp_state)
+            recipe = make_recipe(method, preset, defaults.epochs, defaults.seed)
+            start = time.perf_counter()
+            calibrate(model, calib, recipe, QuantPlan(recipe.as_dict(), {}), layout.head_dims[0], layout.kv_heads[0])
+            seconds = time.perf_counter() - start
+            ppl = perplexity(torch_logits_of(model), windows).perplexity
+            results[key] = {"perplexity": ppl, "seconds": seconds}
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=1))
+            print(key, results[key], flush=True)
+    fp = results["fp"]
+    rows = [f"| fp32 | – | {fp:.4f} | 1.000 | – | – |"]
+    for key, value in results.items():
+        if key == "fp":
+            continue
+        method, preset = key.split("/")
+        ratio = value["perplexity"] / fp
+        target = f"≤ {TARGETS[preset]:.2f}" if method == "affinequant" and preset in TARGETS else ""
+        rows.append(
+            f"| {method} | {preset} | {value['perplexity']:.4f} | {ratio:.3f} | {target} | {value['seconds']:.0f} s |"
+        )
+    body = f"""
+## Calibration: SmolLM2-135M-Instruct, PyTorch fake-quant, weight-only presets
+
+Calibration: {defaults.samples} random windows × {defaults.seqlen} tokens of WikiText-2 valid (seed
+{defaults.seed}), {defaults.epochs} epochs (the config defaults for this 2-core machine; the paper
+uses 128 × 2048 and 20 epochs). Evaluation: WikiText-2 test, seqlen 512, first 40 windows.
+Asymmetric weights, LM head and embedding in float. Measured {date.today()} at commit
+{commit_id()} with `python benchmarks/calibration.py`.
+
+| method | preset | perplexity | ratio to fp | issue target | calibration time |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    print(write_section("calibration", body))
+
+
+if __name__ == "__main__":
+    main()
