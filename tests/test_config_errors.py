@@ -78,3 +78,11 @@ def test_cli_reports_missing_artifact(tmp_path, capsys):
 def test_config_error_type():
     with pytest.raises(ConfigError):
         load_config(Path("/definitely/not/here.yaml"))
+
+
+@pytest.mark.parametrize(
+    "example", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_examples_validate(example):
+    config = load_config(example)
+    assert config.output.dir.is_absolute()
