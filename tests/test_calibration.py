@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.data import calibration_windows
-from aqexport.calibrate.engine import calibrate, transformed_weights
+from aqexport.calibrate.engine import apply_plan, calibrate, transformed_weights
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.recipe import make_recipe
 from aqexport.calibrate.structure import decoder_blocks, discover_block
@@ -125,6 +125,11 @@ def test_resume_after_interruption_gives_the_same_plan(tiny_model_dir, tmp_path)
     _calibrate(tiny_model_dir, "affinequant", partial)
     resumed = QuantPlan.open(tmp_path / "resumed", recipe, identity)
     assert sorted(resumed.blocks) == sorted(whole.blocks) == [0, 1]
+    calibrated = _calibrate(tiny_model_dir, "affinequant", QuantPlan.open(tmp_path / "whole", recipe, identity))
+    rebuilt = apply_plan(_load(tiny_model_dir, "llama")[0], whole)
+    ids = torch.tensor([[5, 9, 40, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, calibrated(ids).logits)
     for index in whole.blocks:
         expected, got = whole.blocks[index].tensors(), resumed.blocks[index].tensors()
         assert expected.keys() == got.keys()

@@ -38,7 +38,7 @@ from aqexport.calibrate.transforms import (
     matrix_report,
 )
 
-__all__ = ["BlockParameters", "apply_block_plan", "calibrate", "block_weights"]
+__all__ = ["BlockParameters", "apply_block_plan", "apply_plan", "calibrate", "block_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,14 @@ def apply_block_plan(block: nn.Module, plan: BlockPlan) -> None:
         linear.weight.copy_(weight.to(linear.weight.dtype))
         if entry.bias is not None:
             linear.bias.copy_(entry.bias.to(linear.bias.dtype))
+
+
+def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Turn a float model into the PyTorch fake-quant model of ``plan`` (in place)."""
+    _, blocks = decoder_blocks(model)
+    for index, block_plan in plan.blocks.items():
+        apply_block_plan(blocks[index], block_plan)
+    return model
 
 
 def _train_block(
