@@ -94,8 +94,8 @@ class QuantizationSpec(_Section):
     recipe: Recipe = "none"
     preset: Preset | None = None
     stability_factor: float = Field(1.0, gt=0.0, le=1.0)
-    lr_transform: float = Field(5e-3, gt=0.0)
-    lr_lwc: float = Field(1e-2, gt=0.0)
+    lr_transform: float = Field(1e-2, gt=0.0)
+    lr_lwc: float = Field(5e-2, gt=0.0)
 
 
 class TargetSpec(_Section):

@@ -8,6 +8,10 @@ Methods are recipes of one engine (``aqexport.calibrate.engine``), not separate 
 * ``affinequant``: LWC plus dense norm-group transforms and per-KV-head dense out transforms,
   trained under the gradual mask.
 
+Learning rates default to 2× (transforms) and 5× (LWC) the paper's 5e-3 / 1e-2 because the CPU
+schedule takes ~64 steps per block instead of 2,560; measured on SmolLM2 w4a16g128 affinequant
+(16 × 256, 4 epochs): perplexity 29.84 at the paper's rates, 29.68 at these.
+
 Only weight-only presets are built in this version; activation presets are named so configs
 validate, and refused with one line.
 """
@@ -37,8 +41,8 @@ class CalibrationRecipe:
     lwc: bool = True
     transform: str = "dense"  # none | diagonal | dense
     stability_factor: float = 1.0
-    lr_transform: float = 5e-3
-    lr_lwc: float = 1e-2
+    lr_transform: float = 1e-2
+    lr_lwc: float = 5e-2
     dominance_margin: float = 1e-2
     seed: int = 2
 
