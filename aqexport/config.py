@@ -35,14 +35,14 @@ __all__ = [
 ]
 
 Recipe = Literal["none", "rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"]
-Preset = Literal["w4a16", "w4a16g128", "w3a16g128", "w8a8", "w4a8", "w4a4"]
+Preset = Literal["w4a16", "w4a16g128", "w3a16g128", "w8a16", "w8a8", "w4a8", "w4a4"]
 Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
 
 #: Recipes this version can lower into an artifact (``build``) and calibrate (``calibrate``). The
 #: schema names all of them so configs written for later versions validate; the commands refuse
 #: the rest with one line instead of a half-built artifact.
 IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"})
-CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "omniquant", "affinequant"})
+CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "smoothquant", "omniquant", "affinequant"})
 IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu"})
 IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx"})
 
@@ -91,11 +91,21 @@ class CalibrationSpec(_Section):
 
 
 class QuantizationSpec(_Section):
+    """Training knobs left at ``null`` take the method's default (``aqexport.calibrate.recipe``),
+    so a config records only what its author chose to change."""
+
     recipe: Recipe = "none"
     preset: Preset | None = None
-    stability_factor: float = Field(1.0, gt=0.0, le=1.0)
-    lr_transform: float = Field(1e-2, gt=0.0)
-    lr_lwc: float = Field(5e-2, gt=0.0)
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength")
+    init: Literal["identity", "smoothquant"] | None = None
+    aug_loss: bool | None = None
+    activations: Literal["dynamic", "static"] = Field(
+        "dynamic", description="activation ranges per token at run time, or per tensor fixed from calibration"
+    )
+    train_dtype: Literal["float32", "float64"] | None = None
+    stability_factor: float | None = Field(None, gt=0.0, le=1.0)
+    lr_transform: float | None = Field(None, gt=0.0)
+    lr_lwc: float | None = Field(None, gt=0.0)
 
 
 class TargetSpec(_Section):

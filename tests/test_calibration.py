@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.data import calibration_windows
-from aqexport.calibrate.engine import apply_plan, calibrate, transformed_weights
+from aqexport.calibrate.engine import apply_plan, calibrate
+from aqexport.calibrate.fold import BlockTransforms, transformed_weights
+from aqexport.calibrate.input_hooks import InputState, install_input_hooks
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.recipe import make_recipe
 from aqexport.calibrate.structure import decoder_blocks, discover_block
@@ -53,32 +55,43 @@ def test_structure_is_discovered_without_names(tiny_model_dir, kind):
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_folding_random_transforms_preserves_fp_outputs(tiny_model_dir, kind):
+    """Dense norm transforms, shifts (where the norm has a bias), out and q·k transforms at once,
+    through the same fold algebra and input hooks the engine trains and freezes with."""
     torch.manual_seed(0)
     model, _ = _load(tiny_model_dir, kind)
     blocks, inputs, layout = _first_block(model)
     block, kwargs, hidden = blocks[0], inputs.kwargs[0], inputs.hidden[:1]
     structure = discover_block(block, hidden, kwargs, layout.head_dims[0], layout.kv_heads[0])
-    norm = {}
+    transforms = BlockTransforms()
     for group in structure.norm_groups:
         width = block.get_submodule(group.linears[0]).in_features
         matrix = torch.eye(width, dtype=torch.float64) * 2 + 0.2 * torch.randn(width, width, dtype=torch.float64)
         enforce_dominance_(matrix, torch.ones_like(matrix), 0.05)
-        norm[group.norm.replace(".", "__")] = matrix
+        transforms.norm[group.norm] = matrix
+        if group.has_bias:
+            transforms.shift[group.norm] = torch.randn(width, dtype=torch.float64)
+    assert (kind == "opt") == bool(transforms.shift)  # OPT's LayerNorms have biases
     pair = structure.out_pair
-    out = torch.eye(pair.head_dim, dtype=torch.float64) + 0.1 * torch.randn(
+    transforms.out = torch.eye(pair.head_dim, dtype=torch.float64) + 0.1 * torch.randn(
         pair.kv_heads, pair.head_dim, pair.head_dim, dtype=torch.float64
     )
-    weights, biases = transformed_weights(block, structure, norm, out, torch.float64)
-    overrides = {}
-    for name, weight in weights.items():
-        group = structure.group_of(name)
-        if group is not None:
-            weight = weight @ torch.linalg.inv(norm[group.norm.replace(".", "__")]).T
-        overrides[f"{name}.weight"] = weight.float()
+    if structure.qk_pair is not None:
+        half = pair.head_dim // 2
+        transforms.qk = torch.stack(
+            [1 + 0.2 * torch.rand(pair.kv_heads, half), 0.3 * torch.rand(pair.kv_heads, half)], -2
+        )
+    weights, biases = transformed_weights(block, structure, transforms, torch.float64)
+    overrides = {f"{name}.weight": weight.float() for name, weight in weights.items()}
     overrides.update({f"{name}.bias": bias.float() for name, bias in biases.items()})
+    state = InputState(
+        inverses={norm: torch.linalg.inv(a).float() for norm, a in transforms.norm.items()},
+        shifts={norm: shift.float() for norm, shift in transforms.shift.items()},
+    )
     with torch.no_grad():
         reference = block(hidden, **kwargs)
+        install_input_hooks(block, structure, state)
         folded = functional_call(block, overrides, (hidden,), kwargs)
+        install_input_hooks(block, structure, InputState())
     reference = reference[0] if isinstance(reference, tuple) else reference
     folded = folded[0] if isinstance(folded, tuple) else folded
     assert float((folded - reference).abs().max() / reference.abs().max()) <= 1e-4
@@ -183,7 +196,7 @@ def test_calibrate_command_writes_plan_and_report(tiny_model_dir, tmp_path):
     [
         ({"recipe": "none"}, "cannot be calibrated"),
         ({"recipe": "rtn"}, "quantization.preset"),
-        ({"recipe": "rtn", "preset": "w4a8"}, "quantizes activations"),
+        ({"recipe": "llm_int8", "preset": "w8a8"}, "cannot be calibrated"),
     ],
 )
 def test_calibrate_refuses_bad_recipes(tiny_model_dir, tmp_path, capsys, quantization, expected):

@@ -1,18 +1,17 @@
 """Block-by-block calibration (ALGORITHMS.md §5) shared by every recipe.
 
-For each decoder block in order: fp targets ``y = F(x_fp)``; train the block's LWC and transform
-parameters to minimise ``MSE(y, F_q(x_q))`` where ``x_q`` came out of the already-quantized
-blocks; freeze the result into a ``BlockPlan`` (integer codes, scales, zero points, transforms in
-float64); write the block's weights back as fake-quant weights *derived from that plan*;
-propagate ``x_q`` and ``x_fp``. Deriving the written weights from the saved plan is what makes
-resume exact: a resumed run rebuilds earlier blocks from the same plan entries, bit for bit.
+For each decoder block in order: fp targets ``y = F(x_fp)`` (the same pass gathers the
+activation statistics); train the block's LWC, transform and shift parameters to minimise
+``MSE(y, F_q(x_q))`` where ``x_q`` came out of the already-quantized blocks; freeze the result
+into a ``BlockPlan`` (integer codes, scales, zero points, transforms in float64, static
+activation ranges where asked); rebuild the block's fake-quant form *from that plan*; propagate
+``x_q`` and ``x_fp``. Deriving the fake-quant block from the saved plan is what makes resume
+exact: a resumed run rebuilds earlier blocks from the same plan entries, bit for bit.
 
-Weight-only transforms, for a linear ``y = x Wᵀ`` fed by a norm group with transform ``A``:
-the quantized weight is ``Q(W Aᵀ)`` and the activation becomes ``x A⁻¹``, so the fake-quant
-weight is ``Q(W Aᵀ) A⁻ᵀ``. A diagonal ``A`` later folds into the norm; a dense one becomes an
-explicit ``MatMul`` after the norm (lowering). The out transform ``B`` (one d×d block per KV
-head) is exact: ``W_v ← B⁻ᵀ W_v``, ``b_v ← b_v B⁻¹``, ``W_o ← W_o Bᵀ`` (query heads share
-their KV head's block).
+The algebra of where transforms go is in ``fold.py``; what happens to a linear's input
+(``Qa((x − δ) A⁻¹)``) in ``input_hooks.py``. A dense norm-side ``A`` stays an explicit
+``MatMul`` after the norm at lowering, a diagonal one folds into the norm; out and q·k
+transforms are already inside the codes.
 """
 
 from __future__ import annotations
@@ -20,25 +19,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
+from aqexport.calibrate.fold import BlockTransforms, transformed_weights
+from aqexport.calibrate.input_hooks import InputState, install_input_hooks
 from aqexport.calibrate.plan import BlockPlan, LinearPlan, QuantPlan
-from aqexport.calibrate.quantizer import QuantScheme, fake_quantize, quantize_codes, quantize_params
+from aqexport.calibrate.quantizer import fake_quantize, quantize_codes, quantize_params
 from aqexport.calibrate.recipe import CalibrationRecipe
-from aqexport.calibrate.structure import BlockStructure, decoder_blocks, discover_block
+from aqexport.calibrate.statistics import ChannelStats, StatisticsCollector
+from aqexport.calibrate.structure import BlockStructure, decoder_blocks, discover_block, rotary_pair_matrix
 from aqexport.calibrate.transforms import (
+    DIAGONAL_FLOOR,
     band_width,
     enforce_dominance_,
+    enforce_rotary_dominance_,
     gradual_mask,
     matrix_report,
 )
 
-__all__ = ["BlockParameters", "apply_block_plan", "apply_plan", "calibrate", "block_weights"]
+__all__ = ["BlockParameters", "apply_block_plan", "apply_plan", "calibrate", "smoothquant_scales"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,117 +54,138 @@ def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-class BlockParameters(nn.Module):
-    """Trainable state of one block: LWC logits per linear, transforms per group and for v→o."""
+def smoothquant_scales(block: nn.Module, linears: tuple[str, ...], stats: ChannelStats, alpha: float) -> torch.Tensor:
+    """``s_j = max|x_j|^α / max|W_:,j|^(1−α)``, the weight max over every linear of the group."""
+    weight_max = torch.stack([block.get_submodule(n).weight.detach().abs().amax(0) for n in linears]).amax(0)
+    scales = stats.absmax.clamp(min=1e-5).pow(alpha) / weight_max.float().clamp(min=1e-5).pow(1 - alpha)
+    return scales.clamp(min=DIAGONAL_FLOOR)
 
-    def __init__(self, block: nn.Module, structure: BlockStructure, recipe: CalibrationRecipe) -> None:
+
+def _shiftable(block: nn.Module, group, recipe: CalibrationRecipe) -> bool:
+    """A shift needs a norm bias to absorb ``−δ`` and a bias in every linear to absorb ``W δ``;
+    it only matters when activations are quantized."""
+    if recipe.activation is None or not recipe.trains or not group.has_bias:
+        return False
+    return all(block.get_submodule(name).bias is not None for name in group.linears)
+
+
+class BlockParameters(nn.Module):
+    """Trainable state of one block: LWC logits per linear; transforms per group, v→o and q·k.
+
+    A norm-group transform is ``A = (S ∘ M) · diag(s₀)``: ``s₀`` fixed scales (SmoothQuant's with
+    ``init: smoothquant``, ones with ``init: identity``), ``S`` the learned matrix, starting at
+    ``I``. So ``x A⁻¹ = (x / s₀) S⁻¹``: the learned part mixes channels *after* smoothing, and
+    every entry of ``S`` is O(1) whatever its channel's range. The dominance guard acts on ``S``;
+    ``A`` is invertible because ``S`` is and ``s₀ > 0``.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        structure: BlockStructure,
+        recipe: CalibrationRecipe,
+        stats: dict[str, ChannelStats],
+    ) -> None:
         super().__init__()
         self.gamma = nn.ParameterDict()
         self.beta = nn.ParameterDict()
         self.norm = nn.ParameterDict()
+        self.shift = nn.ParameterDict()
+        self.norm_base: dict[str, torch.Tensor] = {}
         self.out: nn.Parameter | None = None
+        self.qk: nn.Parameter | None = None
         if recipe.lwc:
             for name in structure.linears:
                 weight = block.get_submodule(name).weight
                 shape = (weight.shape[0], recipe.weight.num_groups(weight.shape[1]), 1)
                 self.gamma[_key(name)] = nn.Parameter(torch.full(shape, 4.0))
                 self.beta[_key(name)] = nn.Parameter(torch.full(shape, 4.0))
-        if recipe.transform != "none":
-            for group in structure.norm_groups:
-                width = block.get_submodule(group.linears[0]).in_features
-                self.norm[_key(group.norm)] = nn.Parameter(torch.eye(width))
-            pair = structure.out_pair
-            if pair is not None:
-                self.out = nn.Parameter(torch.eye(pair.head_dim).repeat(pair.kv_heads, 1, 1))
+        if recipe.transform == "none":
+            return
+        for group in structure.norm_groups:
+            width = block.get_submodule(group.linears[0]).in_features
+            if recipe.init == "smoothquant":
+                base = smoothquant_scales(block, group.linears, stats[group.linears[0]], recipe.alpha)
+            else:
+                base = torch.ones(width)
+            self.norm_base[_key(group.norm)] = base
+            self.norm[_key(group.norm)] = nn.Parameter(torch.eye(width))
+            if _shiftable(block, group, recipe):
+                self.shift[_key(group.norm)] = nn.Parameter(stats[group.linears[0]].shift.clone())
+        if not recipe.trains:
+            return
+        pair = structure.out_pair
+        if pair is not None:
+            self.out = nn.Parameter(torch.eye(pair.head_dim).repeat(pair.kv_heads, 1, 1))
+        qk = structure.qk_pair
+        if qk is not None and recipe.qk_transform:
+            half = qk.head_dim // 2
+            self.qk = nn.Parameter(torch.stack([torch.ones(qk.kv_heads, half), torch.zeros(qk.kv_heads, half)], -2))
 
     def transform_parameters(self) -> list[nn.Parameter]:
-        return list(self.norm.values()) + ([self.out] if self.out is not None else [])
+        extra = [p for p in (self.out, self.qk) if p is not None]
+        return list(self.norm.values()) + list(self.shift.values()) + extra
 
     def lwc_parameters(self) -> list[nn.Parameter]:
         return list(self.gamma.values()) + list(self.beta.values())
 
 
-@dataclass
 class _Masks:
-    norm: dict[str, torch.Tensor] = field(default_factory=dict)
-    out: torch.Tensor | None = None
+    """``M_e`` for every matrix at one epoch. Diagonal recipes keep the band at width 1 for good;
+    dense ones widen it each epoch."""
+
+    def __init__(self, params: BlockParameters, recipe: CalibrationRecipe, epoch: int) -> None:
+        def mask(n: int) -> torch.Tensor:
+            width = 1 if recipe.transform == "diagonal" else band_width(epoch, recipe.epochs, n)
+            return gradual_mask(n, width, recipe.stability_factor)
+
+        self.norm = {key: mask(matrix.shape[-1]) for key, matrix in params.norm.items()}
+        self.out = None if params.out is None else mask(params.out.shape[-1])
 
 
-def _masks(params: BlockParameters, recipe: CalibrationRecipe, epoch: int) -> _Masks:
-    """Diagonal recipes keep the band at width 1 for good; dense ones widen it each epoch."""
-    masks = _Masks()
-    for key, matrix in params.norm.items():
-        n = matrix.shape[-1]
-        width = 1 if recipe.transform == "diagonal" else band_width(epoch, recipe.epochs, n)
-        masks.norm[key] = gradual_mask(n, width, recipe.stability_factor)
+def _block_transforms(
+    structure: BlockStructure, params: BlockParameters, masks: _Masks, recipe: CalibrationRecipe
+) -> BlockTransforms:
+    """The matrices actually used: ``(S ∘ M)·diag(s₀)`` per group, ``B ∘ M``, the q·k pairs
+    (diagonal recipes keep only ``a``: a per-frequency scale, the diagonal of ``R``)."""
+    transforms = BlockTransforms()
+    for group in structure.norm_groups:
+        key = _key(group.norm)
+        if key in params.norm:
+            transforms.norm[group.norm] = (params.norm[key] * masks.norm[key]) * params.norm_base[key][None, :]
+        if key in params.shift:
+            transforms.shift[group.norm] = params.shift[key]
     if params.out is not None:
-        d = params.out.shape[-1]
-        width = 1 if recipe.transform == "diagonal" else band_width(epoch, recipe.epochs, d)
-        masks.out = gradual_mask(d, width, recipe.stability_factor)
-    return masks
+        transforms.out = params.out * masks.out
+    if params.qk is not None:
+        qk = params.qk
+        if recipe.transform == "diagonal":
+            qk = torch.stack([qk[..., 0, :], torch.zeros_like(qk[..., 1, :])], -2)
+        transforms.qk = qk
+    return transforms
 
 
-def _per_head(blocks: torch.Tensor, heads: int) -> torch.Tensor:
-    return blocks.repeat_interleave(heads // blocks.shape[0], dim=0)
-
-
-def _block_diag(blocks: torch.Tensor) -> torch.Tensor:
-    return torch.block_diag(*blocks.unbind(0))
-
-
-def transformed_weights(
-    block: nn.Module,
-    structure: BlockStructure,
-    norm_transforms: dict[str, torch.Tensor],
-    out_transform: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``W Aᵀ`` (with the out transform applied) per linear, and the transformed v bias."""
-    weights: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    pair = structure.out_pair
-    for name in structure.linears:
-        linear = block.get_submodule(name)
-        weight = linear.weight.detach().to(dtype)
-        if pair is not None and out_transform is not None:
-            if name == pair.producer:
-                inverse_t = torch.linalg.inv(out_transform.to(dtype)).transpose(-1, -2)
-                weight = _block_diag(inverse_t) @ weight
-                if linear.bias is not None:
-                    bias = linear.bias.detach().to(dtype).reshape(pair.kv_heads, 1, pair.head_dim)
-                    bias = bias @ torch.linalg.inv(out_transform.to(dtype))
-                    biases[name] = bias.reshape(-1)
-            elif name == pair.consumer:
-                weight = weight @ _block_diag(_per_head(out_transform.to(dtype), pair.heads)).T
-        group = structure.group_of(name)
-        if group is not None and _key(group.norm) in norm_transforms:
-            weight = weight @ norm_transforms[_key(group.norm)].to(dtype).T
-        weights[name] = weight
-    return weights, biases
-
-
-def block_weights(
+def _quantized_overrides(
     block: nn.Module,
     structure: BlockStructure,
     params: BlockParameters,
     masks: _Masks,
-    scheme: QuantScheme,
+    recipe: CalibrationRecipe,
+    state: InputState,
+    dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """Differentiable fake-quant weights (and v bias) of the block, as functional_call overrides."""
-    norm = {key: matrix * masks.norm[key] for key, matrix in params.norm.items()}
-    out = params.out * masks.out if params.out is not None else None
-    weights, biases = transformed_weights(block, structure, norm, out, torch.float32)
-    overrides: dict[str, torch.Tensor] = {}
-    for name, weight in weights.items():
-        key = _key(name)
-        gamma, beta = params.gamma.get(key), params.beta.get(key)
-        quantized = fake_quantize(weight, scheme, gamma, beta)
-        group = structure.group_of(name)
-        if group is not None and _key(group.norm) in norm:
-            quantized = quantized @ torch.linalg.inv(norm[_key(group.norm)]).T
-        overrides[f"{name}.weight"] = quantized
-    for name, bias in biases.items():
-        overrides[f"{name}.bias"] = bias
+    """Differentiable fake-quant weights and biases for ``functional_call``; updates ``state``."""
+    transforms = _block_transforms(structure, params, masks, recipe).to(dtype)
+    weights, biases = transformed_weights(block, structure, transforms, dtype)
+    state.inverses = {norm: torch.linalg.inv(matrix) for norm, matrix in transforms.norm.items()}
+    state.shifts = transforms.shift
+    overrides = {
+        f"{name}.weight": fake_quantize(
+            weight, recipe.weight, params.gamma.get(_key(name)), params.beta.get(_key(name))
+        )
+        for name, weight in weights.items()
+    }
+    overrides.update({f"{name}.bias": bias for name, bias in biases.items()})
     return overrides
 
 
@@ -171,13 +195,13 @@ def _freeze(
     params: BlockParameters,
     recipe: CalibrationRecipe,
     index: int,
+    stats: dict[str, ChannelStats],
 ) -> BlockPlan:
     """Final transforms (last-epoch mask) in float64, codes/scales/zeros per linear."""
-    masks = _masks(params, recipe, max(recipe.epochs - 1, 0))
+    masks = _Masks(params, recipe, max(recipe.epochs - 1, 0))
     with torch.no_grad():
-        norm = {k: (m * masks.norm[k]).double() for k, m in params.norm.items()}
-        out = (params.out * masks.out).double() if params.out is not None else None
-        weights, biases = transformed_weights(block, structure, norm, out, torch.float64)
+        transforms = _block_transforms(structure, params, masks, recipe).to(torch.float64)
+        weights, biases = transformed_weights(block, structure, transforms, torch.float64)
         linears = {}
         for name, weight in weights.items():
             key = _key(name)
@@ -189,41 +213,77 @@ def _freeze(
                 None if gamma is None else gamma.detach(),
                 None if beta is None else beta.detach(),
             )
-            codes = quantize_codes(weight, recipe.weight, scale, zero)
             group = structure.group_of(name)
             linears[name] = LinearPlan(
                 scheme=recipe.weight,
-                codes=codes,
+                codes=quantize_codes(weight, recipe.weight, scale, zero),
                 scale=scale.squeeze(-1),
                 zero=zero.squeeze(-1),
-                input_transform=group.norm if group is not None and _key(group.norm) in norm else None,
+                input_transform=group.norm if group is not None and group.norm in transforms.norm else None,
                 bias=biases.get(name),
+                activation=recipe.activation,
+                stats=stats.get(name),
+                input_shift=group.norm if group is not None and group.norm in transforms.shift else None,
             )
-        transforms = {group.norm: norm[_key(group.norm)] for group in structure.norm_groups if _key(group.norm) in norm}
-        reports = {name: matrix_report(matrix) for name, matrix in transforms.items()}
-        if out is not None:
-            reports["out"] = matrix_report(out)
+        reports = {
+            norm: matrix_report(matrix, learned=params.norm[_key(norm)] * masks.norm[_key(norm)])
+            for norm, matrix in transforms.norm.items()
+        }
+        if transforms.out is not None:
+            reports["out"] = matrix_report(transforms.out)
+        qk_matrix = None
+        if transforms.qk is not None:
+            qk_matrix = rotary_pair_matrix(transforms.qk)
+            reports["qk"] = matrix_report(qk_matrix)
     return BlockPlan(
         index=index,
         linears=linears,
-        norm_transforms=transforms,
-        out_transform=out,
+        norm_transforms=transforms.norm,
+        out_transform=transforms.out,
         structure=structure,
         matrix_reports=reports,
+        qk_transform=qk_matrix,
+        norm_shifts=transforms.shift,
+        static_activations=recipe.static_activations,
+    )
+
+
+def _input_state(plan: BlockPlan) -> InputState:
+    activation = next((e.activation for e in plan.linears.values() if e.activation is not None), None)
+    return InputState(
+        activation=activation,
+        static=plan.static_activations,
+        inverses={norm: torch.linalg.inv(matrix.double()).float() for norm, matrix in plan.norm_transforms.items()},
+        shifts={norm: shift.float() for norm, shift in plan.norm_shifts.items()},
+        ranges={name: (e.act_scale, e.act_zero) for name, e in plan.linears.items() if e.act_scale is not None},
     )
 
 
 @torch.no_grad()
 def apply_block_plan(block: nn.Module, plan: BlockPlan) -> None:
-    """Write fake-quant weights from the plan: ``dequant(codes) · A⁻ᵀ`` (A⁻¹ in float64)."""
+    """Make ``block`` the fake-quant block of ``plan``: weights ``dequant(codes)``, transformed
+    biases, and input hooks ``Qa((x − δ) A⁻¹)`` (``A⁻¹`` computed in float64)."""
     for name, entry in plan.linears.items():
         linear = block.get_submodule(name)
-        weight = entry.dequantize().double()
-        if entry.input_transform is not None:
-            weight = weight @ torch.linalg.inv(plan.norm_transforms[entry.input_transform]).T
-        linear.weight.copy_(weight.to(linear.weight.dtype))
+        linear.weight.copy_(entry.dequantize().to(linear.weight.dtype))
         if entry.bias is not None:
             linear.bias.copy_(entry.bias.to(linear.bias.dtype))
+    install_input_hooks(block, plan.structure, _input_state(plan))
+
+
+@torch.no_grad()
+def _calibrate_static_ranges(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict) -> None:
+    """Fix per-tensor activation ranges: observe every linear's transformed input over the
+    calibration windows (through the block's frozen quantized weights), store Δ and z."""
+    apply_block_plan(block, plan)
+    state = _input_state(plan)
+    state.observed = {}
+    install_input_hooks(block, plan.structure, state)
+    _run_block(block, hidden, kwargs)
+    for name, (low, high) in state.observed.items():
+        entry = plan.linears[name]
+        scale, zero = quantize_params(torch.stack([low, high]).reshape(1, 2).float(), entry.activation)
+        entry.act_scale, entry.act_zero = scale.reshape(()), zero.reshape(())
 
 
 def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
@@ -234,19 +294,46 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     return model
 
 
+def _guard_(params: BlockParameters, masks: _Masks, recipe: CalibrationRecipe) -> None:
+    """Levy–Desplanques after every step: every matrix used stays strictly diagonally dominant."""
+    for key, matrix in params.norm.items():
+        enforce_dominance_(matrix.data, masks.norm[key].to(matrix.dtype), recipe.dominance_margin)
+    if params.out is not None:
+        enforce_dominance_(params.out.data, masks.out.to(params.out.dtype), recipe.dominance_margin)
+    if params.qk is not None:
+        enforce_rotary_dominance_(params.qk.data, recipe.dominance_margin)
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors inside ``value`` (tensors, tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
 def _train_block(
     block: nn.Module,
     structure: BlockStructure,
     recipe: CalibrationRecipe,
+    params: BlockParameters,
     x_q: torch.Tensor,
     y_fp: torch.Tensor,
     kwargs: dict,
     index: int,
-) -> tuple[BlockParameters, list[float]]:
-    params = BlockParameters(block, structure, recipe)
+) -> list[float]:
     losses: list[float] = []
-    if not recipe.trains or recipe.epochs == 0:
-        return params, losses
+    if not recipe.trains:
+        return losses
+    dtype = torch.float64 if recipe.train_dtype == "float64" else torch.float32
+    y_aug = _run_block(block, x_q, kwargs) if recipe.aug_loss else None
+    block.to(dtype)
+    params.to(dtype)
+    params.norm_base = {k: v.to(dtype) for k, v in params.norm_base.items()}
+    x_q, y_fp, y_aug, kwargs = _cast((x_q, y_fp, y_aug, kwargs), dtype)
     groups = []
     if params.transform_parameters():
         groups.append({"params": params.transform_parameters(), "lr": recipe.lr_transform})
@@ -256,24 +343,29 @@ def _train_block(
     generator = torch.Generator().manual_seed(recipe.seed * 100_003 + index)
     for param in block.parameters():
         param.requires_grad_(False)
-    for epoch in range(recipe.epochs):
-        masks = _masks(params, recipe, epoch)
-        total = 0.0
-        for sample in torch.randperm(x_q.shape[0], generator=generator).tolist():
-            overrides = block_weights(block, structure, params, masks, recipe.weight)
-            out = _output(functional_call(block, overrides, (x_q[sample : sample + 1],), kwargs))
-            loss = torch.nn.functional.mse_loss(out, y_fp[sample : sample + 1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key, matrix in params.norm.items():
-                enforce_dominance_(matrix.data, masks.norm[key], recipe.dominance_margin)
-            if params.out is not None:
-                enforce_dominance_(params.out.data, masks.out, recipe.dominance_margin)
-            total += loss.item()
-        losses.append(total / x_q.shape[0])
-        logger.debug("block %d epoch %d loss %.3e", index, epoch, losses[-1])
-    return params, losses
+    state = InputState(activation=recipe.activation, static=recipe.static_activations)
+    install_input_hooks(block, structure, state)
+    try:
+        for epoch in range(recipe.epochs):
+            masks = _Masks(params, recipe, epoch)
+            total = 0.0
+            for sample in torch.randperm(x_q.shape[0], generator=generator).tolist():
+                overrides = _quantized_overrides(block, structure, params, masks, recipe, state, dtype)
+                out = _output(functional_call(block, overrides, (x_q[sample : sample + 1],), kwargs))
+                loss = torch.nn.functional.mse_loss(out, y_fp[sample : sample + 1])
+                if y_aug is not None:
+                    loss = loss + torch.nn.functional.mse_loss(out, y_aug[sample : sample + 1])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                _guard_(params, masks, recipe)
+                total += loss.item()
+            losses.append(total / x_q.shape[0])
+            logger.debug("block %d epoch %d loss %.3e", index, epoch, losses[-1])
+    finally:
+        install_input_hooks(block, structure, InputState())
+        block.to(torch.float32)
+    return losses
 
 
 @torch.no_grad()
@@ -290,10 +382,10 @@ def calibrate(
     kv_heads: int,
     on_block: Callable[[int, int], None] = lambda done, total: None,
 ) -> QuantPlan:
-    """Calibrate ``model`` in place (its linears end up fake-quantized) and fill ``plan``.
+    """Calibrate ``model`` in place (it ends up as the fake-quant model) and fill ``plan``.
 
-    Blocks already in ``plan`` (a resumed run) are not retrained: their weights are rebuilt
-    from the plan and the activations propagated through them.
+    Blocks already in ``plan`` (a resumed run) are not retrained: their fake-quant form is
+    rebuilt from the plan and the activations propagated through them.
     """
     blocks_path, blocks = decoder_blocks(model)
     plan.blocks_path = blocks_path
@@ -303,14 +395,18 @@ def calibrate(
     for index, block in enumerate(blocks):
         kwargs = inputs.kwargs[index]
         start = time.perf_counter()
-        y_fp = _run_block(block, x_fp, kwargs)
+        with StatisticsCollector(block) as collector:
+            y_fp = _run_block(block, x_fp, kwargs)
         if index in plan.blocks:
             block_plan = plan.blocks[index]
         else:
             structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
-            params, losses = _train_block(block, structure, recipe, x_q, y_fp, kwargs, index)
-            block_plan = _freeze(block, structure, params, recipe, index)
+            params = BlockParameters(block, structure, recipe, collector.stats)
+            losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index)
+            block_plan = _freeze(block, structure, params, recipe, index, collector.stats)
             block_plan.loss_curve = losses
+            if recipe.static_activations and recipe.activation is not None:
+                _calibrate_static_ranges(block, block_plan, x_q, kwargs)
         apply_block_plan(block, block_plan)
         x_q_next = _run_block(block, x_q, kwargs)
         block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))

@@ -24,12 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aqexport.calibrate.quantizer import QuantScheme, dequantize_codes
-from aqexport.calibrate.structure import BlockStructure, NormGroup, OutPair
+from aqexport.calibrate.statistics import ChannelStats
+from aqexport.calibrate.structure import BlockStructure, NormGroup, OutPair, QkPair
 from aqexport.errors import AqexportError
 
 __all__ = ["BlockPlan", "LinearPlan", "QuantPlan"]
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 
 
 @dataclass
@@ -39,7 +40,12 @@ class LinearPlan:
     scale: torch.Tensor  # [out, groups]
     zero: torch.Tensor  # [out, groups]
     input_transform: str | None = None  # norm path whose transform A feeds this linear (x A⁻¹)
-    bias: torch.Tensor | None = None  # transformed bias, where the out transform changed it
+    bias: torch.Tensor | None = None  # transformed bias, where the out or q·k transform changed it
+    activation: QuantScheme | None = None  # per-token activation quantization of (x A⁻¹); None: float
+    stats: ChannelStats | None = None  # fp input statistics (SmoothQuant, LLM.int8 outlier channels)
+    input_shift: str | None = None  # norm path whose shift δ is subtracted from the input
+    act_scale: torch.Tensor | None = None  # static per-tensor activation Δ (scalar), where calibrated
+    act_zero: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_codes(self.codes, self.scheme, self.scale, self.zero)
@@ -56,6 +62,9 @@ class BlockPlan:
     loss_curve: list[float] = field(default_factory=list)
     output_mse: float = 0.0
     seconds: float = 0.0
+    qk_transform: torch.Tensor | None = None  # [kv_heads, d, d] float64, already folded into q/k codes
+    norm_shifts: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> δ (float64)
+    static_activations: bool = False
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -65,17 +74,35 @@ class BlockPlan:
             out[f"linear.{name}.zero"] = entry.zero.float()
             if entry.bias is not None:
                 out[f"linear.{name}.bias"] = entry.bias.double()
+            if entry.act_scale is not None:
+                out[f"linear.{name}.act_scale"] = entry.act_scale.float().reshape(())
+                out[f"linear.{name}.act_zero"] = entry.act_zero.float().reshape(())
+            if entry.stats is not None:
+                out[f"linear.{name}.act_absmax"] = entry.stats.absmax.float()
+                out[f"linear.{name}.act_shift"] = entry.stats.shift.float()
+                out[f"linear.{name}.act_outliers"] = entry.stats.outliers.long()
         for norm, matrix in self.norm_transforms.items():
             out[f"norm.{norm}.transform"] = matrix.double()
+        for norm, shift in self.norm_shifts.items():
+            out[f"norm.{norm}.shift"] = shift.double()
         if self.out_transform is not None:
             out["out.transform"] = self.out_transform.double()
+        if self.qk_transform is not None:
+            out["qk.transform"] = self.qk_transform.double()
         return {k: v.contiguous() for k, v in out.items()}
 
     def metadata(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "linears": {
-                name: {"scheme": asdict(e.scheme), "input_transform": e.input_transform, "has_bias": e.bias is not None}
+                name: {
+                    "scheme": asdict(e.scheme),
+                    "activation": None if e.activation is None else asdict(e.activation),
+                    "input_transform": e.input_transform,
+                    "input_shift": e.input_shift,
+                    "has_bias": e.bias is not None,
+                    "stats": None if e.stats is None else {"tokens": e.stats.tokens, "threshold": e.stats.threshold},
+                }
                 for name, e in self.linears.items()
             },
             "structure": asdict(self.structure),
@@ -83,6 +110,7 @@ class BlockPlan:
             "loss_curve": self.loss_curve,
             "output_mse": self.output_mse,
             "seconds": self.seconds,
+            "static_activations": self.static_activations,
         }
 
     @classmethod
@@ -94,7 +122,20 @@ class BlockPlan:
             ),
             OutPair(**s["out_pair"]) if s["out_pair"] else None,
             tuple(s["linears"]),
+            QkPair(**s["qk_pair"]) if s.get("qk_pair") else None,
         )
+
+        def stats(name: str, info: dict) -> ChannelStats | None:
+            if not info.get("stats"):
+                return None
+            return ChannelStats(
+                tensors[f"linear.{name}.act_absmax"],
+                tensors[f"linear.{name}.act_shift"],
+                tensors[f"linear.{name}.act_outliers"],
+                info["stats"]["tokens"],
+                info["stats"]["threshold"],
+            )
+
         linears = {
             name: LinearPlan(
                 QuantScheme(**info["scheme"]),
@@ -103,20 +144,35 @@ class BlockPlan:
                 tensors[f"linear.{name}.zero"],
                 info["input_transform"],
                 tensors.get(f"linear.{name}.bias"),
+                QuantScheme(**info["activation"]) if info.get("activation") else None,
+                stats(name, info),
+                info.get("input_shift"),
+                tensors.get(f"linear.{name}.act_scale"),
+                tensors.get(f"linear.{name}.act_zero"),
             )
             for name, info in meta["linears"].items()
         }
-        norms = {k[len("norm.") : -len(".transform")]: v for k, v in tensors.items() if k.startswith("norm.")}
+
+        def by_norm(suffix: str) -> dict[str, torch.Tensor]:
+            return {
+                k[len("norm.") : -len(suffix)]: v
+                for k, v in tensors.items()
+                if k.startswith("norm.") and k.endswith(suffix)
+            }
+
         return cls(
             meta["index"],
             linears,
-            norms,
+            by_norm(".transform"),
             tensors.get("out.transform"),
             structure,
             meta["matrix_reports"],
             meta["loss_curve"],
             meta["output_mse"],
             meta["seconds"],
+            tensors.get("qk.transform"),
+            by_norm(".shift"),
+            meta.get("static_activations", False),
         )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "QuantScheme",
     "dequantize_codes",
     "fake_quantize",
+    "fake_quantize_with",
     "quantize_codes",
     "quantize_params",
     "round_ste",
@@ -105,6 +106,12 @@ def fake_quantize(
     q = (round_ste(groups / scale) + zero).clamp(scheme.qmin, scheme.qmax)
     out = ((q - zero) * scale).reshape(*x.shape[:-1], -1)
     return out[..., : x.shape[-1]] if pad else out
+
+
+def fake_quantize_with(x: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize with a given (static) scale and zero point, broadcast against ``x``."""
+    q = (round_ste(x / scale) + zero).clamp(scheme.qmin, scheme.qmax)
+    return (q - zero) * scale
 
 
 def quantize_codes(x: torch.Tensor, scheme: QuantScheme, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -3,17 +3,32 @@
 Methods are recipes of one engine (``aqexport.calibrate.engine``), not separate code paths:
 
 * ``rtn``: no training, no transforms: round to nearest.
+* ``smoothquant``: no training; a diagonal transform per norm group from calibration statistics,
+  ``s_j = max|x_j|^α / max|W_:,j|^(1−α)`` (weight max over every linear of the group), then RTN.
 * ``omniquant`` (diagonal): learnable weight clipping plus a learned diagonal transform per
-  norm group and a diagonal out transform, i.e. AffineQuant with the mask frozen at width 1.
-* ``affinequant``: LWC plus dense norm-group transforms and per-KV-head dense out transforms,
-  trained under the gradual mask.
+  norm group, a diagonal out transform and (on rotary models) a diagonal q·k transform, i.e.
+  AffineQuant with the mask frozen at width 1.
+* ``affinequant``: LWC plus dense norm-group transforms, per-KV-head dense out transforms and the
+  RoPE-commuting q·k transform, trained under the gradual mask.
 
-Learning rates default to 2× (transforms) and 5× (LWC) the paper's 5e-3 / 1e-2 because the CPU
-schedule takes ~64 steps per block instead of 2,560; measured on SmolLM2 w4a16g128 affinequant
-(16 × 256, 4 epochs): perplexity 29.84 at the paper's rates, 29.68 at these.
+Presets name the weight scheme and, for ``wXaY`` with Y < 16, the activation scheme: dynamic,
+per token, asymmetric (the reference's W4A4 setting), applied to the input of every linear but
+the LM head. ``w4a8`` uses g128 weights because its CPU lowering (``MatMulNBits`` with
+``accuracy_level=4``) quantizes blocked weights against int8 activations.
 
-Only weight-only presets are built in this version; activation presets are named so configs
-validate, and refused with one line.
+Defaults measured on SmolLM2 (``benchmarks/calibration_ablation.py``, table in BENCHMARKS.md):
+
+* Learning rates are 2× (transforms) and 5× (LWC) the paper's 5e-3 / 1e-2 because the CPU
+  schedule takes ~64 steps per block instead of 2,560.
+* **Initialisation depends on the preset.** With activations quantized, transforms start from
+  SmoothQuant's scales (first-6-block error on W4A4 −19 % against identity); weight-only, they
+  start from the identity, because SmoothQuant's migration makes the *weights* harder to quantize
+  (first-6-block error on W4A16g128 ×1.9 against identity).
+* **Stability factor 0.02 weight-only, 0.03 with activations, not the reference's 1.0.** With
+  Adam every entry moves by about ``lr`` per step whatever its gradient, so an H×H matrix with
+  ``sf = 1`` gets off-diagonal row sums of ``H·lr`` after one step, the dominance guard crushes
+  them every step, and the dense method ends *worse* than the diagonal one. ``sf`` scales exactly
+  that step: at 0.001 the dense part barely moves (≈ omniquant), at 0.05+ it is noise again.
 """
 
 from __future__ import annotations
@@ -23,13 +38,25 @@ from dataclasses import asdict, dataclass
 from aqexport.calibrate.quantizer import QuantScheme
 from aqexport.errors import ConfigError
 
-__all__ = ["CalibrationRecipe", "WEIGHT_ONLY_PRESETS", "make_recipe"]
+__all__ = ["CalibrationRecipe", "METHODS", "PRESETS", "Preset", "make_recipe"]
 
-WEIGHT_ONLY_PRESETS: dict[str, QuantScheme] = {
-    "w4a16": QuantScheme(4, None),
-    "w4a16g128": QuantScheme(4, 128),
-    "w3a16g128": QuantScheme(3, 128),
-    "w8a16": QuantScheme(8, None),
+METHODS = ("rtn", "smoothquant", "omniquant", "affinequant")
+
+
+@dataclass(frozen=True)
+class Preset:
+    weight: QuantScheme
+    activation: QuantScheme | None = None  # None: activations stay in float
+
+
+PRESETS: dict[str, Preset] = {
+    "w4a16": Preset(QuantScheme(4, None)),
+    "w4a16g128": Preset(QuantScheme(4, 128)),
+    "w3a16g128": Preset(QuantScheme(3, 128)),
+    "w8a16": Preset(QuantScheme(8, None)),
+    "w8a8": Preset(QuantScheme(8, None), QuantScheme(8, None)),
+    "w4a8": Preset(QuantScheme(4, 128), QuantScheme(8, None)),
+    "w4a4": Preset(QuantScheme(4, None), QuantScheme(4, None)),
 }
 
 
@@ -37,10 +64,17 @@ WEIGHT_ONLY_PRESETS: dict[str, QuantScheme] = {
 class CalibrationRecipe:
     method: str
     weight: QuantScheme
+    activation: QuantScheme | None = None
     epochs: int = 20
     lwc: bool = True
     transform: str = "dense"  # none | diagonal | dense
-    stability_factor: float = 1.0
+    init: str = "identity"  # identity | smoothquant: the fixed scales s₀ norm-group transforms start from
+    alpha: float = 0.5  # SmoothQuant migration strength (init and the smoothquant method)
+    qk_transform: bool = True  # the RoPE-commuting q·k transform, where discovery finds q and k
+    aug_loss: bool = False  # add MSE(F(x_q), F_q(x_q)) to the loss
+    static_activations: bool = False  # per-tensor activation ranges fixed from calibration data
+    train_dtype: str = "float32"  # float32 | float64
+    stability_factor: float = 0.02
     lr_transform: float = 1e-2
     lr_lwc: float = 5e-2
     dominance_margin: float = 1e-2
@@ -48,26 +82,50 @@ class CalibrationRecipe:
 
     @property
     def trains(self) -> bool:
-        return self.lwc or self.transform != "none"
+        return self.epochs > 0 and (self.lwc or self.transform != "none")
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["weight"] = asdict(self.weight)
+        data["activation"] = None if self.activation is None else asdict(self.activation)
         return data
 
 
-def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2, **training: float) -> CalibrationRecipe:
-    """``training`` overrides ``stability_factor``, ``lr_transform`` and ``lr_lwc``."""
-    if preset not in WEIGHT_ONLY_PRESETS:
-        raise ConfigError(
-            f"preset '{preset}' quantizes activations, which this version does not calibrate yet",
-            f"use one of: {', '.join(WEIGHT_ONLY_PRESETS)}",
-        )
-    scheme = WEIGHT_ONLY_PRESETS[preset]
+def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2, **training) -> CalibrationRecipe:
+    """``training`` overrides the recipe's tuning fields (``stability_factor``, ``lr_transform``,
+    ``lr_lwc``, ``alpha``, ``aug_loss``, ``init``, ``static_activations``, ``train_dtype``);
+    ``None`` values keep the method's default."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'", f"use one of: {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    quantizes_activations = chosen.activation is not None
+    training = {
+        "init": "smoothquant" if quantizes_activations else "identity",
+        "stability_factor": 0.03 if quantizes_activations else 0.02,
+        **{key: value for key, value in training.items() if value is not None},
+    }
+    common = {
+        "weight": chosen.weight,
+        "activation": chosen.activation,
+        "seed": seed,
+        "static_activations": training.pop("static_activations", False),
+    }
     if method == "rtn":
-        return CalibrationRecipe("rtn", scheme, epochs=0, lwc=False, transform="none", seed=seed)
+        return CalibrationRecipe("rtn", **common, epochs=0, lwc=False, transform="none", qk_transform=False)
+    if method == "smoothquant":
+        alpha = training.get("alpha", 0.5)
+        return CalibrationRecipe(
+            "smoothquant",
+            **common,
+            epochs=0,
+            lwc=False,
+            transform="diagonal",
+            init="smoothquant",
+            qk_transform=False,
+            alpha=alpha,
+        )
     if method == "omniquant":
-        return CalibrationRecipe("omniquant", scheme, epochs=epochs, transform="diagonal", seed=seed, **training)
+        return CalibrationRecipe("omniquant", **common, epochs=epochs, transform="diagonal", **training)
     if method == "affinequant":
-        return CalibrationRecipe("affinequant", scheme, epochs=epochs, transform="dense", seed=seed, **training)
-    raise ConfigError(f"calibration method '{method}' is not available", "use rtn, omniquant or affinequant")
+        return CalibrationRecipe("affinequant", **common, epochs=epochs, transform="dense", **training)
+    raise ConfigError(f"calibration method '{method}' is not available", f"use one of: {', '.join(METHODS)}")

@@ -16,6 +16,14 @@ forward of each block:
    its output by a random block-diagonal matrix (one d×d block per KV head) turns the consumer's
    input into the same product per query head: the exact commutation the out transform needs.
    ``up → down`` fails this (SiLU·mul in between), so down stays untransformed, as it must.
+4. **q · k pairs.** Two linears of a norm group, shaped like query (heads·d outputs) and key
+   (kv_heads·d), are the pair feeding the attention scores if multiplying the query's heads by a
+   random ``R`` (one per KV head) and the key's by ``R⁻ᵀ`` leaves the block's output unchanged.
+   ``R`` is drawn from the family that commutes with rotary embeddings (``a·I + b·J`` on every
+   frequency pair ``(i, i + d/2)``, a complex scalar per frequency; ALGORITHMS.md §3), so the
+   probe accepts exactly the transforms the engine may fold: on a rotary model that is the
+   RoPE-commuting family, and a model with a per-head norm after q/k (Gemma 3, Qwen 3) finds
+   no pair and gets no q·k transform, instead of a non-output-preserving one.
 
 A block that has no norm group at all is refused with an error naming it.
 """
@@ -29,7 +37,15 @@ from torch import nn
 
 from aqexport.errors import AqexportError
 
-__all__ = ["BlockStructure", "NormGroup", "OutPair", "decoder_blocks", "discover_block"]
+__all__ = [
+    "BlockStructure",
+    "NormGroup",
+    "OutPair",
+    "QkPair",
+    "decoder_blocks",
+    "discover_block",
+    "rotary_pair_matrix",
+]
 
 
 @dataclass(frozen=True)
@@ -50,10 +66,20 @@ class OutPair:
 
 
 @dataclass(frozen=True)
+class QkPair:
+    query: str
+    key: str
+    head_dim: int
+    kv_heads: int
+    heads: int
+
+
+@dataclass(frozen=True)
 class BlockStructure:
     norm_groups: tuple[NormGroup, ...]
     out_pair: OutPair | None
     linears: tuple[str, ...] = field(default=())
+    qk_pair: QkPair | None = None
 
     def group_of(self, linear: str) -> NormGroup | None:
         return next((g for g in self.norm_groups if linear in g.linears), None)
@@ -149,7 +175,69 @@ def discover_block(
     )
     candidates = [lin for members in groups.values() for lin in members]
     out_pair = _find_out_pair(block, hidden, kwargs, candidates, orphans, head_dim, kv_heads)
-    return BlockStructure(norm_groups, out_pair, tuple(linears))
+    qk_pair = None
+    if out_pair is not None:
+        qk_pair = _find_qk_pair(block, hidden, kwargs, candidates, out_pair)
+    return BlockStructure(norm_groups, out_pair, tuple(linears), qk_pair)
+
+
+def rotary_pair_matrix(coefficients: torch.Tensor) -> torch.Tensor:
+    """Dense ``[..., d, d]`` matrices ``a·I + b·J`` per frequency pair ``(i, i + d/2)``.
+
+    ``coefficients`` is ``[..., 2, d/2]`` (``a`` then ``b``). As a right-multiplication
+    ``q ↦ q R`` this multiplies each pair by the complex number ``a + ib``, exactly like a rotary
+    rotation does, so the two commute. ``R⁻ᵀ = R / (a² + b²)`` pairwise.
+    """
+    a, b = coefficients.unbind(-2)
+    half = a.shape[-1]
+    eye = torch.eye(half, dtype=a.dtype)
+    diag_a = a[..., :, None] * eye
+    diag_b = b[..., :, None] * eye
+    top = torch.cat([diag_a, diag_b], dim=-1)
+    bottom = torch.cat([-diag_b, diag_a], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def _block_output(block, hidden, kwargs) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _find_qk_pair(block, hidden, kwargs, candidates, out_pair: OutPair) -> QkPair | None:
+    d, kv_heads, heads = out_pair.head_dim, out_pair.kv_heads, out_pair.heads
+    if d % 2:
+        return None
+    generator = torch.Generator().manual_seed(1)
+    a = 1.0 + 0.3 * torch.randn(kv_heads, d // 2, generator=generator)
+    b = 0.5 * torch.randn(kv_heads, d // 2, generator=generator)
+    coefficients = torch.stack([a, b], dim=-2)
+    rotation = rotary_pair_matrix(coefficients)
+    norm2 = (coefficients**2).sum(-2)
+    inverse_t = rotation / torch.cat([norm2, norm2], dim=-1)[..., None, :]
+    reference = _block_output(block, hidden, kwargs)
+    scale = reference.abs().max().clamp(min=1e-6)
+    shapes = {name: block.get_submodule(name).out_features for name in candidates if name != out_pair.producer}
+    queries = [name for name, size in shapes.items() if size == heads * d]
+    keys = [name for name, size in shapes.items() if size == kv_heads * d]
+    for query in queries:
+        for key in keys:
+            if key == query:
+                continue
+            handles = [
+                block.get_submodule(query).register_forward_hook(
+                    lambda m, a, out: _block_diag_apply(out, rotation, heads // kv_heads)
+                ),
+                block.get_submodule(key).register_forward_hook(lambda m, a, out: _block_diag_apply(out, inverse_t, 1)),
+            ]
+            try:
+                probed = _block_output(block, hidden, kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if (probed - reference).abs().max() / scale < 1e-4:
+                return QkPair(query, key, d, kv_heads, heads)
+    return None
 
 
 def _block_diag_apply(x: torch.Tensor, blocks: torch.Tensor, repeat: int) -> torch.Tensor:

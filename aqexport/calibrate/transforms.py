@@ -18,6 +18,7 @@ __all__ = [
     "band_width",
     "dominance_margin",
     "enforce_dominance_",
+    "enforce_rotary_dominance_",
     "gradual_mask",
     "matrix_report",
 ]
@@ -71,13 +72,34 @@ def enforce_dominance_(learned: torch.Tensor, mask: torch.Tensor, margin: float 
 
 
 @torch.no_grad()
-def matrix_report(matrix: torch.Tensor) -> dict[str, float]:
-    """Minimum dominance margin, worst condition number and ``‖A A⁻¹ − I‖_max`` (float64)."""
+def enforce_rotary_dominance_(coefficients: torch.Tensor, margin: float = 1e-2) -> int:
+    """The same guarantee for q·k transforms stored as ``[..., 2, d/2]`` pairs ``(a, b)``.
+
+    Each rotary pair's 2×2 block is ``[[a, b], [−b, a]]``, so row dominance is ``|b| < |a|``:
+    ``|a|`` is floored like any diagonal, then ``|b|`` is capped at ``(1 − margin)·|a|``.
+    """
+    a, b = coefficients.unbind(-2)
+    sign = torch.where(a < 0, -1.0, 1.0).to(a.dtype)
+    a.copy_(sign * a.abs().clamp(min=DIAGONAL_FLOOR))
+    limit = a.abs() * (1.0 - margin)
+    violating = b.abs() > limit
+    b.copy_(torch.where(violating, b.sign() * limit, b))
+    return int(violating.sum())
+
+
+@torch.no_grad()
+def matrix_report(matrix: torch.Tensor, learned: torch.Tensor | None = None) -> dict[str, float]:
+    """Minimum dominance margin, worst condition number and ``‖A A⁻¹ − I‖_max`` (float64).
+
+    ``learned`` is the guarded factor when ``matrix`` is a product with a fixed positive diagonal
+    (norm-group transforms): its margin is the one that guarantees invertibility.
+    """
     a = matrix.double()
     inverse = torch.linalg.inv(a)
     eye = torch.eye(a.shape[-1], dtype=torch.float64)
+    guarded = a if learned is None else learned.double()
     return {
-        "min_dominance_margin": float(dominance_margin(a).min()),
+        "min_dominance_margin": float(dominance_margin(guarded).min()),
         "condition_number": float(torch.linalg.cond(a).max()),
         "inverse_error": float((a @ inverse - eye).abs().max()),
     }

@@ -1,0 +1,107 @@
+"""Where each equivalent transform goes in a block's weights (ALGORITHMS.md §3), in one place.
+
+Used with differentiable float32 matrices during training and with float64 ones when freezing a
+plan, so the quantized codes and the trained loss see the same algebra. For a linear
+``y = x Wᵀ + b``:
+
+* norm-group transform ``A`` and shift ``δ``: ``W ← W Aᵀ``, ``b ← b + W δ`` (the input becomes
+  ``(x − δ) A⁻¹``, applied by ``aqexport.calibrate.input_hooks``);
+* out transform ``B`` per KV head: ``W_v ← B⁻ᵀ W_v``, ``b_v ← b_v B⁻¹``, ``W_o ← W_o Bᵀ``;
+* q·k transform ``R`` per KV head (RoPE-commuting): ``W_q ← Rᵀ W_q``, ``b_q ← b_q R``,
+  ``W_k ← R⁻¹ W_k``, ``b_k ← b_k R⁻ᵀ``.
+
+Row transforms (out, q·k) act on output channels and norm transforms on input channels, so
+their order does not matter; the shift's bias term uses the row-transformed weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from aqexport.calibrate.structure import BlockStructure, rotary_pair_matrix
+
+__all__ = ["BlockTransforms", "transformed_weights"]
+
+
+@dataclass
+class BlockTransforms:
+    """The matrices of one block, keyed by norm path (``norm``, ``shift``)."""
+
+    norm: dict[str, torch.Tensor] = field(default_factory=dict)  # A, [n, n]
+    shift: dict[str, torch.Tensor] = field(default_factory=dict)  # δ, [n]
+    out: torch.Tensor | None = None  # B, [kv_heads, d, d]
+    qk: torch.Tensor | None = None  # (a, b) pairs, [kv_heads, 2, d/2]
+
+    def to(self, dtype: torch.dtype) -> BlockTransforms:
+        return BlockTransforms(
+            {k: v.to(dtype) for k, v in self.norm.items()},
+            {k: v.to(dtype) for k, v in self.shift.items()},
+            None if self.out is None else self.out.to(dtype),
+            None if self.qk is None else self.qk.to(dtype),
+        )
+
+
+def _per_head(blocks: torch.Tensor, heads: int) -> torch.Tensor:
+    return blocks.repeat_interleave(heads // blocks.shape[0], dim=0)
+
+
+def _rows_by_head(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``blockdiag(blocks) @ weight`` without building the block-diagonal matrix."""
+    heads, d, _ = blocks.shape
+    return (blocks @ weight.reshape(heads, d, -1)).reshape(weight.shape)
+
+
+def _bias_by_head(bias: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``bias @ blockdiag(blocks)``."""
+    heads, d, _ = blocks.shape
+    return (bias.reshape(heads, 1, d) @ blocks).reshape(-1)
+
+
+def _row_transforms(
+    structure: BlockStructure, transforms: BlockTransforms, dtype: torch.dtype
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear: (matrix multiplying its weight rows per head, matrix multiplying its bias)."""
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pair = structure.out_pair
+    if pair is not None and transforms.out is not None:
+        inverse = torch.linalg.inv(transforms.out.to(dtype))
+        rows[pair.producer] = (inverse.transpose(-1, -2), inverse)
+    qk = structure.qk_pair
+    if qk is not None and transforms.qk is not None:
+        rotation = rotary_pair_matrix(transforms.qk.to(dtype))
+        inverse = torch.linalg.inv(rotation)
+        rows[qk.query] = (_per_head(rotation.transpose(-1, -2), qk.heads), _per_head(rotation, qk.heads))
+        rows[qk.key] = (inverse, inverse.transpose(-1, -2))
+    return rows
+
+
+def transformed_weights(
+    block: nn.Module, structure: BlockStructure, transforms: BlockTransforms, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per linear the weight to quantize, and every bias a transform changed."""
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    rows = _row_transforms(structure, transforms, dtype)
+    pair = structure.out_pair
+    for name in structure.linears:
+        linear = block.get_submodule(name)
+        weight = linear.weight.detach().to(dtype)
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        if name in rows:
+            left, right = rows[name]
+            weight = _rows_by_head(weight, left)
+            if bias is not None:
+                bias = _bias_by_head(bias, right)
+                biases[name] = bias
+        if pair is not None and transforms.out is not None and name == pair.consumer:
+            weight = weight @ torch.block_diag(*_per_head(transforms.out.to(dtype), pair.heads).unbind(0)).T
+        group = structure.group_of(name)
+        if group is not None and group.norm in transforms.shift:
+            biases[name] = (0 if bias is None else bias) + weight @ transforms.shift[group.norm].to(dtype)
+        if group is not None and group.norm in transforms.norm:
+            weight = weight @ transforms.norm[group.norm].to(dtype).T
+        weights[name] = weight
+    return weights, biases
