@@ -1,10 +1,11 @@
-"""``aqexport calibrate``: produce a QuantPlan and measure its PyTorch fake-quant perplexity.
+"""``aqexport calibrate`` and the build's calibrate stage: produce (or resume) a QuantPlan.
 
-Calibration is the expensive, resumable half of a quantized build, so it has its own command
-and its own persistent directory (``calibration.plan_dir``, default ``<output.dir>.plan``):
-a killed run resumes from the last finished block, and a finished plan can be lowered for any
-target later without recalibrating. The plan directory gets ``report.json`` with fp and
-fake-quant perplexity on the evaluation windows, calibration time, and per-block matrix health.
+Calibration is the expensive, resumable half of a quantized build, so it has a persistent
+directory of its own (``calibration.plan_dir``, default ``<output.dir>.plan``): a killed run
+resumes from the last finished block, and a finished plan can be lowered for any target later
+without recalibrating (a build finds it there and only lowers). ``aqexport calibrate`` also
+writes ``report.json`` into the plan directory with fp and fake-quant perplexity, calibration
+time and per-block matrix health.
 """
 
 from __future__ import annotations
@@ -18,32 +19,31 @@ from aqexport.artifact import write_json
 from aqexport.calibrate.data import calibration_windows
 from aqexport.calibrate.engine import calibrate
 from aqexport.calibrate.plan import QuantPlan
-from aqexport.calibrate.recipe import make_recipe
-from aqexport.capture import cache_layout
+from aqexport.calibrate.recipe import CalibrationRecipe, make_recipe
+from aqexport.capture import CacheLayout, cache_layout
 from aqexport.config import BuildConfig, require_calibratable
 from aqexport.reference import torch_logits_of
 from aqexport.runtime import perplexity, split_windows
-from aqexport.sources import load_model
+from aqexport.sources import LoadedModel, load_model
 from aqexport.verify import tokenize_text
 
-__all__ = ["run_calibration"]
+__all__ = [
+    "calibrate_loaded",
+    "evaluation_windows",
+    "plan_health",
+    "recipe_from_config",
+    "run_calibration",
+    "torch_perplexity",
+]
 
 
-def _perplexity(model, windows) -> float | None:
-    return None if windows is None else perplexity(torch_logits_of(model), windows).perplexity
-
-
-def run_calibration(
-    config: BuildConfig, config_dir: Path, on_block: Callable[[int, int], None] = lambda d, t: None
-) -> dict[str, Any]:
-    require_calibratable(config)
-    spec = config.calibration
+def recipe_from_config(config: BuildConfig) -> CalibrationRecipe:
     quant = config.quantization
-    recipe = make_recipe(
+    return make_recipe(
         quant.recipe,
         quant.preset,
-        spec.epochs,
-        spec.seed,
+        config.calibration.epochs,
+        config.calibration.seed,
         alpha=quant.alpha,
         init=quant.init,
         aug_loss=quant.aug_loss,
@@ -53,15 +53,19 @@ def run_calibration(
         lr_transform=quant.lr_transform,
         lr_lwc=quant.lr_lwc,
     )
-    loaded = load_model(config.model, config_dir)
-    model = loaded.model
-    layout = cache_layout(model)
-    evaluation = config.evaluation
-    eval_windows = None
-    if evaluation.text is not None:
-        eval_windows = split_windows(
-            tokenize_text(loaded.tokenizer, evaluation.text), evaluation.seqlen, evaluation.max_windows
-        )
+
+
+def calibrate_loaded(
+    config: BuildConfig,
+    loaded: LoadedModel,
+    layout: CacheLayout,
+    on_block: Callable[[int, int], None] = lambda d, t: None,
+) -> tuple[QuantPlan, dict[str, Any]]:
+    """Calibrate ``loaded.model`` in place (it becomes the fake-quant model); return the plan
+    and what the run did (time, resumed blocks)."""
+    require_calibratable(config)
+    spec = config.calibration
+    recipe = recipe_from_config(config)
     windows = calibration_windows(loaded.tokenizer, spec.data, spec.samples, spec.seqlen, spec.seed)
     identity = {
         "source_sha256": loaded.source_sha256,
@@ -71,34 +75,61 @@ def run_calibration(
         "data": str(spec.data),
     }
     plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), identity)
-    resumed_blocks = len(plan.blocks)
-    fp = _perplexity(model, eval_windows)
+    resumed = len(plan.blocks)
     start = time.perf_counter()
-    calibrate(model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block)
-    seconds = time.perf_counter() - start
-    quantized = _perplexity(model, eval_windows)
-    margins = [r["min_dominance_margin"] for b in plan.blocks.values() for r in b.matrix_reports.values()]
-    conditions = [r["condition_number"] for b in plan.blocks.values() for r in b.matrix_reports.values()]
-    report = {
+    calibrate(loaded.model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block)
+    return plan, {
         "recipe": recipe.as_dict(),
         "plan_dir": str(plan.directory),
-        "calibration_seconds": seconds,
-        "resumed_from_block": resumed_blocks,
+        "calibration_seconds": time.perf_counter() - start,
+        "resumed_from_block": resumed,
         "samples": spec.samples,
         "seqlen": spec.seqlen,
-        "evaluation": None
-        if eval_windows is None
-        else {
-            "text": str(evaluation.text),
-            "seqlen": evaluation.seqlen,
-            "windows": int(eval_windows.shape[0]),
+        **plan_health(plan),
+    }
+
+
+def plan_health(plan: QuantPlan) -> dict[str, Any]:
+    reports = [r for b in plan.blocks.values() for r in b.matrix_reports.values()]
+    return {
+        "min_dominance_margin": min((r["min_dominance_margin"] for r in reports), default=None),
+        "max_condition_number": max((r["condition_number"] for r in reports), default=None),
+        "max_inverse_error": max((r["inverse_error"] for r in reports), default=None),
+        "blocks": {i: {"output_mse": b.output_mse, "seconds": b.seconds} for i, b in sorted(plan.blocks.items())},
+    }
+
+
+def evaluation_windows(config: BuildConfig, tokenizer):
+    evaluation = config.evaluation
+    if evaluation.text is None:
+        return None
+    return split_windows(tokenize_text(tokenizer, evaluation.text), evaluation.seqlen, evaluation.max_windows)
+
+
+def torch_perplexity(model, windows) -> float | None:
+    return None if windows is None else perplexity(torch_logits_of(model), windows).perplexity
+
+
+def run_calibration(
+    config: BuildConfig, config_dir: Path, on_block: Callable[[int, int], None] = lambda d, t: None
+) -> dict[str, Any]:
+    require_calibratable(config)
+    loaded = load_model(config.model, config_dir)
+    layout = cache_layout(loaded.model)
+    windows = evaluation_windows(config, loaded.tokenizer)
+    fp = torch_perplexity(loaded.model, windows)
+    plan, report = calibrate_loaded(config, loaded, layout, on_block)
+    quantized = torch_perplexity(loaded.model, windows)
+    if windows is not None:
+        report["evaluation"] = {
+            "text": str(config.evaluation.text),
+            "seqlen": config.evaluation.seqlen,
+            "windows": int(windows.shape[0]),
             "fp_perplexity": fp,
             "fake_quant_perplexity": quantized,
             "ratio": quantized / fp,
-        },
-        "min_dominance_margin": min(margins) if margins else None,
-        "max_condition_number": max(conditions) if conditions else None,
-        "blocks": {i: {"output_mse": b.output_mse, "seconds": b.seconds} for i, b in sorted(plan.blocks.items())},
-    }
+        }
+    else:
+        report["evaluation"] = None
     write_json(plan.directory / "report.json", report)
     return report

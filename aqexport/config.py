@@ -41,8 +41,8 @@ Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
 #: Recipes this version can lower into an artifact (``build``) and calibrate (``calibrate``). The
 #: schema names all of them so configs written for later versions validate; the commands refuse
 #: the rest with one line instead of a half-built artifact.
-IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"})
 CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "smoothquant", "omniquant", "affinequant"})
+IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"}) | CALIBRATED_RECIPES
 IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu"})
 IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx"})
 
@@ -218,6 +218,8 @@ def require_calibratable(config: BuildConfig) -> None:
 
 def require_buildable(config: BuildConfig) -> None:
     recipe = config.quantization.recipe
+    if recipe in CALIBRATED_RECIPES:
+        require_calibratable(config)
     if recipe not in IMPLEMENTED_RECIPES:
         hint = (
             " (run 'aqexport calibrate' for its plan and fake-quant perplexity)" if recipe in CALIBRATED_RECIPES else ""

@@ -15,9 +15,10 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from aqexport.passes import StableNamesPass
+from aqexport.calibrate.plan import QuantPlan
+from aqexport.passes import ActivationQuantPass, FoldAffinePass, QuantizeWeightsPass, StableNamesPass
 
-__all__ = ["fp_passes", "run_passes"]
+__all__ = ["fp_passes", "quantized_passes", "run_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,21 @@ def fp_passes() -> list[ir.passes.PassBase]:
     """
     return [
         StableNamesPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.TopologicalSortPass(),
+    ]
+
+
+def quantized_passes(plan: QuantPlan, accuracy_level: int = 0) -> list[ir.passes.PassBase]:
+    """Passes that lower a QuantPlan: names first (the plan is keyed by module path), then the
+    input side of every transform, activation quantizers, and the weights last (the first two
+    find linears by their float weights)."""
+    return [
+        StableNamesPass(),
+        FoldAffinePass(plan),
+        ActivationQuantPass(plan),
+        QuantizeWeightsPass(plan, accuracy_level),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.TopologicalSortPass(),

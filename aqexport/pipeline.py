@@ -27,10 +27,12 @@ from aqexport.artifact import (
     save_model,
     write_json,
 )
+from aqexport.calibrate.plan import QuantPlan
+from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, untie_lm_head
 from aqexport.config import BuildConfig, require_buildable
 from aqexport.genai_config import build_genai_config
-from aqexport.lowering import fp_passes, run_passes
+from aqexport.lowering import fp_passes, quantized_passes, run_passes
 from aqexport.sources import LoadedModel, load_model
 from aqexport.verify import verify_artifact
 
@@ -47,6 +49,7 @@ class BuildContext:
     loaded: LoadedModel | None = None
     layout: CacheLayout | None = None
     graph: ir.Model | None = None
+    plan: QuantPlan | None = None
     pass_stats: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -63,8 +66,20 @@ def capture_stage(ctx: BuildContext) -> None:
     ctx.report["export_seconds"] = seconds
 
 
+def calibrate_stage(ctx: BuildContext) -> None:
+    """After capture, so the exported graph holds the float weights the plan transforms; the
+    PyTorch model becomes the fake-quant model that verification compares the artifact with."""
+    if ctx.config.quantization.recipe == "none":
+        return
+    windows = evaluation_windows(ctx.config, ctx.loaded.tokenizer)
+    fp = torch_perplexity(ctx.loaded.model, windows)
+    ctx.plan, ctx.report["calibration"] = calibrate_loaded(ctx.config, ctx.loaded, ctx.layout)
+    ctx.report["calibration"]["fp_perplexity"] = fp
+
+
 def lower_stage(ctx: BuildContext) -> None:
-    ctx.pass_stats = run_passes(ctx.graph, fp_passes())
+    passes = fp_passes() if ctx.plan is None else quantized_passes(ctx.plan)
+    ctx.pass_stats = run_passes(ctx.graph, passes)
 
 
 def write_stage(ctx: BuildContext) -> None:
@@ -99,7 +114,7 @@ def finalize_stage(ctx: BuildContext) -> None:
         {
             "model_bytes": sum(sizes.values()),
             "model_files": sizes,
-            "quantization": {"recipe": ctx.config.quantization.recipe},
+            "quantization": _quantization_summary(ctx),
             "timings": ctx.timings,
         }
     )
@@ -118,17 +133,53 @@ def finalize_stage(ctx: BuildContext) -> None:
             "architecture": loaded.architecture.model_type,
         },
         "io": {"inputs": ctx.layout.input_names(), "outputs": ctx.layout.output_names()},
-        "quantization": {"recipe": ctx.config.quantization.recipe, "linears": {}},
+        "quantization": {**_quantization_summary(ctx), "linears": _linear_schemes(ctx.plan)},
         "passes": ctx.pass_stats,
         "files": file_hashes(ctx.staging),
     }
     write_json(ctx.staging / "manifest.json", manifest)
 
 
+def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
+    quant = ctx.config.quantization
+    summary: dict[str, Any] = {"recipe": quant.recipe, "preset": quant.preset}
+    if ctx.plan is not None and any(
+        e.activation is not None for b in ctx.plan.blocks.values() for e in b.linears.values()
+    ):
+        summary["activations"] = (
+            "static per-tensor QDQ (uint8/uint4) where 8/4-bit, else a float fake-quant subgraph"
+            if quant.activations == "static"
+            else "dynamic per token as an explicit float fake-quant subgraph: accuracy simulation, "
+            "no ONNX Runtime kernel runs integer activations per token"
+        )
+    return summary
+
+
+def _linear_schemes(plan: QuantPlan | None) -> dict[str, Any]:
+    if plan is None:
+        return {}
+    schemes = {}
+    for index, block in sorted(plan.blocks.items()):
+        for name, entry in block.linears.items():
+            schemes[f"{plan.blocks_path}.{index}.{name}"] = {
+                "weight": {
+                    "bits": entry.scheme.bits,
+                    "group_size": entry.scheme.group_size,
+                    "symmetric": entry.scheme.symmetric,
+                },
+                "activation": None
+                if entry.activation is None
+                else {"bits": entry.activation.bits, "static": entry.act_scale is not None},
+                "input_transform": entry.input_transform,
+            }
+    return schemes
+
+
 Stage = Callable[[BuildContext], None]
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("load", load_stage),
     ("capture", capture_stage),
+    ("calibrate", calibrate_stage),
     ("lower", lower_stage),
     ("write", write_stage),
     ("verify", verify_stage),

@@ -1,5 +1,8 @@
 """ONNX-IR passes, one per module, each an ``onnx_ir.passes`` pass with stated pre/postconditions."""
 
+from aqexport.passes.activation_quant import ActivationQuantPass
+from aqexport.passes.fold_affine import FoldAffinePass
+from aqexport.passes.quantize_weights import QuantizeWeightsPass
 from aqexport.passes.stable_names import StableNamesPass
 
-__all__ = ["StableNamesPass"]
+__all__ = ["ActivationQuantPass", "FoldAffinePass", "QuantizeWeightsPass", "StableNamesPass"]

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
-from aqexport.calibrate.input_hooks import InputState, install_input_hooks
+from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remove_input_hooks
 from aqexport.calibrate.plan import BlockPlan, LinearPlan, QuantPlan
 from aqexport.calibrate.quantizer import fake_quantize, quantize_codes, quantize_params
 from aqexport.calibrate.recipe import CalibrationRecipe
@@ -389,6 +389,10 @@ def calibrate(
     """
     blocks_path, blocks = decoder_blocks(model)
     plan.blocks_path = blocks_path
+    for block in blocks:
+        # ``model`` must hold float weights; input hooks of an earlier fake-quant run on the same
+        # object would transform inputs twice and hide the norm → linear structure.
+        remove_input_hooks(block)
     inputs = catch_block_inputs(model, blocks, windows)
     x_fp = inputs.hidden
     x_q = x_fp.clone()

@@ -1,0 +1,62 @@
+"""Find where a Hugging Face linear lives in an exported graph, by its weight's stable name.
+
+After ``StableNamesPass`` the weight of ``model.layers.0.self_attn.q_proj`` is the initializer
+``model.layers.0.self_attn.q_proj.weight``; its consumer is a ``MatMul`` (weight ``[in, out]``)
+or, for 2-D inputs, a ``Gemm`` (either layout, per ``transB``). The bias, if the exporter kept
+one, is the ``Gemm``'s third input or a lone ``Add`` with an initializer after the ``MatMul``.
+Initializers may be shared (the exporter deduplicates equal constants), so passes that change
+a value always register a new initializer instead of editing one in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["LinearSite", "find_linear", "new_initializer"]
+
+
+@dataclass
+class LinearSite:
+    node: ir.Node  # MatMul or Gemm
+    input: ir.Value
+    output: ir.Value  # the linear's output including its bias
+    bias_node: ir.Node | None  # Add after MatMul, or the Gemm itself
+    bias_index: int | None  # input index of the bias on bias_node
+
+
+def _single_consumer(value: ir.Value) -> ir.Node | None:
+    consumers = list(value.consumers())
+    return consumers[0] if len(consumers) == 1 else None
+
+
+def find_linear(graph: ir.Graph, weight_name: str) -> LinearSite | None:
+    weight = graph.initializers.get(weight_name)
+    if weight is None:
+        return None
+    uses = [(node, index) for node, index in weight.uses() if node.op_type in ("MatMul", "Gemm") and index == 1]
+    if len(uses) != 1:
+        return None
+    node = uses[0][0]
+    if node.op_type == "Gemm":
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        return LinearSite(node, node.inputs[0], node.outputs[0], node if has_bias else None, 2 if has_bias else None)
+    output = node.outputs[0]
+    add = _single_consumer(output)
+    if add is not None and add.op_type == "Add":
+        other = 1 if add.inputs[0] is output else 0
+        if add.inputs[other] is not None and add.inputs[other].is_initializer():
+            return LinearSite(node, node.inputs[0], add.outputs[0], add, other)
+    return LinearSite(node, node.inputs[0], output, None, None)
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` under ``name`` (made unique), never replacing an existing one."""
+    unique, k = name, 1
+    while unique in graph.initializers:
+        unique, k = f"{name}_{k}", k + 1
+    value = ir.Value(name=unique, const_value=ir.tensor(np.ascontiguousarray(array), name=unique))
+    graph.register_initializer(value)
+    return value

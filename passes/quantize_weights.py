@@ -1,0 +1,151 @@
+"""Replace every planned linear's float weight with ``com.microsoft.MatMulNBits``.
+
+The codes, scales and zero points come from the QuantPlan as they are: nothing is recomputed, so
+the graph dequantizes to exactly the weights the PyTorch fake-quant model used
+(``(q − z)·Δ``, checked in tests against ``LinearPlan.dequantize``).
+
+Rewrite rules, per linear in the plan (weight found by its stable name):
+
+1. ``MatMul(x, W)`` or ``Gemm(x, W[, C])`` becomes ``MatMulNBits(x, B, scales, zero_points)``
+   with ``K = in``, ``N = out``; a Gemm's bias becomes an ``Add`` after it.
+2. Bit width: 4-bit codes as 4-bit; 2- and 3-bit codes are stored in the 4-bit container
+   (exact: the codes and zero points fit, only the file is larger than it could be); 5–8-bit
+   codes as 8-bit. Symmetric (signed) codes are offset by ``2^(b−1)`` with that zero point.
+3. Block size: the plan's group size, which must be a power of two ≥ 16 (MatMulNBits' rule);
+   per-output-channel plans use block 128 with the row's scale and zero point repeated in every
+   block, which is the same arithmetic. A ragged last block (SmolLM2: 576 = 4.5 × 128) is
+   padded with the zero-point code, which dequantizes to 0 and does not touch the result.
+4. A bias the plan changed (out / q·k transforms, shifts) replaces the graph's bias with a new
+   initializer (biases can be shared between linears after the exporter's deduplication); a
+   linear that had no bias in the graph gets an ``Add``.
+
+Precondition: ``StableNamesPass`` ran (weights carry module paths); every planned linear is
+found, otherwise the pass raises naming it. Postcondition: no planned float weight is used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from aqexport.calibrate.plan import LinearPlan, QuantPlan
+from aqexport.errors import AqexportError
+from aqexport.passes._linear_sites import LinearSite, find_linear, new_initializer
+
+__all__ = ["QuantizeWeightsPass", "pack_matmul_nbits"]
+
+logger = logging.getLogger(__name__)
+
+PER_CHANNEL_BLOCK = 128
+
+
+def _block_size(entry: LinearPlan, name: str) -> int:
+    group = entry.scheme.group_size
+    if group is None:
+        return PER_CHANNEL_BLOCK
+    if group < 16 or group & (group - 1):
+        raise AqexportError(
+            f"'{name}' is quantized in groups of {group}; MatMulNBits needs a power of two ≥ 16",
+            "use a group size of 16, 32, 64, 128 or 256",
+        )
+    return group
+
+
+def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(B [N, blocks, blob], scales [N, blocks], zero_points [N, ·], bits)`` for MatMulNBits."""
+    scheme = entry.scheme
+    codes = entry.codes.numpy().astype(np.int32)
+    scale = entry.scale.float().numpy()
+    zero = entry.zero.float().numpy().astype(np.int32)
+    if scheme.symmetric:
+        codes = codes + 2 ** (scheme.bits - 1)
+        zero = zero + 2 ** (scheme.bits - 1)
+    n, k = codes.shape
+    blocks = -(-k // block_size)
+    if scheme.group_size is None:
+        scale = np.repeat(scale.reshape(n, 1), blocks, axis=1)
+        zero = np.repeat(zero.reshape(n, 1), blocks, axis=1)
+    bits = 4 if scheme.bits <= 4 else 8
+    padded = np.repeat(zero, block_size, axis=1)[:, : blocks * block_size].copy()
+    padded[:, :k] = codes
+    padded = padded.astype(np.uint8)
+    if bits == 4:
+        packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+        zero_u8 = zero.astype(np.uint8)
+        if blocks % 2:
+            zero_u8 = np.concatenate([zero_u8, np.zeros((n, 1), np.uint8)], axis=1)
+        zero_points = (zero_u8[:, 0::2] | (zero_u8[:, 1::2] << 4)).astype(np.uint8)
+    else:
+        packed, zero_points = padded, zero.astype(np.uint8)
+    blob = block_size * bits // 8
+    return packed.reshape(n, blocks, blob), scale.astype(np.float32), zero_points, bits
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    def __init__(self, plan: QuantPlan, accuracy_level: int = 0) -> None:
+        super().__init__()
+        self.plan = plan
+        self.accuracy_level = accuracy_level
+        self.replaced = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for index, block in sorted(self.plan.blocks.items()):
+            for name, entry in block.linears.items():
+                path = f"{self.plan.blocks_path}.{index}.{name}"
+                site = find_linear(graph, f"{path}.weight")
+                if site is None:
+                    raise AqexportError(
+                        f"the planned linear '{path}' is not a MatMul/Gemm on '{path}.weight' in the graph",
+                        "run StableNamesPass first, and lower a plan made for this model",
+                    )
+                self._replace(graph, path, entry, site)
+        if self.replaced and "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
+        logger.info("quantize_weights: %d linears to MatMulNBits", self.replaced)
+        return ir.passes.PassResult(model, modified=self.replaced > 0)
+
+    def _replace(self, graph: ir.Graph, path: str, entry: LinearPlan, site: LinearSite) -> None:
+        block_size = _block_size(entry, path)
+        packed, scales, zero_points, bits = pack_matmul_nbits(entry, block_size)
+        n, k = entry.codes.shape
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+        if self.accuracy_level:
+            attributes["accuracy_level"] = self.accuracy_level
+        inputs = [
+            site.input,
+            new_initializer(graph, f"{path}.weight_Q{bits}", packed),
+            new_initializer(graph, f"{path}.weight_scales", scales),
+            new_initializer(graph, f"{path}.weight_zero_points", zero_points),
+        ]
+        base = site.node.name.rsplit("/", 1)[0]
+        matmul = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{base}/MatMulNBits")
+        nodes = [matmul]
+        output = matmul.outputs[0]
+        bias = self._bias(graph, path, entry, site)
+        if site.node.op_type == "Gemm" or (bias is not None and site.bias_node is None):
+            if bias is not None:
+                add = ir.node("Add", [output, bias], name=f"{base}/Add")
+                nodes.append(add)
+                output = add.outputs[0]
+        elif bias is not None:
+            site.bias_node.replace_input_with(site.bias_index, bias)
+        graph.insert_before(site.node, nodes)
+        final = site.output if site.node.op_type == "Gemm" or site.bias_node is None else site.node.outputs[0]
+        name, final.name = final.name, None
+        output.name = name
+        ir.convenience.replace_all_uses_with(final, output)
+        if final.is_graph_output():
+            graph.outputs[graph.outputs.index(final)] = output
+        graph.remove(site.node, safe=True)
+        self.replaced += 1
+
+    @staticmethod
+    def _bias(graph: ir.Graph, path: str, entry: LinearPlan, site: LinearSite) -> ir.Value | None:
+        if entry.bias is not None:
+            return new_initializer(graph, f"{path}.bias_planned", entry.bias.float().numpy())
+        if site.bias_node is not None:
+            return site.bias_node.inputs[site.bias_index]
+        return None
