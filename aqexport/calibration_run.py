@@ -21,7 +21,7 @@ from aqexport.calibrate.engine import calibrate
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.recipe import CalibrationRecipe, make_recipe
 from aqexport.capture import CacheLayout, cache_layout
-from aqexport.config import BuildConfig, require_calibratable
+from aqexport.config import BuildConfig, CalibrationSpec, require_calibratable
 from aqexport.reference import torch_logits_of
 from aqexport.runtime import perplexity, split_windows
 from aqexport.sources import LoadedModel, load_model
@@ -31,6 +31,7 @@ __all__ = [
     "calibrate_loaded",
     "evaluation_windows",
     "plan_health",
+    "plan_identity",
     "recipe_from_config",
     "run_calibration",
     "torch_perplexity",
@@ -55,6 +56,18 @@ def recipe_from_config(config: BuildConfig) -> CalibrationRecipe:
     )
 
 
+def plan_identity(loaded: LoadedModel, spec: CalibrationSpec) -> dict[str, Any]:
+    """What a saved plan must have been made from to be resumed or lowered: the same weights,
+    the same calibration windows."""
+    return {
+        "source_sha256": loaded.source_sha256,
+        "architecture": loaded.architecture.model_type,
+        "samples": spec.samples,
+        "seqlen": spec.seqlen,
+        "data": str(Path(spec.data).resolve()),
+    }
+
+
 def calibrate_loaded(
     config: BuildConfig,
     loaded: LoadedModel,
@@ -67,14 +80,7 @@ def calibrate_loaded(
     spec = config.calibration
     recipe = recipe_from_config(config)
     windows = calibration_windows(loaded.tokenizer, spec.data, spec.samples, spec.seqlen, spec.seed)
-    identity = {
-        "source_sha256": loaded.source_sha256,
-        "architecture": loaded.architecture.model_type,
-        "samples": spec.samples,
-        "seqlen": spec.seqlen,
-        "data": str(spec.data),
-    }
-    plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), identity)
+    plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), plan_identity(loaded, spec))
     resumed = len(plan.blocks)
     start = time.perf_counter()
     calibrate(loaded.model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block)

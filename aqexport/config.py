@@ -221,12 +221,8 @@ def require_buildable(config: BuildConfig) -> None:
     if recipe in CALIBRATED_RECIPES:
         require_calibratable(config)
     if recipe not in IMPLEMENTED_RECIPES:
-        hint = (
-            " (run 'aqexport calibrate' for its plan and fake-quant perplexity)" if recipe in CALIBRATED_RECIPES else ""
-        )
         raise ConfigError(
-            f"quantization.recipe '{recipe}' cannot be lowered to ONNX in this version, so it is not available "
-            f"in this version of 'build'{hint}",
+            f"quantization.recipe '{recipe}' is not available in this version of 'build'",
             f"use one of: {', '.join(sorted(IMPLEMENTED_RECIPES))}",
         )
     if config.target.profile not in IMPLEMENTED_PROFILES:

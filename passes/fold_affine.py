@@ -13,7 +13,7 @@ Rewrite rules, per (block, norm) transform in the plan:
    ``w ← w / s``. Whatever the norm's formula, the constant is what multiplies the output.
 3. **Anything else** (a dense ``A``, a norm output shared with other consumers, a norm this pass
    does not recognise): explicit nodes ``Sub(x, δ)`` / ``Mul(x, 1/s)`` / ``MatMul(x, A⁻¹)`` named
-   ``/<block>/<norm>/AffineInverse/<Op>``, consumed by the group's linears only.
+   ``/<norm scope>/AffineInverse/<Op>``, consumed by the group's linears only.
 
 Folded values are new initializers (the exporter may share one constant between norms). Inverses
 are computed in float64 and stored in float32. Statistics: how many transforms went where.
@@ -122,7 +122,11 @@ class FoldAffinePass(ir.passes.InPlacePass):
 
     @staticmethod
     def _insert_explicit(graph, x, consumers, matrix: torch.Tensor, shift, prefix: str, norm: str) -> None:
-        base = "/" + prefix.replace(".", "/").replace("/layers/", "/layers.") + "/" + norm.replace(".", "/")
+        producer = x.producer()
+        if producer is not None and producer.name and producer.name.count("/") >= 2:
+            base = producer.name.rsplit("/", 1)[0]  # the norm's scope: /model/layers.0/input_layernorm
+        else:
+            base = f"/{prefix}/{norm.replace('.', '/')}"
         base = f"{base}/AffineInverse"
         nodes, value = [], x
         if shift is not None:

@@ -136,9 +136,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         final = site.output if site.node.op_type == "Gemm" or site.bias_node is None else site.node.outputs[0]
         name, final.name = final.name, None
         output.name = name
-        ir.convenience.replace_all_uses_with(final, output)
-        if final.is_graph_output():
-            graph.outputs[graph.outputs.index(final)] = output
+        final.replace_all_uses_with(output, replace_graph_outputs=True)
         graph.remove(site.node, safe=True)
         self.replaced += 1
 

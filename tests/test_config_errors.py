@@ -27,7 +27,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ({"quantization": {"recipe": "gptq"}, "output": {"dir": "out"}}, "quantization.recipe"),
         ({"target": {"opset": 17}, "output": {"dir": "out"}}, "target.opset"),
         ({"evaluation": {"text": "nope.txt"}, "output": {"dir": "out"}}, "evaluation.text: file"),
-        ({"quantization": {"recipe": "affinequant"}, "output": {"dir": "out"}}, "not available in this version"),
+        ({"quantization": {"recipe": "llm_int8"}, "output": {"dir": "out"}}, "not available in this version"),
+        ({"quantization": {"recipe": "affinequant"}, "output": {"dir": "out"}}, "missing key 'quantization.preset'"),
     ],
 )
 def test_config_errors_are_one_line_with_fix(tmp_path, capsys, sections, expected):

@@ -61,4 +61,3 @@ def test_per_token_activation_ranges():
     torch.testing.assert_close(out, x, atol=30 / 255, rtol=0)
     with pytest.raises(ValueError):
         QuantScheme(1)
-

@@ -1,0 +1,133 @@
+"""FoldAffinePass: each numbered rule on the smallest norm → two-linear graph, checked numerically.
+
+A fold is right when the graph, given the plan's transformed float weights ``W Aᵀ`` and biases
+``b + W δ``, computes what the untouched graph computed with ``W`` and ``b``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from aqexport.calibrate.quantizer import QuantScheme
+from aqexport.passes.fold_affine import FoldAffinePass
+from tests.passes._plans import float_input, initializer, linear_plan, model_of, one_block_plan, run
+
+H = 16
+RNG = np.random.default_rng(0)
+WEIGHTS = {name: RNG.standard_normal((8, H)).astype(np.float32) for name in ("fc1", "fc2")}
+BIASES = {name: RNG.standard_normal(8).astype(np.float32) for name in ("fc1", "fc2")}
+
+
+def _graph(norm: str, transformed: dict | None = None, extra_consumer: bool = False) -> ir.Model:
+    """x → norm → (fc1, fc2) → sum; ``transformed`` swaps in ``(weights, biases)`` after folding."""
+    weights, biases = transformed or (WEIGHTS, BIASES)
+    x = float_input("x", [1, 3, H])
+    gamma = initializer("layers.0.norm.weight", np.linspace(0.5, 2.0, H))
+    inits = [gamma]
+    if norm == "layer_norm":
+        beta = initializer("layers.0.norm.bias", np.linspace(-1, 1, H))
+        inits.append(beta)
+        norm_node = ir.node("LayerNormalization", [x, gamma, beta], {"axis": -1}, name="/layers.0/norm/LN")
+    else:  # RMSNorm as exported: x · rsqrt(mean(x²) + eps) · w
+        two = initializer("two", np.asarray(2.0))
+        eps = initializer("eps", np.asarray(1e-6))
+        axes = ir.Value(name="axes", const_value=ir.tensor(np.asarray([-1], np.int64), name="axes"))
+        inits += [two, eps, axes]
+        pow_ = ir.node("Pow", [x, two])
+        mean = ir.node("ReduceMean", [pow_.outputs[0], axes])
+        add = ir.node("Add", [mean.outputs[0], eps])
+        root = ir.node("Sqrt", [add.outputs[0]])
+        inv = ir.node("Reciprocal", [root.outputs[0]])
+        normed = ir.node("Mul", [x, inv.outputs[0]])
+        norm_node = ir.node("Mul", [normed.outputs[0], gamma], name="/layers.0/norm/Mul_1")
+        pre = [pow_, mean, add, root, inv, normed]
+    nodes = [] if norm == "layer_norm" else pre
+    nodes.append(norm_node)
+    h = norm_node.outputs[0]
+    outs = []
+    for name in ("fc1", "fc2"):
+        w = initializer(f"layers.0.{name}.weight", weights[name].T)
+        b = initializer(f"layers.0.{name}.bias", biases[name])
+        inits += [w, b]
+        mm = ir.node("MatMul", [h, w], name=f"/layers.0/{name}/MatMul")
+        ad = ir.node("Add", [mm.outputs[0], b], name=f"/layers.0/{name}/Add")
+        nodes += [mm, ad]
+        outs.append(ad.outputs[0])
+    total = ir.node("Add", outs)
+    nodes.append(total)
+    result = total.outputs[0]
+    if extra_consumer:  # the norm output also feeds something outside the group
+        nodes.append(ir.node("ReduceSum", [h], {"keepdims": 0}))
+        extra = ir.node("Add", [result, nodes[-1].outputs[0]])
+        nodes.append(extra)
+        result = extra.outputs[0]
+    result.name = "y"
+    return model_of(nodes, [x], [result], inits)
+
+
+def _plan(matrix: torch.Tensor, shift: torch.Tensor | None):
+    entries = {
+        name: linear_plan(
+            torch.from_numpy(WEIGHTS[name]) @ matrix.float().T,
+            QuantScheme(8, None),
+            input_transform="norm",
+            input_shift=None if shift is None else "norm",
+        )
+        for name in ("fc1", "fc2")
+    }
+    return one_block_plan(
+        entries, norm_transforms={"norm": matrix}, norm_shifts={} if shift is None else {"norm": shift}
+    )
+
+
+def _transformed(matrix: torch.Tensor, shift: torch.Tensor | None) -> tuple[dict, dict]:
+    a = matrix.double().numpy()
+    weights = {name: (WEIGHTS[name].astype(np.float64) @ a.T).astype(np.float32) for name in WEIGHTS}
+    biases = {
+        name: (BIASES[name] + (0 if shift is None else WEIGHTS[name].astype(np.float64) @ shift.numpy())).astype(
+            np.float32
+        )
+        for name in BIASES
+    }
+    return weights, biases
+
+
+def _check(norm: str, matrix: torch.Tensor, shift: torch.Tensor | None, extra_consumer: bool = False) -> FoldAffinePass:
+    x = RNG.standard_normal((1, 3, H)).astype(np.float32)
+    expected = run(_graph(norm, extra_consumer=extra_consumer), x=x)
+    folded = _graph(norm, _transformed(matrix, shift), extra_consumer=extra_consumer)
+    fold = FoldAffinePass(_plan(matrix, shift))
+    fold(folded)
+    np.testing.assert_allclose(run(folded, x=x), expected, rtol=1e-4, atol=1e-4)
+    return fold
+
+
+def _diagonal() -> torch.Tensor:
+    return torch.diag(torch.linspace(0.3, 3.0, H, dtype=torch.float64))
+
+
+def test_rule_1_diagonal_and_shift_fold_into_layer_norm():
+    fold = _check("layer_norm", _diagonal(), torch.linspace(-0.5, 0.5, H, dtype=torch.float64))
+    assert fold.placements == {"layer_norm": 1}
+
+
+def test_rule_2_diagonal_folds_into_the_rms_norm_weight():
+    fold = _check("rms_norm", _diagonal(), None)
+    assert fold.placements == {"norm_weight": 1}
+
+
+def test_rule_3_dense_transform_is_an_explicit_matmul():
+    torch.manual_seed(0)
+    dense = torch.eye(H, dtype=torch.float64) * 2 + 0.05 * torch.randn(H, H, dtype=torch.float64)
+    model = _graph("layer_norm", _transformed(dense, None))
+    FoldAffinePass(_plan(dense, None))(model)
+    assert "/layers.0/norm/AffineInverse/MatMul" in {node.name for node in model.graph}
+    fold = _check("layer_norm", dense, torch.linspace(-0.5, 0.5, H, dtype=torch.float64))
+    assert fold.placements == {"explicit_matmul": 1}
+
+
+def test_rule_3_shared_norm_output_is_not_folded_into_the_norm():
+    fold = _check("rms_norm", _diagonal(), None, extra_consumer=True)
+    assert fold.placements == {"explicit_mul": 1}

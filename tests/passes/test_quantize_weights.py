@@ -1,0 +1,94 @@
+"""QuantizeWeightsPass: MatMulNBits dequantizes to exactly the plan's weights, per numbered rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from aqexport.calibrate.quantizer import QuantScheme
+from aqexport.errors import AqexportError
+from aqexport.passes.quantize_weights import QuantizeWeightsPass
+from tests.passes._plans import float_input, initializer, linear_plan, model_of, one_block_plan, run
+
+
+def _matmul_graph(weight: torch.Tensor, bias: np.ndarray | None = None, gemm: bool = False):
+    out_features, in_features = weight.shape
+    x = float_input("x", ["batch", in_features] if gemm else ["batch", "seq", in_features])
+    w = initializer("layers.0.fc.weight", weight.numpy() if gemm else weight.T.numpy())
+    inits = [w]
+    if gemm:
+        inputs = [x, w]
+        if bias is not None:
+            b = initializer("shared.bias", bias)
+            inits.append(b)
+            inputs.append(b)
+        node = ir.node("Gemm", inputs, {"transB": 1}, name="/layers.0/fc/Gemm")
+        nodes = [node]
+    else:
+        node = ir.node("MatMul", [x, w], name="/layers.0/fc/MatMul")
+        nodes = [node]
+        if bias is not None:
+            b = initializer("shared.bias", bias)
+            inits.append(b)
+            nodes.append(ir.node("Add", [node.outputs[0], b], name="/layers.0/fc/Add"))
+    out = nodes[-1].outputs[0]
+    out.name = "y"
+    return model_of(nodes, [x], [out], inits)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        QuantScheme(4, 32),  # rule 3: K = 80 leaves a ragged last block of 16
+        QuantScheme(4, None),  # rule 3: per channel as repeated blocks of 128
+        QuantScheme(3, 16),  # rule 2: 3-bit codes in the 4-bit container
+        QuantScheme(8, 64),  # rule 2: 8-bit
+        QuantScheme(4, 32, symmetric=True),  # rule 2: signed codes offset by 8
+    ],
+)
+def test_rule_1_to_3_matmul_nbits_equals_dequantized_plan(scheme):
+    torch.manual_seed(0)
+    weight = torch.randn(24, 80)
+    entry = linear_plan(weight, scheme)
+    model = _matmul_graph(weight)
+    result = QuantizeWeightsPass(one_block_plan({"fc": entry}))(model)
+    assert result.modified
+    ops = [node.op_type for node in model.graph]
+    assert ops == ["MatMulNBits"] and "layers.0.fc.weight" not in {v.name for n in model.graph for v in n.inputs}
+    x = np.random.default_rng(0).standard_normal((2, 3, 80)).astype(np.float32)
+    expected = x @ entry.dequantize().numpy().T
+    np.testing.assert_allclose(run(model, x=x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rule_1_gemm_keeps_its_bias_as_add():
+    torch.manual_seed(1)
+    weight, bias = torch.randn(8, 32), np.arange(8, dtype=np.float32)
+    entry = linear_plan(weight, QuantScheme(4, 16))
+    model = _matmul_graph(weight, bias, gemm=True)
+    QuantizeWeightsPass(one_block_plan({"fc": entry}))(model)
+    assert [node.op_type for node in model.graph] == ["MatMulNBits", "Add"]
+    x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
+    np.testing.assert_allclose(run(model, x=x), x @ entry.dequantize().numpy().T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_rule_4_planned_bias_gets_its_own_initializer():
+    torch.manual_seed(2)
+    weight, shared = torch.randn(8, 32), np.ones(8, dtype=np.float32)
+    planned = torch.arange(8, dtype=torch.float64)
+    entry = linear_plan(weight, QuantScheme(4, 16), bias=planned)
+    model = _matmul_graph(weight, shared)
+    QuantizeWeightsPass(one_block_plan({"fc": entry}))(model)
+    assert "shared.bias" in model.graph.initializers  # left alone: another linear may share it
+    x = np.random.default_rng(2).standard_normal((1, 4, 32)).astype(np.float32)
+    expected = x @ entry.dequantize().numpy().T + planned.numpy()
+    np.testing.assert_allclose(run(model, x=x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_linear_and_bad_group_size_are_one_clear_error():
+    weight = torch.randn(8, 48)
+    with pytest.raises(AqexportError, match="layers.0.other"):
+        QuantizeWeightsPass(one_block_plan({"other": linear_plan(weight, QuantScheme(4, 16))}))(_matmul_graph(weight))
+    with pytest.raises(AqexportError, match="power of two"):
+        QuantizeWeightsPass(one_block_plan({"fc": linear_plan(weight, QuantScheme(4, 24))}))(_matmul_graph(weight))

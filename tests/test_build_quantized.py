@@ -1,0 +1,97 @@
+"""Quantized builds of the tiny families: ONNX Runtime runs the plan's arithmetic.
+
+Each build calibrates, lowers the plan (fold_affine, activation_quant, MatMulNBits) and verifies
+the artifact against the PyTorch fake-quant model of the same plan: logits, greedy tokens and
+perplexity must agree as closely as two float32 implementations of one computation do.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from aqexport.config import load_config
+from aqexport.pipeline import build
+from tests.conftest import read_report, tiny_build_config
+from tests.tiny_models import data_file
+
+CASES = [
+    ("llama", "affinequant", "w4a16g128", {}),
+    ("gemma3_text", "affinequant", "w3a16g128", {}),
+    ("opt", "affinequant", "w4a8", {}),  # LayerNorm with bias: shifts, Gemm fc1/fc2
+    ("qwen2", "omniquant", "w4a4", {}),  # q/k/v biases moved by the out and q·k transforms
+    ("llama", "smoothquant", "w8a8", {"activations": "static"}),  # static per-tensor QDQ
+    ("qwen2", "rtn", "w4a16", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def quantized_artifact(tiny_model_dir, tmp_path_factory):
+    built = {}
+
+    def get(kind, recipe, preset, extra):
+        key = (kind, recipe, preset)
+        if key not in built:
+            work = tmp_path_factory.mktemp(f"q-{kind}-{recipe}-{preset}")
+            config = tiny_build_config(
+                work,
+                tiny_model_dir(kind),
+                quantization={"recipe": recipe, "preset": preset, **extra},
+                calibration={"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
+            )
+            built[key] = build(load_config(config), work)
+        return built[key]
+
+    return get
+
+
+@pytest.mark.parametrize("kind, recipe, preset, extra", CASES)
+def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kind, recipe, preset, extra):
+    artifact = quantized_artifact(kind, recipe, preset, extra)
+    report = read_report(artifact)
+    verification = report["verification"]
+    for step in ("prefill", "decode_step"):
+        assert verification["logits_parity"][step]["max_rel"] <= 1e-4, verification["logits_parity"]
+        assert verification["logits_parity"][step]["top1_agreement"] == 1.0
+    assert verification["greedy"]["identical_to_pytorch"]
+    assert verification["perplexity"]["relative_difference"] <= 1e-4
+    calibration = report["calibration"]
+    assert calibration["fp_perplexity"] > 0
+    margin = calibration["min_dominance_margin"]
+    assert margin is None if recipe == "rtn" else margin > 0
+    model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+    ops = [node.op_type for node in model.graph.node]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    linears = manifest["quantization"]["linears"]
+    assert ops.count("MatMulNBits") == len(linears) > 0
+    weights = {init.name for init in model.graph.initializer}
+    assert not any(f"{path}.weight" in weights for path in linears)  # no planned float weight is left
+    if preset in ("w4a8", "w4a4"):
+        assert "ReduceMax" in ops and "simulation" in report["quantization"]["activations"]
+    if extra.get("activations") == "static":
+        assert "QuantizeLinear" in ops and all(info["activation"]["static"] for info in linears.values())
+
+
+def test_int4_artifact_is_smaller_than_fp32(quantized_artifact, tiny_artifact):
+    quantized = read_report(quantized_artifact("llama", "affinequant", "w4a16g128", {}))["model_bytes"]
+    assert quantized < read_report(tiny_artifact("llama"))["model_bytes"]
+
+
+def test_build_reuses_a_finished_plan(quantized_artifact, tiny_model_dir, tmp_path):
+    """A plan left by 'aqexport calibrate' (or an earlier build) is lowered without retraining."""
+    work = tmp_path
+    config = tiny_build_config(
+        work,
+        tiny_model_dir("llama"),
+        quantization={"recipe": "affinequant", "preset": "w4a16g128"},
+        calibration={"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
+    )
+    first = read_report(build(load_config(config), work))
+    again = read_report(build(load_config(config), work))
+    assert first["calibration"]["resumed_from_block"] == 0
+    assert again["calibration"]["resumed_from_block"] == 2
+    assert again["verification"]["perplexity"]["onnx"]["perplexity"] == pytest.approx(
+        first["verification"]["perplexity"]["onnx"]["perplexity"], rel=1e-9
+    )
