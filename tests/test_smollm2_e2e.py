@@ -101,3 +101,41 @@ def test_smollm2_chat_answers(smollm2_artifact):
     )
     assert result.exit_code == 0, result.output
     assert "Paris" in json.loads(result.stdout)["text"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4_artifact(tmp_path_factory):
+    """affinequant w4a16g128 with a deliberately small calibration (CI time): the lowering is
+    the same whatever the calibration budget; quality figures live in BENCHMARKS.md."""
+    work = tmp_path_factory.mktemp("smollm2-int4")
+    config = write_config(
+        work,
+        model={"source": "default"},
+        quantization={"recipe": "affinequant", "preset": "w4a16g128"},
+        calibration={"data": str(data_file("valid")), "samples": 2, "seqlen": 64, "epochs": 2},
+        evaluation={"text": str(data_file("test")), "seqlen": 512, "max_windows": 4, "generate_tokens": 32},
+        output={"dir": str(work / "artifact")},
+    )
+    result = CliRunner().invoke(cli, ["build", str(config)])
+    assert result.exit_code == 0, result.output
+    return work / "artifact"
+
+
+def test_smollm2_int4_artifact_runs_the_plan(smollm2_int4_artifact, smollm2_artifact):
+    report = read_report(smollm2_int4_artifact)
+    verification = report["verification"]
+    # ONNX Runtime's MatMulNBits against the PyTorch fake-quant model of the same plan.
+    assert verification["perplexity"]["relative_difference"] <= 1e-3
+    assert verification["logits_parity"]["prefill"]["top1_agreement"] >= 0.99
+    # The ragged last group (576 = 4.5 × 128) is lowered, and the artifact shrinks.
+    manifest = json.loads((smollm2_int4_artifact / "manifest.json").read_text())
+    assert len(manifest["quantization"]["linears"]) == 30 * 7
+    assert report["model_bytes"] < 0.6 * read_report(smollm2_artifact)["model_bytes"]
+    assert report["calibration"]["min_dominance_margin"] > 0
+    # onnxruntime-genai runs the quantized artifact unchanged and decodes what our runtime decodes.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_int4_artifact)
+    prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    theirs = genai_greedy(smollm2_int4_artifact, prompt, 32)
+    assert theirs and verification["greedy"]["token_ids"][: len(theirs)] == theirs
