@@ -64,11 +64,23 @@ def build(config: Path, output: Path | None) -> None:
     require_buildable(cfg)
     with console.status("starting") as status:
         out = run_build(
-            cfg, config.parent.resolve(), output, on_stage=lambda name: status.update(f"[bold]{name}[/bold]")
+            cfg,
+            config.parent.resolve(),
+            output,
+            on_stage=lambda name: status.update(f"[bold]{name}[/bold]"),
+            on_block=lambda done, total: status.update(f"[bold]calibrate[/bold]: block {done}/{total}"),
         )
     report = json.loads((out / "report.json").read_text())
     verification = report.get("verification", {})
     console.print(f"[green]built[/green] {out}  ({report['model_bytes'] / 2**20:.1f} MiB model)")
+    calibration = report.get("calibration")
+    if calibration:
+        console.print(
+            f"  {report['quantization']['recipe']} {report['quantization']['preset']}: plan {calibration['plan_dir']}"
+            f" ({calibration['calibration_seconds']:.0f} s, resumed at block {calibration['resumed_from_block']})"
+        )
+        if calibration.get("fp_perplexity"):
+            console.print(f"  perplexity (fp PyTorch): {calibration['fp_perplexity']:.4f}")
     parity = verification.get("logits_parity", {}).get("prefill", {})
     if parity:
         console.print(f"  logits max-abs vs PyTorch: {parity['max_abs']:.2e}")

@@ -53,6 +53,7 @@ class BuildContext:
     pass_stats: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    on_block: Callable[[int, int], None] = lambda done, total: None
 
 
 def load_stage(ctx: BuildContext) -> None:
@@ -73,7 +74,7 @@ def calibrate_stage(ctx: BuildContext) -> None:
         return
     windows = evaluation_windows(ctx.config, ctx.loaded.tokenizer)
     fp = torch_perplexity(ctx.loaded.model, windows)
-    ctx.plan, ctx.report["calibration"] = calibrate_loaded(ctx.config, ctx.loaded, ctx.layout)
+    ctx.plan, ctx.report["calibration"] = calibrate_loaded(ctx.config, ctx.loaded, ctx.layout, ctx.on_block)
     ctx.report["calibration"]["fp_perplexity"] = fp
 
 
@@ -192,12 +193,13 @@ def build(
     config_dir: Path,
     output_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda name: None,
+    on_block: Callable[[int, int], None] = lambda done, total: None,
 ) -> Path:
     """Run every stage; return the artifact directory (only created if all stages succeed)."""
     require_buildable(config)
     final = Path(output_dir) if output_dir is not None else config.output.dir
     with atomic_directory(final) as staging:
-        ctx = BuildContext(config=config, config_dir=config_dir, staging=staging)
+        ctx = BuildContext(config=config, config_dir=config_dir, staging=staging, on_block=on_block)
         for name, stage in STAGES:
             on_stage(name)
             start = time.perf_counter()
