@@ -32,6 +32,16 @@ def _single_consumer(value: ir.Value) -> ir.Node | None:
     return consumers[0] if len(consumers) == 1 else None
 
 
+def _plain_gemm(node: ir.Node) -> bool:
+    """``x · Wᵀ + C`` as the exporter writes a linear: no transposed input, unit alpha and beta."""
+
+    def attribute(name: str, default):
+        attr = node.attributes.get(name)
+        return default if attr is None else attr.value
+
+    return attribute("transA", 0) == 0 and attribute("alpha", 1.0) == 1.0 and attribute("beta", 1.0) == 1.0
+
+
 def find_linear(graph: ir.Graph, weight_name: str) -> LinearSite | None:
     weight = graph.initializers.get(weight_name)
     if weight is None:
@@ -40,6 +50,8 @@ def find_linear(graph: ir.Graph, weight_name: str) -> LinearSite | None:
     if len(uses) != 1:
         return None
     node = uses[0][0]
+    if node.op_type == "Gemm" and not _plain_gemm(node):
+        return None
     if node.op_type == "Gemm":
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
         return LinearSite(node, node.inputs[0], node.outputs[0], node if has_bias else None, 2 if has_bias else None)
