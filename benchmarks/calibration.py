@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default=",".join(TARGETS))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--init", default=None, help="override the recipe's init (a side row, key method/preset/init)")
     args = parser.parse_args()
     defaults = CalibrationSpec(data=DATA / "valid.txt")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -62,13 +63,13 @@ def main() -> None:
         results["fp"] = perplexity(torch_logits_of(model), windows).perplexity
     for preset in args.presets.split(","):
         for method in args.methods.split(","):
-            key = f"{method}/{preset}"
+            key = f"{method}/{preset}" + (f"/init={args.init}" if args.init else "")
             if key in results:
                 continue
             model.load_state_dict(fp_state)
-            recipe = make_recipe(method, preset, defaults.epochs, defaults.seed)
+            recipe = make_recipe(method, preset, defaults.epochs, defaults.seed, init=args.init)
             start = time.perf_counter()
-            plan_dir = PLANS / f"{method}-{preset}"
+            plan_dir = PLANS / key.replace("/", "-")
             if plan_dir.exists():
                 shutil.rmtree(plan_dir)  # this row is being re-measured: never resume a stale plan
             plan = QuantPlan.open(plan_dir, recipe.as_dict(), plan_identity(loaded, defaults))
@@ -81,6 +82,11 @@ def main() -> None:
             print(key, results[key], flush=True)
     fp = results["fp"]
     rows = [f"| fp32 | – | {fp:.4f} | 1.000 | – | – |"]
+    side = [
+        f"| {key} | {value['perplexity']:.4f} | {value['perplexity'] / fp:.3f} | {value['seconds']:.0f} s |"
+        for key, value in results.items()
+        if key.count("/") == 2
+    ]
     orders = []
     for preset in TARGETS:
         measured = {m: results[f"{m}/{preset}"] for m in METHODS if f"{m}/{preset}" in results}
@@ -113,6 +119,12 @@ linear's input per token (asymmetric, dynamic), not the attention matmuls' Q/K/V
 
 Ordering required by the issue (perplexity):
 {chr(10).join(orders)}
+
+Side rows (one knob changed against the defaults, `--init`):
+
+| method/preset/change | perplexity | ratio to fp | calibration time |
+|---|---|---|---|
+{chr(10).join(side)}
 """
     print(write_section("calibration", body))
 
