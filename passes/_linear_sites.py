@@ -64,11 +64,12 @@ def find_linear(graph: ir.Graph, weight_name: str) -> LinearSite | None:
     return LinearSite(node, node.inputs[0], output, None, None)
 
 
-def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` under ``name`` (made unique), never replacing an existing one."""
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """Register ``array`` under ``name`` (made unique), never replacing an existing one;
+    ``dtype`` for types numpy has no name for (``UINT4``)."""
     unique, k = name, 1
     while unique in graph.initializers:
         unique, k = f"{name}_{k}", k + 1
-    value = ir.Value(name=unique, const_value=ir.tensor(np.ascontiguousarray(array), name=unique))
+    value = ir.Value(name=unique, const_value=ir.tensor(np.ascontiguousarray(array), dtype=dtype, name=unique))
     graph.register_initializer(value)
     return value

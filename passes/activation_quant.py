@@ -69,7 +69,9 @@ class ActivationQuantPass(ir.passes.InPlacePass):
             if kind == ir.DataType.UINT8:
                 zero = new_initializer(graph, f"{path}.input_zero_point", np.asarray(int(entry.act_zero), np.uint8))
             else:
-                zero = self._uint4_scalar(graph, f"{path}.input_zero_point", int(entry.act_zero))
+                zero = new_initializer(
+                    graph, f"{path}.input_zero_point", np.asarray(int(entry.act_zero), np.uint8), ir.DataType.UINT4
+                )
             quantize = ir.node("QuantizeLinear", [x, scale, zero], name=f"{base}/QuantizeLinear")
             dequantize = ir.node(
                 "DequantizeLinear", [quantize.outputs[0], scale, zero], name=f"{base}/DequantizeLinear"
@@ -77,16 +79,6 @@ class ActivationQuantPass(ir.passes.InPlacePass):
             graph.insert_before(before, [quantize, dequantize])
             return dequantize.outputs[0]
         return self._float_subgraph(graph, before, x, entry, path, base)
-
-    @staticmethod
-    def _uint4_scalar(graph: ir.Graph, name: str, value: int) -> ir.Value:
-        unique, k = name, 1
-        while unique in graph.initializers:
-            unique, k = f"{name}_{k}", k + 1
-        tensor = ir.tensor(np.asarray(value, dtype=np.uint8), dtype=ir.DataType.UINT4, name=unique)
-        initializer = ir.Value(name=unique, const_value=tensor)
-        graph.register_initializer(initializer)
-        return initializer
 
     @staticmethod
     def _float_subgraph(graph, before, x, entry: LinearPlan, path: str, base: str) -> ir.Value:
