@@ -106,6 +106,12 @@ class QuantizationSpec(_Section):
     stability_factor: float | None = Field(None, gt=0.0, le=1.0)
     lr_transform: float | None = Field(None, gt=0.0)
     lr_lwc: float | None = Field(None, gt=0.0)
+    lm_head: Literal["float", "int8", "int4"] = Field(
+        "float", description="RTN of the LM head, groups of 128 (MatMulNBits)"
+    )
+    embedding: Literal["float", "int8", "int4"] = Field(
+        "float", description="RTN of the token embedding, groups of 128 (GatherBlockQuantized)"
+    )
 
 
 class TargetSpec(_Section):
@@ -113,6 +119,11 @@ class TargetSpec(_Section):
     providers: tuple[Provider, ...] = ("cpu",)
     opset: int = Field(21, ge=21, le=23)
     formats: tuple[Literal["onnx", "ort"], ...] = ("onnx",)
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0,
+        description="MatMulNBits accuracy_level: 4 lets ONNX Runtime quantize activations to int8 per "
+        "block for its integer kernels, which the plan was not calibrated for",
+    )
 
 
 class EvaluationSpec(_Section):
@@ -224,6 +235,12 @@ def require_buildable(config: BuildConfig) -> None:
         raise ConfigError(
             f"quantization.recipe '{recipe}' is not available in this version of 'build'",
             f"use one of: {', '.join(sorted(IMPLEMENTED_RECIPES))}",
+        )
+    quant = config.quantization
+    if recipe == "none" and (quant.lm_head != "float" or quant.embedding != "float"):
+        raise ConfigError(
+            "quantization.lm_head / embedding need a quantized build",
+            "set quantization.recipe (e.g. rtn) and preset, or keep them 'float'",
         )
     if config.target.profile not in IMPLEMENTED_PROFILES:
         raise ConfigError(

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from aqexport.calibrate.plan import QuantPlan
-from aqexport.passes import ActivationQuantPass, FoldAffinePass, QuantizeWeightsPass, StableNamesPass
+from aqexport.calibrate.plan import LinearPlan, QuantPlan
+from aqexport.passes import (
+    ActivationQuantPass,
+    FoldAffinePass,
+    QuantizeEmbeddingPass,
+    QuantizeWeightsPass,
+    StableNamesPass,
+)
 
 __all__ = ["fp_passes", "quantized_passes", "run_passes"]
 
@@ -37,15 +43,22 @@ def fp_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-def quantized_passes(plan: QuantPlan, accuracy_level: int = 0) -> list[ir.passes.PassBase]:
+def quantized_passes(
+    plan: QuantPlan,
+    lm_head: Mapping[str, LinearPlan] | None = None,
+    embedding: Mapping[str, LinearPlan] | None = None,
+    accuracy_level: int = 0,
+) -> list[ir.passes.PassBase]:
     """Passes that lower a QuantPlan: names first (the plan is keyed by module path), then the
     input side of every transform, activation quantizers, and the weights last (the first two
-    find linears by their float weights)."""
+    find linears by their float weights). ``lm_head`` / ``embedding``: the model's ends,
+    quantized outside the plan (``aqexport.calibrate.edges``)."""
     return [
         StableNamesPass(),
         FoldAffinePass(plan),
         ActivationQuantPass(plan),
-        QuantizeWeightsPass(plan, accuracy_level),
+        QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, accuracy_level),
+        QuantizeEmbeddingPass(embedding or {}),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.TopologicalSortPass(),

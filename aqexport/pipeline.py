@@ -27,7 +27,8 @@ from aqexport.artifact import (
     save_model,
     write_json,
 )
-from aqexport.calibrate.plan import QuantPlan
+from aqexport.calibrate.edges import quantize_embedding, quantize_lm_head
+from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, untie_lm_head
 from aqexport.config import BuildConfig, require_buildable
@@ -50,6 +51,8 @@ class BuildContext:
     layout: CacheLayout | None = None
     graph: ir.Model | None = None
     plan: QuantPlan | None = None
+    lm_head: dict[str, LinearPlan] = field(default_factory=dict)  # quantized outside the plan
+    embedding: dict[str, LinearPlan] = field(default_factory=dict)
     pass_stats: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -76,10 +79,16 @@ def calibrate_stage(ctx: BuildContext) -> None:
     fp = torch_perplexity(ctx.loaded.model, windows)
     ctx.plan, ctx.report["calibration"] = calibrate_loaded(ctx.config, ctx.loaded, ctx.layout, ctx.on_block)
     ctx.report["calibration"]["fp_perplexity"] = fp
+    quant = ctx.config.quantization
+    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head)
+    ctx.embedding = quantize_embedding(ctx.loaded.model, quant.embedding)
 
 
 def lower_stage(ctx: BuildContext) -> None:
-    passes = fp_passes() if ctx.plan is None else quantized_passes(ctx.plan)
+    if ctx.plan is None:
+        passes = fp_passes()
+    else:
+        passes = quantized_passes(ctx.plan, ctx.lm_head, ctx.embedding, ctx.config.target.accuracy_level)
     ctx.pass_stats = run_passes(ctx.graph, passes)
 
 
@@ -134,7 +143,7 @@ def finalize_stage(ctx: BuildContext) -> None:
             "architecture": loaded.architecture.model_type,
         },
         "io": {"inputs": ctx.layout.input_names(), "outputs": ctx.layout.output_names()},
-        "quantization": {**_quantization_summary(ctx), "linears": _linear_schemes(ctx.plan)},
+        "quantization": {**_quantization_summary(ctx), "linears": _linear_schemes(ctx)},
         "passes": ctx.pass_stats,
         "files": file_hashes(ctx.staging),
     }
@@ -143,7 +152,18 @@ def finalize_stage(ctx: BuildContext) -> None:
 
 def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
     quant = ctx.config.quantization
-    summary: dict[str, Any] = {"recipe": quant.recipe, "preset": quant.preset}
+    summary: dict[str, Any] = {
+        "recipe": quant.recipe,
+        "preset": quant.preset,
+        "lm_head": quant.lm_head,
+        "embedding": quant.embedding,
+        "accuracy_level": ctx.config.target.accuracy_level,
+    }
+    if ctx.config.target.accuracy_level == 4:
+        summary["accuracy_level_note"] = (
+            "MatMulNBits quantizes its input to int8 per block at run time: the artifact departs "
+            "from the calibrated plan by that rounding"
+        )
     if ctx.plan is not None and any(
         e.activation is not None for b in ctx.plan.blocks.values() for e in b.linears.values()
     ):
@@ -156,23 +176,26 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
     return summary
 
 
-def _linear_schemes(plan: QuantPlan | None) -> dict[str, Any]:
-    if plan is None:
+def _scheme(scheme) -> dict[str, Any]:
+    return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric}
+
+
+def _linear_schemes(ctx: BuildContext) -> dict[str, Any]:
+    if ctx.plan is None:
         return {}
-    schemes = {}
-    for index, block in sorted(plan.blocks.items()):
-        for name, entry in block.linears.items():
-            schemes[f"{plan.blocks_path}.{index}.{name}"] = {
-                "weight": {
-                    "bits": entry.scheme.bits,
-                    "group_size": entry.scheme.group_size,
-                    "symmetric": entry.scheme.symmetric,
-                },
-                "activation": None
-                if entry.activation is None
-                else {"bits": entry.activation.bits, "static": entry.act_scale is not None},
-                "input_transform": entry.input_transform,
-            }
+    schemes = {
+        path: {
+            "weight": _scheme(entry.scheme),
+            "activation": None
+            if entry.activation is None
+            else {"bits": entry.activation.bits, "static": entry.act_scale is not None},
+            "input_transform": entry.input_transform,
+        }
+        for path, entry in ctx.plan.linears().items()
+    }
+    for role, entries in (("lm_head", ctx.lm_head), ("embedding", ctx.embedding)):
+        for path, entry in entries.items():
+            schemes[path] = {"weight": _scheme(entry.scheme), "activation": None, "role": role}
     return schemes
 
 

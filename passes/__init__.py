@@ -2,7 +2,8 @@
 
 from aqexport.passes.activation_quant import ActivationQuantPass
 from aqexport.passes.fold_affine import FoldAffinePass
+from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
 from aqexport.passes.stable_names import StableNamesPass
 
-__all__ = ["ActivationQuantPass", "FoldAffinePass", "QuantizeWeightsPass", "StableNamesPass"]
+__all__ = ["ActivationQuantPass", "FoldAffinePass", "QuantizeEmbeddingPass", "QuantizeWeightsPass", "StableNamesPass"]

@@ -1,5 +1,9 @@
 """Replace every planned linear's float weight with ``com.microsoft.MatMulNBits``.
 
+The pass takes linears by module path (``QuantPlan.linears()`` plus, where configured, the LM
+head from ``aqexport.calibrate.edges``), not the plan itself, because the head is quantized
+outside the plan and lowers the same way.
+
 The codes, scales and zero points come from the QuantPlan as they are: nothing is recomputed, so
 the graph dequantizes to exactly the weights the PyTorch fake-quant model used
 (``(q − z)·Δ``, checked in tests against ``LinearPlan.dequantize``).
@@ -26,13 +30,15 @@ found, otherwise the pass raises naming it. Postcondition: no planned float weig
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from aqexport.calibrate.plan import LinearPlan, QuantPlan
+from aqexport.calibrate.plan import LinearPlan
 from aqexport.errors import AqexportError
 from aqexport.passes._linear_sites import LinearSite, find_linear, new_initializer
+from aqexport.passes._packing import pack_nibbles
 
 __all__ = ["QuantizeWeightsPass", "pack_matmul_nbits"]
 
@@ -72,11 +78,7 @@ def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, n
     padded[:, :k] = codes
     padded = padded.astype(np.uint8)
     if bits == 4:
-        packed = (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
-        zero_u8 = zero.astype(np.uint8)
-        if blocks % 2:
-            zero_u8 = np.concatenate([zero_u8, np.zeros((n, 1), np.uint8)], axis=1)
-        zero_points = (zero_u8[:, 0::2] | (zero_u8[:, 1::2] << 4)).astype(np.uint8)
+        packed, zero_points = pack_nibbles(padded), pack_nibbles(zero)
     else:
         packed, zero_points = padded, zero.astype(np.uint8)
     blob = block_size * bits // 8
@@ -84,24 +86,22 @@ def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, n
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    def __init__(self, plan: QuantPlan, accuracy_level: int = 0) -> None:
+    def __init__(self, linears: Mapping[str, LinearPlan], accuracy_level: int = 0) -> None:
         super().__init__()
-        self.plan = plan
+        self.linears = dict(linears)
         self.accuracy_level = accuracy_level
         self.replaced = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        for index, block in sorted(self.plan.blocks.items()):
-            for name, entry in block.linears.items():
-                path = f"{self.plan.blocks_path}.{index}.{name}"
-                site = find_linear(graph, f"{path}.weight")
-                if site is None:
-                    raise AqexportError(
-                        f"the planned linear '{path}' is not a MatMul/Gemm on '{path}.weight' in the graph",
-                        "run StableNamesPass first, and lower a plan made for this model",
-                    )
-                self._replace(graph, path, entry, site)
+        for path, entry in self.linears.items():
+            site = find_linear(graph, f"{path}.weight")
+            if site is None:
+                raise AqexportError(
+                    f"the planned linear '{path}' is not a MatMul/Gemm on '{path}.weight' in the graph",
+                    "run StableNamesPass first, and lower a plan made for this model",
+                )
+            self._replace(graph, path, entry, site)
         if self.replaced and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
         logger.info("quantize_weights: %d linears to MatMulNBits", self.replaced)
@@ -136,6 +136,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         final = site.output if site.node.op_type == "Gemm" or site.bias_node is None else site.node.outputs[0]
         name, final.name = final.name, None
         output.name = name
+        output.type, output.shape = final.type, final.shape  # it may be a graph output (the LM head)
         final.replace_all_uses_with(output, replace_graph_outputs=True)
         graph.remove(site.node, safe=True)
         self.replaced += 1

@@ -184,6 +184,14 @@ class QuantPlan:
     blocks_path: str = ""
     blocks: dict[int, BlockPlan] = field(default_factory=dict)
 
+    def linears(self) -> dict[str, LinearPlan]:
+        """Every planned linear by its full module path (``model.layers.3.mlp.up_proj``)."""
+        return {
+            f"{self.blocks_path}.{index}.{name}": entry
+            for index, block in sorted(self.blocks.items())
+            for name, entry in block.linears.items()
+        }
+
     def add_block(self, block: BlockPlan) -> None:
         self.blocks[block.index] = block
         if self.directory is not None:

@@ -53,7 +53,7 @@ def test_rule_1_to_3_matmul_nbits_equals_dequantized_plan(scheme):
     weight = torch.randn(24, 80)
     entry = linear_plan(weight, scheme)
     model = _matmul_graph(weight)
-    result = QuantizeWeightsPass(one_block_plan({"fc": entry}))(model)
+    result = QuantizeWeightsPass(one_block_plan({"fc": entry}).linears())(model)
     assert result.modified
     ops = [node.op_type for node in model.graph]
     assert ops == ["MatMulNBits"] and "layers.0.fc.weight" not in {v.name for n in model.graph for v in n.inputs}
@@ -67,7 +67,7 @@ def test_rule_1_gemm_keeps_its_bias_as_add():
     weight, bias = torch.randn(8, 32), np.arange(8, dtype=np.float32)
     entry = linear_plan(weight, QuantScheme(4, 16))
     model = _matmul_graph(weight, bias, gemm=True)
-    QuantizeWeightsPass(one_block_plan({"fc": entry}))(model)
+    QuantizeWeightsPass(one_block_plan({"fc": entry}).linears())(model)
     assert [node.op_type for node in model.graph] == ["MatMulNBits", "Add"]
     x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
     np.testing.assert_allclose(run(model, x=x), x @ entry.dequantize().numpy().T + bias, rtol=1e-5, atol=1e-5)
@@ -79,7 +79,7 @@ def test_rule_4_planned_bias_gets_its_own_initializer():
     planned = torch.arange(8, dtype=torch.float64)
     entry = linear_plan(weight, QuantScheme(4, 16), bias=planned)
     model = _matmul_graph(weight, shared)
-    QuantizeWeightsPass(one_block_plan({"fc": entry}))(model)
+    QuantizeWeightsPass(one_block_plan({"fc": entry}).linears())(model)
     assert "shared.bias" in model.graph.initializers  # left alone: another linear may share it
     x = np.random.default_rng(2).standard_normal((1, 4, 32)).astype(np.float32)
     expected = x @ entry.dequantize().numpy().T + planned.numpy()
@@ -89,6 +89,6 @@ def test_rule_4_planned_bias_gets_its_own_initializer():
 def test_missing_linear_and_bad_group_size_are_one_clear_error():
     weight = torch.randn(8, 48)
     with pytest.raises(AqexportError, match="layers.0.other"):
-        QuantizeWeightsPass(one_block_plan({"other": linear_plan(weight, QuantScheme(4, 16))}))(_matmul_graph(weight))
+        QuantizeWeightsPass(one_block_plan({"other": linear_plan(weight, QuantScheme(4, 16))}).linears())(_matmul_graph(weight))
     with pytest.raises(AqexportError, match="power of two"):
-        QuantizeWeightsPass(one_block_plan({"fc": linear_plan(weight, QuantScheme(4, 24))}))(_matmul_graph(weight))
+        QuantizeWeightsPass(one_block_plan({"fc": linear_plan(weight, QuantScheme(4, 24))}).linears())(_matmul_graph(weight))

@@ -1,0 +1,104 @@
+"""Replace a float embedding lookup with ``com.microsoft.GatherBlockQuantized``.
+
+The kernel dequantizes only the gathered rows, so a 4-bit table costs an eighth of the bytes
+and nothing per token beyond the rows read; the portable alternative,
+``DequantizeLinear → Gather``, would dequantize all 49152 rows on every step.
+
+Rewrite rules, per embedding (weight found by its stable name ``<path>.weight``):
+
+1. Every ``Gather(W, ids, axis=0)`` becomes
+   ``GatherBlockQuantized(codes, ids, scales, zero_points)`` with ``gather_axis = 0``,
+   ``quantize_axis = 1`` (the hidden axis the codes were grouped along), the plan's group size
+   as ``block_size`` and 4 or 8 ``bits`` (uint8 storage, two codes per byte at 4 bits). A ragged
+   last block is accepted by the kernel as is.
+2. Codes, scales and zero points are the plan's (``aqexport.calibrate.edges``): the rows it
+   returns are exactly the fake-quant model's embedding rows.
+
+Precondition: ``StableNamesPass`` ran; the weight is used only by such Gathers (the LM head was
+untied). Postcondition: the float table is no longer used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from aqexport.calibrate.plan import LinearPlan
+from aqexport.errors import AqexportError
+from aqexport.passes._linear_sites import new_initializer
+from aqexport.passes._packing import pack_nibbles
+
+__all__ = ["QuantizeEmbeddingPass"]
+
+logger = logging.getLogger(__name__)
+
+
+def _gather_axis(node: ir.Node) -> int:
+    attribute = node.attributes.get("axis")
+    return 0 if attribute is None else attribute.value
+
+
+def _pack(entry: LinearPlan, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    scheme = entry.scheme
+    if scheme.symmetric or scheme.group_size is None or scheme.bits not in (4, 8):
+        raise AqexportError(
+            f"the embedding '{path}' is planned as {scheme}; GatherBlockQuantized takes asymmetric 4/8-bit groups",
+            "quantize the embedding with quantization.embedding: int4 or int8",
+        )
+    codes, zero = entry.codes.numpy(), entry.zero.numpy().astype(np.uint8)
+    if scheme.bits == 4:
+        if codes.shape[1] % 2:
+            raise AqexportError(f"the embedding '{path}' has an odd hidden size", "keep it in float")
+        return pack_nibbles(codes), entry.scale.float().numpy(), pack_nibbles(zero), 4
+    return codes.astype(np.uint8), entry.scale.float().numpy(), zero, 8
+
+
+class QuantizeEmbeddingPass(ir.passes.InPlacePass):
+    def __init__(self, embeddings: Mapping[str, LinearPlan]) -> None:
+        super().__init__()
+        self.embeddings = dict(embeddings)
+        self.replaced = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for path, entry in self.embeddings.items():
+            weight = graph.initializers.get(f"{path}.weight")
+            uses = [] if weight is None else list(weight.uses())
+            gathers = [node for node, index in uses if node.op_type == "Gather" and index == 0]
+            if not gathers or len(gathers) != len(uses) or any(_gather_axis(node) != 0 for node in gathers):
+                raise AqexportError(
+                    f"'{path}.weight' is not used only as a Gather table in the graph",
+                    "run StableNamesPass first and untie the LM head from the embedding",
+                )
+            self._replace(graph, path, entry, gathers)
+        if self.replaced and "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
+        logger.info("quantize_embedding: %d lookups to GatherBlockQuantized", self.replaced)
+        return ir.passes.PassResult(model, modified=self.replaced > 0)
+
+    def _replace(self, graph: ir.Graph, path: str, entry: LinearPlan, gathers: list[ir.Node]) -> None:
+        data, scales, zero_points, bits = _pack(entry, path)
+        inputs = [
+            new_initializer(graph, f"{path}.weight_Q{bits}", data),
+            None,
+            new_initializer(graph, f"{path}.weight_scales", scales),
+            new_initializer(graph, f"{path}.weight_zero_points", zero_points),
+        ]
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": entry.scheme.group_size, "bits": bits}
+        for gather in gathers:
+            inputs[1] = gather.inputs[1]
+            base = gather.name.rsplit("/", 1)[0]
+            node = ir.node(
+                "GatherBlockQuantized", list(inputs), attributes, domain="com.microsoft", name=f"{base}/GatherBlockQuantized"
+            )
+            graph.insert_before(gather, [node])
+            output = gather.outputs[0]
+            name, output.name = output.name, None
+            node.outputs[0].name = name
+            node.outputs[0].type, node.outputs[0].shape = output.type, output.shape
+            output.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+            graph.remove(gather, safe=True)
+            self.replaced += 1

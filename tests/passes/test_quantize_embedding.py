@@ -1,0 +1,43 @@
+"""QuantizeEmbeddingPass: GatherBlockQuantized returns exactly the plan's dequantized rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from aqexport.calibrate.edges import EDGE_SCHEMES
+from aqexport.errors import AqexportError
+from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
+from tests.passes._plans import initializer, linear_plan, model_of, run
+
+
+def _gather_graph(table: torch.Tensor, also_matmul: bool = False) -> ir.Model:
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "seq"]))
+    weight = initializer("embed.weight", table.numpy())
+    gather = ir.node("Gather", [weight, ids], {"axis": 0}, name="/embed/Gather")
+    nodes = [gather]
+    if also_matmul:  # a tied LM head reading the same table
+        nodes.append(ir.node("MatMul", [gather.outputs[0], weight], name="/head/MatMul"))
+    out = nodes[-1].outputs[0]
+    out.name = "y"
+    return model_of(nodes, [ids], [out], [weight])
+
+
+@pytest.mark.parametrize("fmt, hidden", [("int4", 320), ("int4", 200), ("int8", 200)])  # 200: ragged last block
+def test_rule_1_2_rows_equal_the_dequantized_plan(fmt, hidden):
+    torch.manual_seed(0)
+    table = torch.randn(64, hidden)
+    entry = linear_plan(table, EDGE_SCHEMES[fmt])
+    model = _gather_graph(table)
+    assert QuantizeEmbeddingPass({"embed": entry})(model).modified
+    assert [node.op_type for node in model.graph] == ["GatherBlockQuantized"]
+    ids = np.array([[0, 5, 63, 5]], dtype=np.int64)
+    np.testing.assert_array_equal(run(model, ids=ids), entry.dequantize().numpy()[ids])
+
+
+def test_table_shared_with_a_matmul_is_refused():
+    table = torch.randn(16, 16)
+    with pytest.raises(AqexportError, match="untie"):
+        QuantizeEmbeddingPass({"embed": linear_plan(table, EDGE_SCHEMES["int4"])})(_gather_graph(table, True))
