@@ -53,6 +53,9 @@ def recipe_from_config(config: BuildConfig) -> CalibrationRecipe:
         stability_factor=quant.stability_factor,
         lr_transform=quant.lr_transform,
         lr_lwc=quant.lr_lwc,
+        outlier_threshold=quant.outlier_threshold,
+        outlier_split=quant.outlier_split,
+        outlier_layers=quant.outlier_layers,
     )
 
 

@@ -41,7 +41,7 @@ Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
 #: Recipes this version can lower into an artifact (``build``) and calibrate (``calibrate``). The
 #: schema names all of them so configs written for later versions validate; the commands refuse
 #: the rest with one line instead of a half-built artifact.
-CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "smoothquant", "omniquant", "affinequant"})
+CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"})
 IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"}) | CALIBRATED_RECIPES
 IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu"})
 IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx"})
@@ -106,6 +106,13 @@ class QuantizationSpec(_Section):
     stability_factor: float | None = Field(None, gt=0.0, le=1.0)
     lr_transform: float | None = Field(None, gt=0.0)
     lr_lwc: float | None = Field(None, gt=0.0)
+    outlier_threshold: float | None = Field(None, gt=0.0, description="llm_int8: τ, 6.0 by default")
+    outlier_split: Literal["dynamic", "static"] | None = Field(
+        None, description="llm_int8: outlier channels chosen per call at run time, or fixed from calibration"
+    )
+    outlier_layers: dict[str, Literal["dynamic", "static"]] = Field(
+        default_factory=dict, description="llm_int8: module-path glob -> split mode, overriding outlier_split"
+    )
     lm_head: Literal["float", "int8", "int4"] = Field(
         "float", description="RTN of the LM head, groups of 128 (MatMulNBits)"
     )
@@ -221,7 +228,7 @@ def require_calibratable(config: BuildConfig) -> None:
             f"quantization.recipe '{recipe}' cannot be calibrated in this version",
             f"use one of: {', '.join(sorted(CALIBRATED_RECIPES))}",
         )
-    if config.quantization.preset is None:
+    if config.quantization.preset is None and recipe != "llm_int8":
         raise ConfigError("missing key 'quantization.preset'", "add e.g. 'preset: w4a16g128'")
     if config.calibration.data is None:
         raise ConfigError("missing key 'calibration.data'", "point it at the calibration text (WikiText-2 valid)")

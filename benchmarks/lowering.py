@@ -1,12 +1,13 @@
 """Lowered SmolLM2-135M-Instruct artifacts: ONNX Runtime against the PyTorch fake-quant model.
 
-For each preset, builds the packaged SmolLM2 with ``affinequant`` and verifies the artifact
-(WikiText-2 test, seqlen 512, first 40 windows, both sides on the same windows). Plans left by
+Each variant is one ``aqexport build`` of the packaged SmolLM2, verified on WikiText-2 test
+(seqlen 512, first 40 windows, both sides on the same windows). Plans left by
 ``benchmarks/calibration.py`` in ``benchmarks/out/plans`` are lowered as they are (the build
-finds them finished); a preset without one is calibrated by the build with the config defaults.
-Writes per-preset perplexities, size, build time and per-pass node counts and time.
+finds them finished); a variant without one is calibrated by the build with the config
+defaults. The fp32 build is one of the variants, so size ratios come from the same run.
+Writes per-variant perplexities, size, build time and per-pass node counts and time.
 
-    python benchmarks/lowering.py [--presets w4a16g128,w8a8,w4a8,w4a4]
+    python benchmarks/lowering.py [--variants fp32,w4a16g128,llm_int8,...]
 """
 
 from __future__ import annotations
@@ -36,29 +37,54 @@ RESULTS = OUT / "lowering.json"
 FP32_REPORT = ROOT / "build" / "smollm2-fp32" / "report.json"  # from benchmarks/skeleton.py, if built
 
 
+#: name -> quantization section (plans are shared by variants that differ only in lowering).
+VARIANTS: dict[str, dict] = {
+    "fp32": {"recipe": "none"},
+    "w4a16g128": {"recipe": "affinequant", "preset": "w4a16g128"},
+    "w4a16g128-head8-emb4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8", "embedding": "int4"},
+    "w4a16g128-head4-emb4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int4", "embedding": "int4"},
+    "w8a8": {"recipe": "affinequant", "preset": "w8a8"},
+    "w4a8": {"recipe": "affinequant", "preset": "w4a8"},
+    "w4a4": {"recipe": "affinequant", "preset": "w4a4"},
+    "llm_int8": {"recipe": "llm_int8"},
+    "llm_int8-static": {"recipe": "llm_int8", "outlier_split": "static"},
+}
+
+
+def plan_name(quantization: dict) -> str:
+    split = quantization.get("outlier_split")
+    return "-".join(str(v) for v in (quantization["recipe"], quantization.get("preset"), split) if v)
+
+
 def build_preset(preset: str, work: Path) -> dict:
+    quantization = VARIANTS[preset]
     config = {
         "model": {"source": "default"},
-        "quantization": {"recipe": "affinequant", "preset": preset},
-        "calibration": {"data": str(DATA / "valid.txt"), "plan_dir": str(OUT / "plans" / f"affinequant-{preset}")},
+        "quantization": quantization,
         "evaluation": {"text": str(DATA / "test.txt"), "seqlen": 512, "max_windows": 40, "generate_tokens": 32},
         "output": {"dir": str(work / preset)},
     }
+    if quantization["recipe"] != "none":
+        config["calibration"] = {
+            "data": str(DATA / "valid.txt"),
+            "plan_dir": str(OUT / "plans" / plan_name(quantization)),
+        }
     path = work / f"{preset}.yaml"
     path.write_text(yaml.safe_dump(config))
     artifact = build(load_config(path), work)
     report = json.loads((artifact / "report.json").read_text())
     manifest = json.loads((artifact / "manifest.json").read_text())
     verification = report["verification"]
+    calibration = report.get("calibration", {})
     return {
         "onnx_perplexity": verification["perplexity"]["onnx"]["perplexity"],
         "fake_quant_perplexity": verification["perplexity"]["pytorch"]["perplexity"],
         "relative_difference": verification["perplexity"]["relative_difference"],
-        "fp_perplexity": report["calibration"]["fp_perplexity"],
+        "fp_perplexity": calibration.get("fp_perplexity", verification["perplexity"]["pytorch"]["perplexity"]),
         "greedy_identical": verification["greedy"]["identical_to_pytorch"],
         "prefill_max_rel": verification["logits_parity"]["prefill"]["max_rel"],
         "model_bytes": report["model_bytes"],
-        "resumed_from_block": report["calibration"]["resumed_from_block"],
+        "resumed_from_block": calibration.get("resumed_from_block"),
         "timings": report["timings"],
         "passes": manifest["passes"],
         "activations": report["quantization"].get("activations"),
@@ -67,17 +93,18 @@ def build_preset(preset: str, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--presets", default="w4a16g128,w8a8,w4a8,w4a4")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rerun", action="store_true", help="rebuild variants already in benchmarks/out/lowering.json")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
-        for preset in args.presets.split(","):
-            if preset in results:
+        for preset in args.variants.split(","):
+            if preset in results and not args.rerun:
                 continue
             results[preset] = build_preset(preset, Path(tmp))
             RESULTS.write_text(json.dumps(results, indent=1))
             print(preset, {k: v for k, v in results[preset].items() if k != "passes"}, flush=True)
-    fp32_bytes = json.loads(FP32_REPORT.read_text())["model_bytes"] if FP32_REPORT.exists() else None
+    fp32_bytes = results["fp32"]["model_bytes"] if "fp32" in results else None
     rows, pass_rows = [], []
     for preset, r in results.items():
         size = r["model_bytes"] / 2**20
@@ -91,29 +118,27 @@ def main() -> None:
             pass_rows.append(
                 f"| {preset} | {p['pass']} | {p['nodes_before']} | {p['nodes_after']} | {p['seconds']:.2f} s |"
             )
-    fp32_note = (
-        f"fp32 artifact for the size ratio: {fp32_bytes / 2**20:.1f} MiB (`benchmarks/skeleton.py`)."
-        if fp32_bytes
-        else "No fp32 artifact was built in this checkout: run `python benchmarks/skeleton.py` for the size ratio."
-    )
+    fp32_note = "" if fp32_bytes else "No fp32 variant in this run, so no size ratio."
     body = f"""
-## Lowering: SmolLM2-135M-Instruct affinequant artifacts under ONNX Runtime
+## Lowering: SmolLM2-135M-Instruct artifacts under ONNX Runtime
 
 Each row is one `aqexport build` (plans from `benchmarks/calibration.py` where present), verified
 on WikiText-2 test, seqlen 512, first 40 windows: fp PyTorch, the PyTorch fake-quant model of the
-plan, and the ONNX artifact on the ONNX Runtime CPU EP. Weights are `MatMulNBits` (4-bit; 8-bit
-for w8a8); activation presets quantize per token with an explicit float subgraph (simulation:
-no ORT kernel runs per-token asymmetric integer activations). LM head and embedding stay fp32.
-{fp32_note} Machine: {machine()}. Measured {date.today()} at commit {commit_id()} with
+plan (for fp32: the exported PyTorch model), and the ONNX artifact on the ONNX Runtime CPU EP.
+Weights are `MatMulNBits` (4-bit; 8-bit for w8a8 and llm_int8); activation presets quantize per
+token with an explicit float subgraph (simulation: no ORT kernel runs per-token integer
+activations). `headN-embM`: LM head as N-bit MatMulNBits and embedding as M-bit
+GatherBlockQuantized (RTN, groups of 128); otherwise both stay fp32. `llm_int8`: τ = 6, dynamic
+(bitsandbytes) or static (outlier set from calibration) split. {fp32_note} Machine: {machine()}. Measured {date.today()} at commit {commit_id()} with
 `python benchmarks/lowering.py`.
 
-| preset | fp ppl | fake-quant ppl | ORT ppl | ORT vs fake-quant | greedy same | size | lowering |
+| variant | fp ppl | fake-quant ppl | ORT ppl | ORT vs fake-quant | greedy same | size | lowering |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Per pass (node counts before → after, time):
 
-| preset | pass | nodes before | nodes after | time |
+| variant | pass | nodes before | nodes after | time |
 |---|---|---|---|---|
 {chr(10).join(pass_rows)}
 """

@@ -12,7 +12,11 @@ Rewrite rules, per linear whose plan entry quantizes activations:
 2. **Static per tensor**, 8- or 4-bit: ``QuantizeLinear → DequantizeLinear`` with the plan's
    calibrated scale and zero point (``uint8`` / ``uint4``): the QDQ form NPU and mobile EPs fuse
    into integer kernels. Other widths use the float subgraph of rule 1 with the constants.
-3. Linears sharing one input (q, k, v) share one quantizer.
+3. **LLM.int8 outlier split** (``aqexport.calibrate.outliers``): a boolean channel mask ``m``,
+   a constant for a static split, ``ReduceMax(|x|) ≥ τ`` over every token of the call for a
+   dynamic one; then ``x̂ = Where(m, x, Q(Where(m, 0, x)))`` with ``Q`` the per-token subgraph of
+   rule 1 (symmetric int8). A static split's float columns are added by ``QuantizeWeightsPass``.
+4. Linears sharing one input (q, k, v) and one quantizer configuration share one quantizer.
 
 Precondition: runs after ``FoldAffinePass`` (the input is already ``(x − δ) A⁻¹``) and before
 ``QuantizeWeightsPass`` (linears are found by their float weights).
@@ -46,16 +50,15 @@ class ActivationQuantPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        done: dict[int, ir.Value] = {}
-        for index, block in sorted(self.plan.blocks.items()):
-            for name, entry in block.linears.items():
-                if entry.activation is None:
-                    continue
-                path = f"{self.plan.blocks_path}.{index}.{name}"
-                site = find_linear(graph, f"{path}.weight")
-                if id(site.input) not in done:
-                    done[id(site.input)] = self._quantizer(graph, site.node, site.input, entry, path)
-                site.node.replace_input_with(0, done[id(site.input)])
+        done: dict[tuple, ir.Value] = {}
+        for path, entry in self.plan.linears().items():
+            if entry.activation is None:
+                continue
+            site = find_linear(graph, f"{path}.weight")
+            key = (id(site.input), *_quantizer_key(entry))
+            if key not in done:
+                done[key] = self._quantizer(graph, site.node, site.input, entry, path)
+            site.node.replace_input_with(0, done[key])
         logger.info("activation_quant: %d quantizers", self.inserted)
         return ir.passes.PassResult(model, modified=self.inserted > 0)
 
@@ -63,6 +66,8 @@ class ActivationQuantPass(ir.passes.InPlacePass):
         base = before.name.rsplit("/", 1)[0] + "/ActivationQuant"
         scheme = entry.activation
         self.inserted += 1
+        if entry.outlier is not None:
+            return self._outlier_split(graph, before, x, entry, path, base + "/OutlierSplit")
         if entry.act_scale is not None and scheme.bits in (4, 8) and not scheme.symmetric:
             kind = ir.DataType.UINT8 if scheme.bits == 8 else ir.DataType.UINT4
             scale = _scalar(graph, f"{path}.input_scale", float(entry.act_scale))
@@ -79,6 +84,31 @@ class ActivationQuantPass(ir.passes.InPlacePass):
             graph.insert_before(before, [quantize, dequantize])
             return dequantize.outputs[0]
         return self._float_subgraph(graph, before, x, entry, path, base)
+
+    def _outlier_split(self, graph, before, x, entry: LinearPlan, path: str, base: str) -> ir.Value:
+        split, width = entry.outlier, entry.codes.shape[1]
+        zero = _scalar(graph, f"{path}.input_outlier_zero", 0.0)
+        nodes: list[ir.Node] = []
+
+        def op(op_type, *inputs, **attributes):
+            nodes.append(ir.node(op_type, list(inputs), attributes, name=f"{base}/{op_type}_{len(nodes)}"))
+            return nodes[-1].outputs[0]
+
+        if split.mode == "static":
+            mask_array = np.zeros(width, dtype=np.bool_)
+            mask_array[split.channels.numpy()] = True
+            mask = new_initializer(graph, f"{path}.input_outlier_mask", mask_array)
+        else:
+            rows = new_initializer(graph, f"{path}.input_rows", np.asarray([-1, width], dtype=np.int64))
+            axes = new_initializer(graph, f"{path}.input_token_axis", np.asarray([0], dtype=np.int64))
+            peak = op("ReduceMax", op("Abs", op("Reshape", x, rows)), axes, keepdims=0)
+            mask = op("GreaterOrEqual", peak, _scalar(graph, f"{path}.input_outlier_threshold", split.threshold))
+        inliers = op("Where", mask, zero, x)
+        graph.insert_before(before, nodes)
+        quantized = self._float_subgraph(graph, before, inliers, entry, path, base)
+        passthrough = ir.node("Where", [mask, x, quantized], name=f"{base}/Where_outliers")
+        graph.insert_before(before, [passthrough])
+        return passthrough.outputs[0]
 
     @staticmethod
     def _float_subgraph(graph, before, x, entry: LinearPlan, path: str, base: str) -> ir.Value:
@@ -109,3 +139,13 @@ class ActivationQuantPass(ir.passes.InPlacePass):
         out = op("Mul", op("Sub", codes, zero), scale)
         graph.insert_before(before, nodes)
         return out
+
+
+def _quantizer_key(entry: LinearPlan) -> tuple:
+    """What makes two linears' input quantizers the same computation."""
+    static = None if entry.act_scale is None else (float(entry.act_scale), float(entry.act_zero))
+    split = entry.outlier
+    outliers = None
+    if split is not None:
+        outliers = (split.mode, split.threshold, None if split.channels is None else tuple(split.channels.tolist()))
+    return entry.activation, static, outliers

@@ -92,7 +92,11 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
             inputs[1] = gather.inputs[1]
             base = gather.name.rsplit("/", 1)[0]
             node = ir.node(
-                "GatherBlockQuantized", list(inputs), attributes, domain="com.microsoft", name=f"{base}/GatherBlockQuantized"
+                "GatherBlockQuantized",
+                list(inputs),
+                attributes,
+                domain="com.microsoft",
+                name=f"{base}/GatherBlockQuantized",
             )
             graph.insert_before(gather, [node])
             output = gather.outputs[0]

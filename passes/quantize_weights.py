@@ -22,6 +22,8 @@ Rewrite rules, per linear in the plan (weight found by its stable name):
 4. A bias the plan changed (out / q·k transforms, shifts) replaces the graph's bias with a new
    initializer (biases can be shared between linears after the exporter's deduplication); a
    linear that had no bias in the graph gets an ``Add``.
+5. A static LLM.int8 split adds its float part: ``Gather(x̂, O, axis=−1) · W_Oᵀ`` (the plan's
+   original columns; the codes there are zero), summed onto the MatMulNBits output.
 
 Precondition: ``StableNamesPass`` ran (weights carry module paths); every planned linear is
 found, otherwise the pass raises naming it. Postcondition: no planned float weight is used.
@@ -124,6 +126,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         matmul = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{base}/MatMulNBits")
         nodes = [matmul]
         output = matmul.outputs[0]
+        if entry.outlier_weight is not None and len(entry.outlier.channels):
+            output = self._outlier_columns(graph, path, entry, site.input, output, base, nodes)
         bias = self._bias(graph, path, entry, site)
         if site.node.op_type == "Gemm" or (bias is not None and site.bias_node is None):
             if bias is not None:
@@ -140,6 +144,16 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         final.replace_all_uses_with(output, replace_graph_outputs=True)
         graph.remove(site.node, safe=True)
         self.replaced += 1
+
+    @staticmethod
+    def _outlier_columns(graph, path, entry: LinearPlan, x: ir.Value, int8: ir.Value, base: str, nodes) -> ir.Value:
+        channels = new_initializer(graph, f"{path}.outlier_channels", entry.outlier.channels.numpy().astype(np.int64))
+        weight = new_initializer(graph, f"{path}.outlier_weight", entry.outlier_weight.float().numpy().T)
+        gather = ir.node("Gather", [x, channels], {"axis": -1}, name=f"{base}/Gather_outliers")
+        matmul = ir.node("MatMul", [gather.outputs[0], weight], name=f"{base}/MatMul_outliers")
+        add = ir.node("Add", [int8, matmul.outputs[0]], name=f"{base}/Add_outliers")
+        nodes.extend([gather, matmul, add])
+        return add.outputs[0]
 
     @staticmethod
     def _bias(graph: ir.Graph, path: str, entry: LinearPlan, site: LinearSite) -> ir.Value | None:

@@ -24,6 +24,14 @@ CASES = [
     ("qwen2", "omniquant", "w4a4", {}),  # q/k/v biases moved by the out and q·k transforms
     ("llama", "smoothquant", "w8a8", {"activations": "static"}),  # static per-tensor QDQ
     ("qwen2", "rtn", "w4a16", {"lm_head": "int8", "embedding": "int8"}),
+    # LLM.int8; random tiny weights rarely reach τ = 6, so a lower τ exercises the split
+    ("opt", "llm_int8", None, {"outlier_threshold": 1.5}),  # dynamic (bitsandbytes)
+    (
+        "llama",
+        "llm_int8",
+        None,
+        {"outlier_threshold": 1.5, "outlier_split": "static", "outlier_layers": {"*.mlp.down_proj": "dynamic"}},
+    ),
 ]
 
 
@@ -60,7 +68,7 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     calibration = report["calibration"]
     assert calibration["fp_perplexity"] > 0
     margin = calibration["min_dominance_margin"]
-    assert margin is None if recipe == "rtn" else margin > 0
+    assert margin is None if recipe in ("rtn", "llm_int8") else margin > 0
     model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
     ops = [node.op_type for node in model.graph.node]
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -73,6 +81,14 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     assert not any(f"{path}.weight" in weights for path in linears)  # no planned float weight is left
     if preset in ("w4a8", "w4a4"):
         assert "ReduceMax" in ops and "simulation" in report["quantization"]["activations"]
+    if recipe == "llm_int8":
+        plan = json.loads((artifact.with_name(artifact.name + ".plan") / "plan.json").read_text())
+        splits = [info["outlier"] for block in plan["blocks"].values() for info in block["linears"].values()]
+        static = [split for split in splits if split["mode"] == "static"]
+        assert ("GreaterOrEqual" in ops) == any(split["mode"] == "dynamic" for split in splits)
+        assert len(static) == (0 if extra.get("outlier_split") != "static" else len(splits) - 2)  # 2 down_proj
+        assert any(split["channels"] for split in static) == bool(static)  # τ = 1.5 finds outliers
+        assert ops.count("Gather") >= sum(1 for split in static if split["channels"])
     if extra.get("activations") == "static":
         assert "QuantizeLinear" in ops and all(info["activation"]["static"] for info in linears.values())
 

@@ -27,6 +27,7 @@ from torch.func import functional_call
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remove_input_hooks
+from aqexport.calibrate.outliers import OutlierSplit, outlier_mode, split_outlier_columns
 from aqexport.calibrate.plan import BlockPlan, LinearPlan, QuantPlan
 from aqexport.calibrate.quantizer import fake_quantize, quantize_codes, quantize_params
 from aqexport.calibrate.recipe import CalibrationRecipe
@@ -196,8 +197,10 @@ def _freeze(
     recipe: CalibrationRecipe,
     index: int,
     stats: dict[str, ChannelStats],
+    prefix: str,
 ) -> BlockPlan:
-    """Final transforms (last-epoch mask) in float64, codes/scales/zeros per linear."""
+    """Final transforms (last-epoch mask) in float64, codes/scales/zeros per linear; for
+    ``llm_int8`` the outlier split of each linear (``prefix``: the block's module path)."""
     masks = _Masks(params, recipe, max(recipe.epochs - 1, 0))
     with torch.no_grad():
         transforms = _block_transforms(structure, params, masks, recipe).to(torch.float64)
@@ -207,6 +210,11 @@ def _freeze(
             key = _key(name)
             gamma, beta = params.gamma.get(key), params.beta.get(key)
             weight = weight.float()
+            outlier, outlier_weight = None, None
+            if recipe.method == "llm_int8":
+                mode = outlier_mode(f"{prefix}.{name}", recipe.outlier_split, recipe.outlier_layers)
+                weight, channels, outlier_weight = split_outlier_columns(weight, stats[name], mode)
+                outlier = OutlierSplit(mode, recipe.outlier_threshold, channels)
             scale, zero = quantize_params(
                 weight,
                 recipe.weight,
@@ -224,6 +232,8 @@ def _freeze(
                 activation=recipe.activation,
                 stats=stats.get(name),
                 input_shift=group.norm if group is not None and group.norm in transforms.shift else None,
+                outlier=outlier,
+                outlier_weight=outlier_weight,
             )
         reports = {
             norm: matrix_report(matrix, learned=params.norm[_key(norm)] * masks.norm[_key(norm)])
@@ -256,6 +266,7 @@ def _input_state(plan: BlockPlan) -> InputState:
         inverses={norm: torch.linalg.inv(matrix.double()).float() for norm, matrix in plan.norm_transforms.items()},
         shifts={norm: shift.float() for norm, shift in plan.norm_shifts.items()},
         ranges={name: (e.act_scale, e.act_zero) for name, e in plan.linears.items() if e.act_scale is not None},
+        outliers={name: e.outlier for name, e in plan.linears.items() if e.outlier is not None},
     )
 
 
@@ -265,7 +276,7 @@ def apply_block_plan(block: nn.Module, plan: BlockPlan) -> None:
     biases, and input hooks ``Qa((x − δ) A⁻¹)`` (``A⁻¹`` computed in float64)."""
     for name, entry in plan.linears.items():
         linear = block.get_submodule(name)
-        linear.weight.copy_(entry.dequantize().to(linear.weight.dtype))
+        linear.weight.copy_(entry.effective_weight().to(linear.weight.dtype))
         if entry.bias is not None:
             linear.bias.copy_(entry.bias.to(linear.bias.dtype))
     install_input_hooks(block, plan.structure, _input_state(plan))
@@ -399,7 +410,7 @@ def calibrate(
     for index, block in enumerate(blocks):
         kwargs = inputs.kwargs[index]
         start = time.perf_counter()
-        with StatisticsCollector(block) as collector:
+        with StatisticsCollector(block, recipe.outlier_threshold) as collector:
             y_fp = _run_block(block, x_fp, kwargs)
         if index in plan.blocks:
             block_plan = plan.blocks[index]
@@ -407,7 +418,7 @@ def calibrate(
             structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
             params = BlockParameters(block, structure, recipe, collector.stats)
             losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index)
-            block_plan = _freeze(block, structure, params, recipe, index, collector.stats)
+            block_plan = _freeze(block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}")
             block_plan.loss_curve = losses
             if recipe.static_activations and recipe.activation is not None:
                 _calibrate_static_ranges(block, block_plan, x_q, kwargs)

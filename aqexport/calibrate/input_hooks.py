@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from aqexport.calibrate.outliers import OutlierSplit, quantize_with_outliers
 from aqexport.calibrate.quantizer import QuantScheme, fake_quantize, fake_quantize_with
 from aqexport.calibrate.structure import BlockStructure
 
@@ -34,6 +35,7 @@ class InputState:
     shifts: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> δ
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # linear -> (Δ, z)
     observed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # linear -> (min, max): observe only
+    outliers: dict[str, OutlierSplit] = field(default_factory=dict)  # linear -> LLM.int8 split
 
     def map(self, linear: str, norm: str | None, x: torch.Tensor) -> torch.Tensor:
         if norm is not None and norm in self.shifts:
@@ -48,6 +50,8 @@ class InputState:
             return x
         if self.activation is None:
             return x
+        if linear in self.outliers:
+            return quantize_with_outliers(x, self.activation, self.outliers[linear])
         if not self.static:
             return fake_quantize(x, self.activation)
         if linear in self.ranges:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from aqexport.calibrate.outliers import OutlierSplit
 from aqexport.calibrate.quantizer import QuantScheme, dequantize_codes
 from aqexport.calibrate.statistics import ChannelStats
 from aqexport.calibrate.structure import BlockStructure, NormGroup, OutPair, QkPair
@@ -30,7 +31,7 @@ from aqexport.errors import AqexportError
 
 __all__ = ["BlockPlan", "LinearPlan", "QuantPlan"]
 
-PLAN_FORMAT = 2
+PLAN_FORMAT = 3
 
 
 @dataclass
@@ -46,9 +47,19 @@ class LinearPlan:
     input_shift: str | None = None  # norm path whose shift δ is subtracted from the input
     act_scale: torch.Tensor | None = None  # static per-tensor activation Δ (scalar), where calibrated
     act_zero: torch.Tensor | None = None
+    outlier: OutlierSplit | None = None  # LLM.int8 input split
+    outlier_weight: torch.Tensor | None = None  # [out, |O|] float columns of a static split
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_codes(self.codes, self.scheme, self.scale, self.zero)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the fake-quant model multiplies by: dequantized codes, with a static
+        LLM.int8 split's float columns in place of its (zero) outlier codes."""
+        weight = self.dequantize()
+        if self.outlier_weight is not None:
+            weight[:, self.outlier.channels] = self.outlier_weight.float()
+        return weight
 
 
 @dataclass
@@ -77,6 +88,9 @@ class BlockPlan:
             if entry.act_scale is not None:
                 out[f"linear.{name}.act_scale"] = entry.act_scale.float().reshape(())
                 out[f"linear.{name}.act_zero"] = entry.act_zero.float().reshape(())
+            if entry.outlier is not None and entry.outlier.channels is not None:
+                out[f"linear.{name}.outlier_channels"] = entry.outlier.channels.long()
+                out[f"linear.{name}.outlier_weight"] = entry.outlier_weight.float()
             if entry.stats is not None:
                 out[f"linear.{name}.act_absmax"] = entry.stats.absmax.float()
                 out[f"linear.{name}.act_shift"] = entry.stats.shift.float()
@@ -102,6 +116,13 @@ class BlockPlan:
                     "input_shift": e.input_shift,
                     "has_bias": e.bias is not None,
                     "stats": None if e.stats is None else {"tokens": e.stats.tokens, "threshold": e.stats.threshold},
+                    "outlier": None
+                    if e.outlier is None
+                    else {
+                        "mode": e.outlier.mode,
+                        "threshold": e.outlier.threshold,
+                        "channels": None if e.outlier.channels is None else len(e.outlier.channels),
+                    },
                 }
                 for name, e in self.linears.items()
             },
@@ -136,6 +157,13 @@ class BlockPlan:
                 info["stats"]["threshold"],
             )
 
+        def outlier(name: str, info: dict) -> OutlierSplit | None:
+            if not info.get("outlier"):
+                return None
+            return OutlierSplit(
+                info["outlier"]["mode"], info["outlier"]["threshold"], tensors.get(f"linear.{name}.outlier_channels")
+            )
+
         linears = {
             name: LinearPlan(
                 QuantScheme(**info["scheme"]),
@@ -149,6 +177,8 @@ class BlockPlan:
                 info.get("input_shift"),
                 tensors.get(f"linear.{name}.act_scale"),
                 tensors.get(f"linear.{name}.act_zero"),
+                outlier(name, info),
+                tensors.get(f"linear.{name}.outlier_weight"),
             )
             for name, info in meta["linears"].items()
         }

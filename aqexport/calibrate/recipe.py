@@ -8,6 +8,9 @@ Methods are recipes of one engine (``aqexport.calibrate.engine``), not separate 
 * ``omniquant`` (diagonal): learnable weight clipping plus a learned diagonal transform per
   norm group, a diagonal out transform and (on rotary models) a diagonal q·k transform, i.e.
   AffineQuant with the mask frozen at width 1.
+* ``llm_int8``: no training, no transforms: symmetric int8 weights per output channel, inputs
+  quantized per token (symmetric int8) except the outlier channels (τ = 6.0), which stay in
+  float (``aqexport.calibrate.outliers``), statically or at run time, per layer.
 * ``affinequant``: LWC plus dense norm-group transforms, per-KV-head dense out transforms and the
   RoPE-commuting q·k transform, trained under the gradual mask.
 
@@ -33,14 +36,15 @@ Defaults measured on SmolLM2 (``benchmarks/calibration_ablation.py``, table in B
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from aqexport.calibrate.quantizer import QuantScheme
 from aqexport.errors import ConfigError
 
 __all__ = ["CalibrationRecipe", "METHODS", "PRESETS", "Preset", "make_recipe"]
 
-METHODS = ("rtn", "smoothquant", "omniquant", "affinequant")
+METHODS = ("rtn", "smoothquant", "omniquant", "affinequant", "llm_int8")
+LLM_INT8_SCHEME = QuantScheme(8, None, symmetric=True)
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,23 @@ class CalibrationRecipe:
     lr_lwc: float = 5e-2
     dominance_margin: float = 1e-2
     seed: int = 2
+    outlier_threshold: float = 6.0  # LLM.int8's τ; also the statistics' outlier count threshold
+    outlier_split: str | None = None  # llm_int8: dynamic | static, the default for every linear
+    outlier_layers: dict[str, str] = field(default_factory=dict)  # module-path glob -> mode
 
     @property
     def trains(self) -> bool:
         return self.epochs > 0 and (self.lwc or self.transform != "none")
 
     def as_dict(self) -> dict:
+        """The recipe's identity in a plan. The LLM.int8 fields are left out for other methods
+        (τ only counts outliers in their statistics), so plans made before those fields existed
+        stay reusable."""
         data = asdict(self)
+        if self.method != "llm_int8":
+            data.pop("outlier_split"), data.pop("outlier_layers")
+            if self.outlier_threshold == 6.0:
+                data.pop("outlier_threshold")
         data["weight"] = asdict(self.weight)
         data["activation"] = None if self.activation is None else asdict(self.activation)
         return data
@@ -95,6 +109,8 @@ def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2, **tra
     """``training`` overrides the recipe's tuning fields (``stability_factor``, ``lr_transform``,
     ``lr_lwc``, ``alpha``, ``aug_loss``, ``init``, ``static_activations``, ``train_dtype``);
     ``None`` values keep the method's default."""
+    if method == "llm_int8":
+        return _llm_int8_recipe(preset, seed, **training)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'", f"use one of: {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
@@ -110,6 +126,9 @@ def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2, **tra
         "seed": seed,
         "static_activations": training.pop("static_activations", False),
     }
+    for key in ("outlier_split", "outlier_layers"):
+        if training.pop(key, None):
+            raise ConfigError(f"'{key}' applies to recipe llm_int8 only", f"remove '{key}' or use recipe: llm_int8")
     if method == "rtn":
         return CalibrationRecipe("rtn", **common, epochs=0, lwc=False, transform="none", qk_transform=False)
     if method == "smoothquant":
@@ -129,3 +148,33 @@ def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2, **tra
     if method == "affinequant":
         return CalibrationRecipe("affinequant", **common, epochs=epochs, transform="dense", **training)
     raise ConfigError(f"calibration method '{method}' is not available", f"use one of: {', '.join(METHODS)}")
+
+
+def _llm_int8_recipe(
+    preset: str | None,
+    seed: int,
+    outlier_threshold: float | None = None,
+    outlier_split: str | None = None,
+    outlier_layers: dict[str, str] | None = None,
+    static_activations: bool = False,
+    **ignored,
+) -> CalibrationRecipe:
+    """W8A8 with the outlier split; the method fixes its own schemes, so ``preset`` may only
+    restate them."""
+    if preset not in (None, "w8a8"):
+        raise ConfigError(f"recipe llm_int8 is W8A8, not '{preset}'", "drop quantization.preset or set it to w8a8")
+    if static_activations:
+        raise ConfigError("recipe llm_int8 quantizes activations per token", "drop quantization.activations: static")
+    return CalibrationRecipe(
+        "llm_int8",
+        LLM_INT8_SCHEME,
+        LLM_INT8_SCHEME,
+        epochs=0,
+        lwc=False,
+        transform="none",
+        qk_transform=False,
+        seed=seed,
+        outlier_threshold=6.0 if outlier_threshold is None else outlier_threshold,
+        outlier_split=outlier_split or "dynamic",
+        outlier_layers=dict(outlier_layers or {}),
+    )

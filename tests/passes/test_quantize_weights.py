@@ -89,6 +89,10 @@ def test_rule_4_planned_bias_gets_its_own_initializer():
 def test_missing_linear_and_bad_group_size_are_one_clear_error():
     weight = torch.randn(8, 48)
     with pytest.raises(AqexportError, match="layers.0.other"):
-        QuantizeWeightsPass(one_block_plan({"other": linear_plan(weight, QuantScheme(4, 16))}).linears())(_matmul_graph(weight))
+        QuantizeWeightsPass(one_block_plan({"other": linear_plan(weight, QuantScheme(4, 16))}).linears())(
+            _matmul_graph(weight)
+        )
     with pytest.raises(AqexportError, match="power of two"):
-        QuantizeWeightsPass(one_block_plan({"fc": linear_plan(weight, QuantScheme(4, 24))}).linears())(_matmul_graph(weight))
+        QuantizeWeightsPass(one_block_plan({"fc": linear_plan(weight, QuantScheme(4, 24))}).linears())(
+            _matmul_graph(weight)
+        )
