@@ -129,8 +129,9 @@ Weights are `MatMulNBits` (4-bit; 8-bit for w8a8 and llm_int8); activation prese
 token with an explicit float subgraph (simulation: no ORT kernel runs per-token integer
 activations). `headN-embM`: LM head as N-bit MatMulNBits and embedding as M-bit
 GatherBlockQuantized (RTN, groups of 128); otherwise both stay fp32. `llm_int8`: τ = 6, dynamic
-(bitsandbytes) or static (outlier set from calibration) split. {fp32_note} Machine: {machine()}. Measured {date.today()} at commit {commit_id()} with
-`python benchmarks/lowering.py`.
+(bitsandbytes) or static (outlier set from calibration) split. {fp32_note}
+Machine: {machine()}. Measured {date.today()} at commit {commit_id()} with
+`python benchmarks/lowering.py` (rows are cached in `benchmarks/out/lowering.json` between runs).
 
 | variant | fp ppl | fake-quant ppl | ORT ppl | ORT vs fake-quant | greedy same | size | lowering |
 |---|---|---|---|---|---|---|---|

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx_ir import node
 import torch
+from onnx_ir import node
 
 from aqexport.calibrate.outliers import OutlierSplit, quantize_with_outliers, split_outlier_columns
 from aqexport.calibrate.recipe import LLM_INT8_SCHEME
