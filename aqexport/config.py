@@ -126,6 +126,10 @@ class TargetSpec(_Section):
     providers: tuple[Provider, ...] = ("cpu",)
     opset: int = Field(21, ge=21, le=23)
     formats: tuple[Literal["onnx", "ort"], ...] = ("onnx",)
+    weight_format: Literal["matmul_nbits", "qdq"] = Field(
+        "matmul_nbits",
+        description="com.microsoft.MatMulNBits (CPU/CUDA kernels), or standard DequantizeLinear → MatMul (any EP)",
+    )
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         0,
         description="MatMulNBits accuracy_level: 4 lets ONNX Runtime quantize activations to int8 per "

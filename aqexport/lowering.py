@@ -48,6 +48,7 @@ def quantized_passes(
     lm_head: Mapping[str, LinearPlan] | None = None,
     embedding: Mapping[str, LinearPlan] | None = None,
     accuracy_level: int = 0,
+    weight_format: str = "matmul_nbits",
 ) -> list[ir.passes.PassBase]:
     """Passes that lower a QuantPlan: names first (the plan is keyed by module path), then the
     input side of every transform, activation quantizers, and the weights last (the first two
@@ -57,7 +58,7 @@ def quantized_passes(
         StableNamesPass(),
         FoldAffinePass(plan),
         ActivationQuantPass(plan),
-        QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, accuracy_level),
+        QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, accuracy_level, weight_format),
         QuantizeEmbeddingPass(embedding or {}),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),

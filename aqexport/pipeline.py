@@ -88,7 +88,8 @@ def lower_stage(ctx: BuildContext) -> None:
     if ctx.plan is None:
         passes = fp_passes()
     else:
-        passes = quantized_passes(ctx.plan, ctx.lm_head, ctx.embedding, ctx.config.target.accuracy_level)
+        target = ctx.config.target
+        passes = quantized_passes(ctx.plan, ctx.lm_head, ctx.embedding, target.accuracy_level, target.weight_format)
     ctx.pass_stats = run_passes(ctx.graph, passes)
 
 
@@ -112,6 +113,7 @@ def verify_stage(ctx: BuildContext) -> None:
         ctx.loaded.tokenizer,
         ctx.config.evaluation,
         ctx.config.target.providers,
+        ctx.config.target.accuracy_level,
     )
 
 
@@ -158,6 +160,7 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
         "lm_head": quant.lm_head,
         "embedding": quant.embedding,
         "accuracy_level": ctx.config.target.accuracy_level,
+        "weight_format": ctx.config.target.weight_format,
     }
     if ctx.config.target.accuracy_level == 4:
         summary["accuracy_level_note"] = (

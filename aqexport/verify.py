@@ -61,8 +61,9 @@ def verify_artifact(
     tokenizer: Any,
     spec: EvaluationSpec,
     providers: tuple[str, ...] = ("cpu",),
+    accuracy_level: int = 0,
 ) -> dict[str, Any]:
-    session, info = create_session(artifact_dir, providers)
+    session, info = create_session(artifact_dir, providers, accuracy_level=accuracy_level)
     decoder = OnnxDecoder(session)
     prompt = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"]
     if len(prompt) < 2:

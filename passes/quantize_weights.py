@@ -24,6 +24,12 @@ Rewrite rules, per linear in the plan (weight found by its stable name):
    linear that had no bias in the graph gets an ``Add``.
 5. A static LLM.int8 split adds its float part: ``Gather(x̂, O, axis=−1) · W_Oᵀ`` (the plan's
    original columns; the codes there are zero), summed onto the MatMulNBits output.
+6. ``weight_format="qdq"``: the portable form, ``DequantizeLinear → MatMul`` with int4/uint4
+   (2–4-bit codes) or int8/uint8 codes in the ONNX layout ``[in, out]``, blocked along ``in``
+   (``block_size``, opset 21) or per output column. Standard ops only, for EPs without the
+   contrib op. ONNX Runtime's CPU EP fuses the pair back into MatMulNBits with its session's
+   ``session.qdq_matmulnbits_accuracy_level`` (default 4: int8 activations), so the runtime
+   sets that to the artifact's declared accuracy level.
 
 Precondition: ``StableNamesPass`` ran (weights carry module paths); every planned linear is
 found, otherwise the pass raises naming it. Postcondition: no planned float weight is used.
@@ -47,6 +53,7 @@ __all__ = ["QuantizeWeightsPass", "pack_matmul_nbits"]
 logger = logging.getLogger(__name__)
 
 PER_CHANNEL_BLOCK = 128
+WEIGHT_FORMATS = ("matmul_nbits", "qdq")
 
 
 def _block_size(entry: LinearPlan, name: str) -> int:
@@ -87,11 +94,43 @@ def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, n
     return packed.reshape(n, blocks, blob), scale.astype(np.float32), zero_points, bits
 
 
+def _dequantize_linear_matmul(graph: ir.Graph, path: str, entry: LinearPlan, x: ir.Value, base: str) -> list[ir.Node]:
+    """``DequantizeLinear(codes [in, out]) → MatMul`` (rule 6): blocked along ``in`` for group
+    plans (opset 21 ``block_size``; a ragged last block is allowed), per column otherwise."""
+    scheme = entry.scheme
+    codes, scale, zero = entry.codes.numpy().T, entry.scale.float().numpy().T, entry.zero.float().numpy().T
+    container = 4 if scheme.bits <= 4 else 8
+    if scheme.symmetric:
+        kind = ir.DataType.INT4 if container == 4 else ir.DataType.INT8
+        codes, zero = codes.astype(np.int8), zero.astype(np.int8)
+    else:
+        kind = ir.DataType.UINT4 if container == 4 else ir.DataType.UINT8
+        codes, zero = codes.astype(np.uint8), zero.astype(np.uint8)
+    attributes = {"axis": 1}
+    if scheme.group_size is not None:
+        attributes = {"axis": 0, "block_size": scheme.group_size}
+    else:
+        scale, zero = scale.reshape(-1), zero.reshape(-1)
+    inputs = [
+        new_initializer(graph, f"{path}.weight_Q{container}", codes, kind),
+        new_initializer(graph, f"{path}.weight_scales", scale.astype(np.float32)),
+        new_initializer(graph, f"{path}.weight_zero_points", zero, kind),
+    ]
+    dequantize = ir.node("DequantizeLinear", inputs, attributes, name=f"{base}/DequantizeLinear")
+    matmul = ir.node("MatMul", [x, dequantize.outputs[0]], name=f"{base}/MatMul")
+    return [dequantize, matmul]
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    def __init__(self, linears: Mapping[str, LinearPlan], accuracy_level: int = 0) -> None:
+    def __init__(
+        self, linears: Mapping[str, LinearPlan], accuracy_level: int = 0, weight_format: str = "matmul_nbits"
+    ) -> None:
         super().__init__()
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
         self.linears = dict(linears)
         self.accuracy_level = accuracy_level
+        self.weight_format = weight_format
         self.replaced = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -104,28 +143,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     "run StableNamesPass first, and lower a plan made for this model",
                 )
             self._replace(graph, path, entry, site)
-        if self.replaced and "com.microsoft" not in model.opset_imports:
+        if self.replaced and self.weight_format == "matmul_nbits" and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
-        logger.info("quantize_weights: %d linears to MatMulNBits", self.replaced)
+        logger.info("quantize_weights: %d linears as %s", self.replaced, self.weight_format)
         return ir.passes.PassResult(model, modified=self.replaced > 0)
 
     def _replace(self, graph: ir.Graph, path: str, entry: LinearPlan, site: LinearSite) -> None:
-        block_size = _block_size(entry, path)
-        packed, scales, zero_points, bits = pack_matmul_nbits(entry, block_size)
-        n, k = entry.codes.shape
-        attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
-        if self.accuracy_level:
-            attributes["accuracy_level"] = self.accuracy_level
-        inputs = [
-            site.input,
-            new_initializer(graph, f"{path}.weight_Q{bits}", packed),
-            new_initializer(graph, f"{path}.weight_scales", scales),
-            new_initializer(graph, f"{path}.weight_zero_points", zero_points),
-        ]
         base = site.node.name.rsplit("/", 1)[0]
-        matmul = ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{base}/MatMulNBits")
-        nodes = [matmul]
-        output = matmul.outputs[0]
+        if self.weight_format == "qdq":
+            nodes = _dequantize_linear_matmul(graph, path, entry, site.input, base)
+        else:
+            nodes = [self._matmul_nbits(graph, path, entry, site.input, base)]
+        output = nodes[-1].outputs[0]
         if entry.outlier_weight is not None and len(entry.outlier.channels):
             output = self._outlier_columns(graph, path, entry, site.input, output, base, nodes)
         bias = self._bias(graph, path, entry, site)
@@ -144,6 +173,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         final.replace_all_uses_with(output, replace_graph_outputs=True)
         graph.remove(site.node, safe=True)
         self.replaced += 1
+
+    def _matmul_nbits(self, graph: ir.Graph, path: str, entry: LinearPlan, x: ir.Value, base: str) -> ir.Node:
+        block_size = _block_size(entry, path)
+        packed, scales, zero_points, bits = pack_matmul_nbits(entry, block_size)
+        n, k = entry.codes.shape
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+        if self.accuracy_level:
+            attributes["accuracy_level"] = self.accuracy_level
+        inputs = [
+            x,
+            new_initializer(graph, f"{path}.weight_Q{bits}", packed),
+            new_initializer(graph, f"{path}.weight_scales", scales),
+            new_initializer(graph, f"{path}.weight_zero_points", zero_points),
+        ]
+        return ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{base}/MatMulNBits")
 
     @staticmethod
     def _outlier_columns(graph, path, entry: LinearPlan, x: ir.Value, int8: ir.Value, base: str, nodes) -> ir.Value:

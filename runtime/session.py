@@ -9,6 +9,7 @@ actually uses; ``strict=True`` turns a silent fallback into an error.
 from __future__ import annotations
 
 import logging
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,14 +43,25 @@ class SessionInfo:
         return asdict(self)
 
 
+def declared_accuracy_level(model_path: Path) -> int:
+    """``MatMulNBits`` accuracy level recorded in the artifact's manifest; 0 (float) otherwise."""
+    manifest = model_path.parent / "manifest.json"
+    if not manifest.is_file():
+        return 0
+    quantization = json.loads(manifest.read_text()).get("quantization", {})
+    return int(quantization.get("accuracy_level", 0) or 0)
+
+
 def create_session(
     model_path: str | Path,
     providers: tuple[str, ...] | list[str] = ("cpu",),
     *,
     intra_op_threads: int | None = None,
     strict: bool = False,
+    accuracy_level: int | None = None,
 ) -> tuple[ort.InferenceSession, SessionInfo]:
-    """Open ``model_path`` on the first available providers of ``providers``, CPU last."""
+    """Open ``model_path`` on the first available providers of ``providers``, CPU last.
+    ``accuracy_level``: for QDQ weights; default, the one the artifact's manifest declares."""
     unknown = [p for p in providers if p not in PROVIDER_NAMES]
     if unknown:
         raise AqexportError(
@@ -74,6 +86,12 @@ def create_session(
         chosen.append("CPUExecutionProvider")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT rewrites a QDQ weight (DequantizeLinear → MatMul) into MatMulNBits at this accuracy
+    # level, 4 (int8 activations) unless told: use the level the artifact was built for.
+    options.add_session_config_entry(
+        "session.qdq_matmulnbits_accuracy_level",
+        str(declared_accuracy_level(path) if accuracy_level is None else accuracy_level),
+    )
     threads = intra_op_threads or int(os.environ.get("AQEXPORT_THREADS", "0"))
     if threads:
         options.intra_op_num_threads = threads

@@ -22,7 +22,7 @@ CASES = [
     ("gemma3_text", "affinequant", "w3a16g128", {}),
     ("opt", "affinequant", "w4a8", {}),  # LayerNorm with bias: shifts, Gemm fc1/fc2
     ("qwen2", "omniquant", "w4a4", {}),  # q/k/v biases moved by the out and q·k transforms
-    ("llama", "smoothquant", "w8a8", {"activations": "static"}),  # static per-tensor QDQ
+    ("llama", "smoothquant", "w8a8", {"activations": "static", "target": {"weight_format": "qdq"}}),  # all QDQ
     ("qwen2", "rtn", "w4a16", {"lm_head": "int8", "embedding": "int8"}),
     # LLM.int8; random tiny weights rarely reach τ = 6, so a lower τ exercises the split
     ("opt", "llm_int8", None, {"outlier_threshold": 1.5}),  # dynamic (bitsandbytes)
@@ -46,7 +46,8 @@ def quantized_artifact(tiny_model_dir, tmp_path_factory):
             config = tiny_build_config(
                 work,
                 tiny_model_dir(kind),
-                quantization={"recipe": recipe, "preset": preset, **extra},
+                quantization={"recipe": recipe, "preset": preset, **{k: v for k, v in extra.items() if k != "target"}},
+                target=extra.get("target", {}),
                 calibration={"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
             )
             built[key] = build(load_config(config), work)
@@ -64,7 +65,11 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
         assert verification["logits_parity"][step]["max_rel"] <= 1e-4, verification["logits_parity"]
         assert verification["logits_parity"][step]["top1_agreement"] == 1.0
     assert verification["greedy"]["identical_to_pytorch"]
-    assert verification["perplexity"]["relative_difference"] <= 1e-4
+    # The all-QDQ graph is rewritten by ONNX Runtime into integer kernels (MatMulIntegerToFloat);
+    # each kernel is exact, but ORT's QDQ rewrites move a few activation roundings (measured
+    # 1.2e-4 on this model). Every other form is float arithmetic of the plan.
+    all_qdq = extra.get("target", {}).get("weight_format") == "qdq" and extra.get("activations") == "static"
+    assert verification["perplexity"]["relative_difference"] <= (1e-3 if all_qdq else 1e-4)
     calibration = report["calibration"]
     assert calibration["fp_perplexity"] > 0
     margin = calibration["min_dominance_margin"]
@@ -74,7 +79,11 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     manifest = json.loads((artifact / "manifest.json").read_text())
     linears = manifest["quantization"]["linears"]
     embeddings = [path for path, info in linears.items() if info.get("role") == "embedding"]
-    assert ops.count("MatMulNBits") == len(linears) - len(embeddings) > 0
+    if extra.get("target", {}).get("weight_format") == "qdq":
+        weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and ".weight_Q" in n.input[0]]
+        assert "MatMulNBits" not in ops and len(weight_dq) == len(linears) - len(embeddings) > 0
+    else:
+        assert ops.count("MatMulNBits") == len(linears) - len(embeddings) > 0
     assert ops.count("GatherBlockQuantized") == len(embeddings) == (extra.get("embedding", "float") != "float")
     assert sum(info.get("role") == "lm_head" for info in linears.values()) == (extra.get("lm_head", "float") != "float")
     weights = {init.name for init in model.graph.initializer}

@@ -27,7 +27,10 @@ def model_of(nodes, inputs, outputs, initializers) -> ir.Model:
 
 def run(model: ir.Model, **feeds: np.ndarray) -> np.ndarray:
     proto = ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    # ORT fuses DequantizeLinear → MatMul into MatMulNBits with int8 activations unless told not to
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
 
 

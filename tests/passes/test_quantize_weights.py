@@ -48,15 +48,17 @@ def _matmul_graph(weight: torch.Tensor, bias: np.ndarray | None = None, gemm: bo
         QuantScheme(4, 32, symmetric=True),  # rule 2: signed codes offset by 8
     ],
 )
-def test_rule_1_to_3_matmul_nbits_equals_dequantized_plan(scheme):
+@pytest.mark.parametrize("weight_format", ["matmul_nbits", "qdq"])  # rule 6: the portable form
+def test_rule_1_to_3_and_6_weights_equal_dequantized_plan(scheme, weight_format):
     torch.manual_seed(0)
     weight = torch.randn(24, 80)
     entry = linear_plan(weight, scheme)
     model = _matmul_graph(weight)
-    result = QuantizeWeightsPass(one_block_plan({"fc": entry}).linears())(model)
+    result = QuantizeWeightsPass(one_block_plan({"fc": entry}).linears(), weight_format=weight_format)(model)
     assert result.modified
     ops = [node.op_type for node in model.graph]
-    assert ops == ["MatMulNBits"] and "layers.0.fc.weight" not in {v.name for n in model.graph for v in n.inputs}
+    expected_ops = ["MatMulNBits"] if weight_format == "matmul_nbits" else ["DequantizeLinear", "MatMul"]
+    assert ops == expected_ops and "layers.0.fc.weight" not in {v.name for n in model.graph for v in n.inputs}
     x = np.random.default_rng(0).standard_normal((2, 3, 80)).astype(np.float32)
     expected = x @ entry.dequantize().numpy().T
     np.testing.assert_allclose(run(model, x=x), expected, rtol=1e-5, atol=1e-5)
