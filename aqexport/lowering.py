@@ -14,6 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
 from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.passes import (
@@ -24,23 +25,47 @@ from aqexport.passes import (
     StableNamesPass,
 )
 
-__all__ = ["fp_passes", "quantized_passes", "run_passes"]
+__all__ = ["cleanup_passes", "fp_passes", "quantized_passes", "run_passes"]
 
 logger = logging.getLogger(__name__)
 
+_NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
-def fp_passes() -> list[ir.passes.PassBase]:
-    """Passes for an unquantized artifact.
 
-    Initializer deduplication is left out on purpose: the LM head was untied from the embedding
-    so each can be quantized differently, and deduplication would tie them again.
+def cleanup_passes() -> list[ir.passes.PassBase]:
+    """Run last on every artifact: fold what is constant, drop what is unused, store equal
+    initializers once, infer shapes, order the nodes.
+
+    * Constant folding never touches ``QuantizeLinear`` / ``DequantizeLinear``: a weight's
+      ``DequantizeLinear`` has only constant inputs, and folding it would store the float weight
+      again.
+    * Deduplication runs *after* quantization (run earlier, it would tie the untied LM head back
+      to the embedding before either is quantized) and only on small initializers: it merges
+      the many equal scalars the lowering passes create. The hashing variant that would also
+      merge a float head with its float embedding fails on the exporter's non-contiguous
+      tensors (onnx_ir 1.1: ``ndarray is not C-contiguous``).
+    * Shape inference is not strict: contrib ops have no ONNX shape functions.
+    * ``onnx.checker`` with ``full_check`` runs on the written file (``pipeline.write_stage``),
+      where it can stream external data instead of serializing the model a second time.
     """
     return [
-        StableNamesPass(),
+        FoldConstantsPass(
+            shape_inference=False,
+            input_size_limit=8192,
+            output_size_limit=8192,
+            should_fold=lambda node: False if node.op_type in _NEVER_FOLD else None,
+        ),
         common_passes.RemoveUnusedNodesPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.ShapeInferencePass(strict_mode=False),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.TopologicalSortPass(),
     ]
+
+
+def fp_passes() -> list[ir.passes.PassBase]:
+    """Passes for an unquantized artifact: stable names, then the common cleanup."""
+    return [StableNamesPass(), *cleanup_passes()]
 
 
 def quantized_passes(
@@ -60,9 +85,7 @@ def quantized_passes(
         ActivationQuantPass(plan),
         QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, accuracy_level, weight_format),
         QuantizeEmbeddingPass(embedding or {}),
-        common_passes.RemoveUnusedNodesPass(),
-        common_passes.RemoveUnusedOpsetsPass(),
-        common_passes.TopologicalSortPass(),
+        *cleanup_passes(),
     ]
 
 
