@@ -8,8 +8,8 @@ actually uses; ``strict=True`` turns a silent fallback into an error.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
