@@ -146,6 +146,9 @@ class EvaluationSpec(_Section):
     compare_pytorch: bool = True
     prompt: str = "The capital of France is"
     generate_tokens: int = Field(64, ge=0)
+    ladder: bool = Field(
+        True, description="quantized builds: also check exported fp and folded fp graphs against HF eager"
+    )
 
     _resolve = field_validator("text")(_resolve_path)
 

@@ -7,6 +7,7 @@ the last stage (verification included) succeeded.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -28,12 +30,16 @@ from aqexport.artifact import (
     write_json,
 )
 from aqexport.calibrate.edges import quantize_embedding, quantize_lm_head
+from aqexport.calibrate.fold import folded_float_weights
 from aqexport.calibrate.plan import LinearPlan, QuantPlan
+from aqexport.calibrate.structure import decoder_blocks
 from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, untie_lm_head
 from aqexport.config import BuildConfig, require_buildable
 from aqexport.genai_config import build_genai_config
+from aqexport.ladder import FpLadder
 from aqexport.lowering import fp_passes, quantized_passes, run_passes
+from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
 from aqexport.verify import verify_artifact
 
@@ -53,6 +59,8 @@ class BuildContext:
     plan: QuantPlan | None = None
     lm_head: dict[str, LinearPlan] = field(default_factory=dict)  # quantized outside the plan
     embedding: dict[str, LinearPlan] = field(default_factory=dict)
+    ladder: FpLadder | None = None
+    folded_weights: tuple[dict, dict] | None = None  # unquantized transformed weights and biases
     pass_stats: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -77,8 +85,16 @@ def calibrate_stage(ctx: BuildContext) -> None:
         return
     windows = evaluation_windows(ctx.config, ctx.loaded.tokenizer)
     fp = torch_perplexity(ctx.loaded.model, windows)
+    float_blocks = None
+    if ctx.config.evaluation.ladder:
+        prompt = ctx.loaded.tokenizer(ctx.config.evaluation.prompt, add_special_tokens=False)["input_ids"]
+        eager, _ = torch_step(ctx.loaded.model, np.asarray([prompt]), None, 0)
+        ctx.ladder = FpLadder(ctx.graph, prompt, eager)
+        float_blocks = copy.deepcopy(list(decoder_blocks(ctx.loaded.model)[1]))
     ctx.plan, ctx.report["calibration"] = calibrate_loaded(ctx.config, ctx.loaded, ctx.layout, ctx.on_block)
     ctx.report["calibration"]["fp_perplexity"] = fp
+    if float_blocks is not None:
+        ctx.folded_weights = folded_float_weights(float_blocks, ctx.plan)
     quant = ctx.config.quantization
     ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head)
     ctx.embedding = quantize_embedding(ctx.loaded.model, quant.embedding)
@@ -88,6 +104,9 @@ def lower_stage(ctx: BuildContext) -> None:
     if ctx.plan is None:
         passes = fp_passes()
     else:
+        if ctx.ladder is not None:
+            ctx.report["parity_ladder"] = ctx.ladder.fold(ctx.plan, *ctx.folded_weights)
+            ctx.ladder, ctx.folded_weights = None, None
         target = ctx.config.target
         passes = quantized_passes(ctx.plan, ctx.lm_head, ctx.embedding, target.accuracy_level, target.weight_format)
     ctx.pass_stats = run_passes(ctx.graph, passes)

@@ -70,6 +70,9 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     # 1.2e-4 on this model). Every other form is float arithmetic of the plan.
     all_qdq = extra.get("target", {}).get("weight_format") == "qdq" and extra.get("activations") == "static"
     assert verification["perplexity"]["relative_difference"] <= (1e-3 if all_qdq else 1e-4)
+    ladder = report["parity_ladder"]  # the folding is exact before any rounding
+    for rung in ("exported_fp_vs_eager", "folded_fp_vs_eager"):
+        assert ladder[rung]["max_rel"] <= 1e-4 and ladder[rung]["top1_agreement"] == 1.0, ladder
     calibration = report["calibration"]
     assert calibration["fp_perplexity"] > 0
     margin = calibration["min_dominance_margin"]

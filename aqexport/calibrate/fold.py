@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from aqexport.calibrate.structure import BlockStructure, rotary_pair_matrix
+from aqexport.calibrate.structure import BlockStructure, rotary_coefficients, rotary_pair_matrix
 
-__all__ = ["BlockTransforms", "transformed_weights"]
+__all__ = ["BlockTransforms", "folded_float_weights", "plan_transforms", "transformed_weights"]
 
 
 @dataclass
@@ -104,4 +104,30 @@ def transformed_weights(
         if group is not None and group.norm in transforms.norm:
             weight = weight @ transforms.norm[group.norm].to(dtype).T
         weights[name] = weight
+    return weights, biases
+
+
+def plan_transforms(block_plan) -> BlockTransforms:
+    """The transforms a frozen ``BlockPlan`` holds, in the form ``transformed_weights`` takes."""
+    qk = None if block_plan.qk_transform is None else rotary_coefficients(block_plan.qk_transform)
+    return BlockTransforms(dict(block_plan.norm_transforms), dict(block_plan.norm_shifts), block_plan.out_transform, qk)
+
+
+@torch.no_grad()
+def folded_float_weights(
+    float_blocks: list[nn.Module], plan
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per linear (full module path) the *unquantized* transformed weight ``W'``, and the
+    transformed biases: the weights of the "folded fp" rung of the parity ladder, which must
+    compute what the float model does if the folding is right."""
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for index, block_plan in sorted(plan.blocks.items()):
+        prefix = f"{plan.blocks_path}.{index}"
+        transforms = plan_transforms(block_plan)
+        block_weights, block_biases = transformed_weights(
+            float_blocks[index], block_plan.structure, transforms, torch.float64
+        )
+        weights.update({f"{prefix}.{name}": w.float() for name, w in block_weights.items()})
+        biases.update({f"{prefix}.{name}": b.float() for name, b in block_biases.items()})
     return weights, biases

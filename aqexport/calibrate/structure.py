@@ -198,6 +198,14 @@ def rotary_pair_matrix(coefficients: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
+def rotary_coefficients(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``rotary_pair_matrix``: the ``[..., 2, d/2]`` coefficients ``(a, b)``."""
+    half = matrix.shape[-1] // 2
+    a = matrix[..., :half, :half].diagonal(dim1=-2, dim2=-1)
+    b = matrix[..., :half, half:].diagonal(dim1=-2, dim2=-1)
+    return torch.stack([a, b], dim=-2)
+
+
 def _block_output(block, hidden, kwargs) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,73 @@
+"""Give planned linears new *float* weights and biases: the "folded fp" rung of the parity ladder.
+
+After ``FoldAffinePass`` the input of a norm group is ``(x − δ) A⁻¹``; with the transformed but
+unquantized weights ``W' = W Aᵀ`` (and the out / q·k transforms, and the biases they move) the
+graph must compute exactly what the float model does. Running that graph isolates folding
+errors from quantization errors, which is what the ladder is for. This pass is never part of
+an artifact's lowering.
+
+Rewrite rules, per linear (weight found by its stable name):
+
+1. ``MatMul(x, W)``: ``W`` becomes a new initializer ``W'ᵀ`` (ONNX layout ``[in, out]``);
+   ``Gemm`` takes ``W'`` in the layout its ``transB`` says.
+2. A changed bias replaces the graph's bias input (a new initializer: biases may be shared);
+   a linear without one gets an ``Add``.
+
+Precondition: ``StableNamesPass`` ran. Postcondition: every given linear multiplies by ``W'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import onnx_ir as ir
+import torch
+
+from aqexport.errors import AqexportError
+from aqexport.passes._linear_sites import find_linear, new_initializer
+
+__all__ = ["FloatWeightsPass"]
+
+
+class FloatWeightsPass(ir.passes.InPlacePass):
+    def __init__(self, weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.weights = dict(weights)
+        self.biases = dict(biases)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for path, weight in self.weights.items():
+            site = find_linear(graph, f"{path}.weight")
+            if site is None:
+                raise AqexportError(f"no MatMul/Gemm on '{path}.weight' in the graph", "run StableNamesPass first")
+            transposed = site.node.op_type == "MatMul" or not _transb(site.node)
+            array = weight.float().numpy()
+            folded = new_initializer(graph, f"{path}.weight_folded", array.T if transposed else array)
+            site.node.replace_input_with(1, folded)
+            if path in self.biases:
+                bias = new_initializer(graph, f"{path}.bias_folded", self.biases[path].float().numpy())
+                if site.bias_node is not None:
+                    site.bias_node.replace_input_with(site.bias_index, bias)
+                else:
+                    _add_after(graph, site.node, bias)
+        return ir.passes.PassResult(model, modified=bool(self.weights))
+
+
+def _transb(node: ir.Node) -> bool:
+    attribute = node.attributes.get("transB")
+    return bool(attribute is not None and attribute.value)
+
+
+def _add_after(graph: ir.Graph, node: ir.Node, bias: ir.Value) -> None:
+    output = node.outputs[0]
+    uses = list(output.uses())
+    add = ir.node("Add", [output, bias], name=f"{node.name}/bias_folded")
+    graph.insert_after(node, [add])
+    for consumer, index in uses:
+        consumer.replace_input_with(index, add.outputs[0])
+    if output in graph.outputs:
+        name, output.name = output.name, None
+        add.outputs[0].name = name
+        add.outputs[0].type, add.outputs[0].shape = output.type, output.shape
+        graph.outputs[graph.outputs.index(output)] = add.outputs[0]
