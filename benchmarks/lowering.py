@@ -101,7 +101,7 @@ def main() -> None:
         for preset in args.variants.split(","):
             if preset in results and not args.rerun:
                 continue
-            results[preset] = build_preset(preset, Path(tmp))
+            results[preset] = {**build_preset(preset, Path(tmp)), "commit": commit_id()}
             RESULTS.write_text(json.dumps(results, indent=1))
             print(preset, {k: v for k, v in results[preset].items() if k != "passes"}, flush=True)
     fp32_bytes = results["fp32"]["model_bytes"] if "fp32" in results else None
@@ -112,7 +112,7 @@ def main() -> None:
         rows.append(
             f"| {preset} | {r['fp_perplexity']:.4f} | {r['fake_quant_perplexity']:.4f} | {r['onnx_perplexity']:.4f} "
             f"| {100 * r['relative_difference']:.4f} % | {r['greedy_identical']} | {size:.1f} MiB ({ratio}) "
-            f"| {r['timings'].get('lower', 0):.1f} s |"
+            f"| {r['timings'].get('lower', 0):.1f} s | {r.get('commit', 'before 2818c68')} |"
         )
         for p in r["passes"]:
             pass_rows.append(
@@ -130,11 +130,11 @@ token with an explicit float subgraph (simulation: no ORT kernel runs per-token 
 activations). `headN-embM`: LM head as N-bit MatMulNBits and embedding as M-bit
 GatherBlockQuantized (RTN, groups of 128); otherwise both stay fp32. `llm_int8`: τ = 6, dynamic
 (bitsandbytes) or static (outlier set from calibration) split. {fp32_note}
-Machine: {machine()}. Measured {date.today()} at commit {commit_id()} with
-`python benchmarks/lowering.py` (rows are cached in `benchmarks/out/lowering.json` between runs).
+Machine: {machine()}. Table written {date.today()} by `python benchmarks/lowering.py`; rows are
+cached in `benchmarks/out/lowering.json` between runs, so each row names the commit it was built at.
 
-| variant | fp ppl | fake-quant ppl | ORT ppl | ORT vs fake-quant | greedy same | size | lowering |
-|---|---|---|---|---|---|---|---|
+| variant | fp ppl | fake-quant ppl | ORT ppl | ORT vs fake-quant | greedy same | size | lowering | commit |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Per pass (node counts before → after, time):
