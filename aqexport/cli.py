@@ -1,4 +1,4 @@
-"""``aqexport`` command line: build, run, eval, inspect.
+"""``aqexport`` command line: build, calibrate, run, eval, bench, inspect.
 
 Every failure the user can act on is an ``AqexportError`` and prints as one line
 ``error: <cause> — fix: <fix>`` with exit status 2 for bad input and 1 for runtime failures.
@@ -179,6 +179,56 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
         f"decode {result.decode_tokens_per_second:.1f} tok/s; providers {', '.join(info.used)}]",
         err=True,
     )
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers") from None
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter("give at least one positive length")
+    return lengths
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--prefill", default="128,512,2048", show_default=True, callback=_int_list, help="Prefill lengths.")
+@click.option("--decode-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--decode-context", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0))
+@click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
+@click.option("--provider", "providers", multiple=True, type=PROVIDERS, default=("cpu",), show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, threads, providers, as_json):
+    """Measure prefill / decode throughput, time to first token and peak RSS of ARTIFACT."""
+    import time
+
+    from aqexport.runtime import create_session
+    from aqexport.runtime.bench import bench_session, current_rss_mib
+
+    directory = _artifact_dir(artifact)
+    config_file = directory / "config.json"
+    vocab = json.loads(config_file.read_text()).get("vocab_size") if config_file.is_file() else None
+    rss = current_rss_mib()
+    start = time.perf_counter()
+    session, info = create_session(directory, providers, intra_op_threads=threads)
+    loaded = time.perf_counter() - start
+    result = bench_session(session, prefill, decode_tokens, decode_context, repeats, warmup, 0, vocab, rss, loaded)
+    data = {"artifact": str(directory), "providers": info.used, "threads": threads, **result.as_dict()}
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    for length, spread in result.prefill_tokens_per_second.items():
+        click.echo(f"prefill {length:>5}: {spread.median:9.1f} tok/s  (min {spread.min:.1f}, max {spread.max:.1f})")
+    ttft, decode = result.time_to_first_token_ms, result.decode_tokens_per_second
+    click.echo(f"first token ({prefill[0]} prompt): {ttft.median:.1f} ms  (min {ttft.min:.1f}, max {ttft.max:.1f})")
+    click.echo(
+        f"decode ({decode_tokens} after {decode_context}): {decode.median:.1f} tok/s  "
+        f"(min {decode.min:.1f}, max {decode.max:.1f})"
+    )
+    click.echo(f"peak RSS {result.peak_rss_mib:.0f} MiB (before session {rss:.0f} MiB); session {loaded:.1f} s")
 
 
 @cli.command(name="eval")
