@@ -1,0 +1,165 @@
+"""Speed of SmolLM2-135M-Instruct artifacts on this machine, ours next to onnxruntime-genai's
+model builder, all measured in one run by the same harness (``aqexport bench``).
+
+Artifacts (built into ``benchmarks/out/artifacts/`` if missing; the quantized ones reuse the
+plans of ``benchmarks/calibration.py`` when present):
+
+* ``aqexport fp32``: the plain dynamo export;
+* ``aqexport int8``: RTN w8a16, LM head and embedding int8 (8-bit MatMulNBits, GatherBlockQuantized);
+* ``aqexport int4``: affinequant w4a16g128, LM head int8, embedding int4 (the example config);
+* ``builder fp32`` / ``builder int4``: ``python -m onnxruntime_genai.models.builder`` (``-e cpu``)
+  on the same weights saved as a Hugging Face folder.
+
+Each artifact is benchmarked in its own process (``aqexport bench --json``) so peak RSS is that
+artifact's: prefill 128/512/2048, decode 64 tokens after 128, 3 repeats after 1 warm-up.
+
+    python benchmarks/execution.py [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import commit_id, write_section  # noqa: E402
+from skeleton import machine  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+OUT = ROOT / "benchmarks" / "out"
+ARTIFACTS = OUT / "artifacts"
+RESULTS = OUT / "execution.json"
+
+OURS: dict[str, dict] = {
+    "aqexport fp32": {"recipe": "none"},
+    "aqexport int8": {"recipe": "rtn", "preset": "w8a16", "lm_head": "int8", "embedding": "int8"},
+    "aqexport int4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8", "embedding": "int4"},
+}
+BUILDER = {"builder fp32": "fp32", "builder int4": "int4"}
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "-")
+
+
+def build_ours(name: str, quantization: dict) -> Path:
+    directory = ARTIFACTS / _slug(name)
+    if (directory / "model.onnx").exists():
+        return directory
+    config = {
+        "model": {"source": "default"},
+        "quantization": quantization,
+        "evaluation": {"text": str(DATA / "test.txt"), "seqlen": 512, "max_windows": 8, "generate_tokens": 16},
+        "output": {"dir": str(directory)},
+    }
+    if quantization["recipe"] != "none":
+        plan = OUT / "plans" / f"{quantization['recipe']}-{quantization['preset']}"
+        config["calibration"] = {"data": str(DATA / "valid.txt"), "plan_dir": str(plan)}
+    path = ARTIFACTS / f"{_slug(name)}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([sys.executable, "-m", "aqexport.cli", "build", str(path)], check=True, cwd=ROOT)
+    return directory
+
+
+def hf_folder() -> Path:
+    """The packaged GGUF weights as a Hugging Face folder, which the model builder reads."""
+    folder = ARTIFACTS / "hf-smollm2"
+    if not (folder / "config.json").exists():
+        from aqexport.config import ModelSpec
+        from aqexport.sources import load_model
+
+        from transformers import AutoModelForCausalLM
+
+        loaded = load_model(ModelSpec(), ROOT)
+        # transformers refuses to save a model loaded from GGUF ("quantized with gguf"); the
+        # weights are plain fp32 once loaded, so copy them into a fresh model of the same config.
+        config = loaded.model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(loaded.model.state_dict())
+        fresh.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_builder(name: str, precision: str) -> Path:
+    directory = ARTIFACTS / _slug(name)
+    if not (directory / "model.onnx").exists():
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+        command += ["-i", str(hf_folder()), "-o", str(directory), "-p", precision, "-e", "cpu"]
+        command += ["-c", str(ARTIFACTS / "builder-cache")]
+        subprocess.run(command, check=True, cwd=ROOT)
+    return directory
+
+
+def bench(directory: Path, repeats: int, threads: int) -> dict:
+    command = [sys.executable, "-m", "aqexport.cli", "bench", str(directory), "--json"]
+    command += ["--repeats", str(repeats), "--threads", str(threads)]
+    done = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def size_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    directories = {name: build_ours(name, quantization) for name, quantization in OURS.items()}
+    directories.update({name: build_builder(name, precision) for name, precision in BUILDER.items()})
+    results = {}
+    for name, directory in directories.items():  # one pass after all builds: same machine state
+        results[name] = {**bench(directory, args.repeats, args.threads), "bytes": size_bytes(directory)}
+        print(name, json.dumps(results[name])[:300], flush=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    write_report(results, args)
+
+
+def write_report(results: dict, args) -> None:
+    fp32 = results["aqexport fp32"]
+    builder_int4 = results.get("builder int4")
+    rows = []
+    for name, r in results.items():
+        prefill = r["prefill_tokens_per_second"]
+        decode = r["decode_tokens_per_second"]["median"]
+        rows.append(
+            f"| {name} | {r['bytes'] / 2**20:.0f} MiB | "
+            + " | ".join(f"{prefill[length]['median']:.0f}" for length in ("128", "512", "2048"))
+            + f" | {r['time_to_first_token_ms']['median']:.0f} ms | {decode:.1f} "
+            f"({r['decode_tokens_per_second']['min']:.1f}–{r['decode_tokens_per_second']['max']:.1f}) "
+            f"| {decode / fp32['decode_tokens_per_second']['median']:.2f}× | "
+            + (f"{decode / builder_int4['decode_tokens_per_second']['median']:.2f}×" if builder_int4 else "–")
+            + f" | {r['peak_rss_mib']:.0f} MiB |"
+        )
+    body = f"""
+## Execution speed: SmolLM2-135M-Instruct on ONNX Runtime (CPU EP), ours and the genai model builder's
+
+`python benchmarks/execution.py --repeats {args.repeats} --threads {args.threads}` at commit {commit_id()},
+{date.today()}. Machine: {machine()}. Every artifact through the same harness, `aqexport bench`
+(IO-bound KV cache; random tokens; batch 1; {args.threads} intra-op threads), each in its own
+process. Prefill: tokens/s of one forward from an empty cache (logits included), median of
+{args.repeats}. First token: prefill of 128. Decode: 64 greedy tokens after 128, median (min–max).
+
+| artifact | size | prefill 128 | prefill 512 | prefill 2048 | first token | decode tok/s | vs our fp32 | vs builder int4 | peak RSS |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    print(write_section("execution", body))
+
+
+if __name__ == "__main__":
+    main()
