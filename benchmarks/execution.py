@@ -74,10 +74,10 @@ def hf_folder() -> Path:
     """The packaged GGUF weights as a Hugging Face folder, which the model builder reads."""
     folder = ARTIFACTS / "hf-smollm2"
     if not (folder / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
         from aqexport.config import ModelSpec
         from aqexport.sources import load_model
-
-        from transformers import AutoModelForCausalLM
 
         loaded = load_model(ModelSpec(), ROOT)
         # transformers refuses to save a model loaded from GGUF ("quantized with gguf"); the
@@ -95,8 +95,8 @@ def hf_folder() -> Path:
 def build_builder(name: str, precision: str) -> Path:
     directory = ARTIFACTS / _slug(name)
     if not (directory / "model.onnx").exists():
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", "HuggingFaceTB/SmolLM2-135M-Instruct"]
-        command += ["-i", str(hf_folder()), "-o", str(directory), "-p", precision, "-e", "cpu"]
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+        command += ["-m", "HuggingFaceTB/SmolLM2-135M-Instruct", "-i", str(hf_folder()), "-o", str(directory), "-p", precision, "-e", "cpu"]
         command += ["-c", str(ARTIFACTS / "builder-cache")]
         subprocess.run(command, check=True, cwd=ROOT)
     return directory
@@ -154,7 +154,8 @@ def write_report(results: dict, args) -> None:
 process. Prefill: tokens/s of one forward from an empty cache (logits included), median of
 {args.repeats}. First token: prefill of 128. Decode: 64 greedy tokens after 128, median (min–max).
 
-| artifact | size | prefill 128 | prefill 512 | prefill 2048 | first token | decode tok/s | vs our fp32 | vs builder int4 | peak RSS |
+| artifact | size | prefill 128 | prefill 512 | prefill 2048 | first token | decode tok/s | vs our fp32 \
+| vs builder int4 | peak RSS |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
