@@ -96,7 +96,8 @@ def build_builder(name: str, precision: str) -> Path:
     directory = ARTIFACTS / _slug(name)
     if not (directory / "model.onnx").exists():
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-        command += ["-m", "HuggingFaceTB/SmolLM2-135M-Instruct", "-i", str(hf_folder()), "-o", str(directory), "-p", precision, "-e", "cpu"]
+        command += ["-m", "HuggingFaceTB/SmolLM2-135M-Instruct", "-i", str(hf_folder())]
+        command += ["-o", str(directory), "-p", precision, "-e", "cpu"]
         command += ["-c", str(ARTIFACTS / "builder-cache")]
         subprocess.run(command, check=True, cwd=ROOT)
     return directory
