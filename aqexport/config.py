@@ -126,6 +126,7 @@ class TargetSpec(_Section):
     providers: tuple[Provider, ...] = ("cpu",)
     opset: int = Field(21, ge=21, le=23)
     formats: tuple[Literal["onnx", "ort"], ...] = ("onnx",)
+    fuse: bool = Field(True, description="ONNX Runtime contrib-op fusions (RMSNorm, skip-RMSNorm, rotary, attention)")
     weight_format: Literal["matmul_nbits", "qdq"] = Field(
         "matmul_nbits",
         description="com.microsoft.MatMulNBits (CPU/CUDA kernels), or standard DequantizeLinear → MatMul (any EP)",

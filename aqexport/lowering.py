@@ -20,12 +20,13 @@ from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.passes import (
     ActivationQuantPass,
     FoldAffinePass,
+    OrtFusionsPass,
     QuantizeEmbeddingPass,
     QuantizeWeightsPass,
     StableNamesPass,
 )
 
-__all__ = ["cleanup_passes", "fp_passes", "quantized_passes", "run_passes"]
+__all__ = ["cleanup_passes", "fp_passes", "fusion_passes", "quantized_passes", "run_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
       tensors (onnx_ir 1.1: ``ndarray is not C-contiguous``).
     * Shape inference is not strict: contrib ops have no ONNX shape functions.
     * ``onnx.checker`` with ``full_check`` runs on the written file (``pipeline.write_stage``),
-      where it can stream external data instead of serializing the model a second time.
+      where it can stream external data, or, when fusions follow, in ``fusion_passes``.
     """
     return [
         FoldConstantsPass(
@@ -63,9 +64,22 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-def fp_passes() -> list[ir.passes.PassBase]:
-    """Passes for an unquantized artifact: stable names, then the common cleanup."""
-    return [StableNamesPass(), *cleanup_passes()]
+def fusion_passes() -> list[ir.passes.PassBase]:
+    """ORT contrib-op fusions, after ``onnx.checker`` (full check) has seen the graph: fused
+    graphs hold ``SimplifiedLayerNormalization``, which ONNX Runtime registers in the ONNX
+    domain but the ONNX checker does not know. ONNX Runtime's own session creation (verify
+    stage) checks the fused graph."""
+    return [
+        common_passes.CheckerPass(full_check=True),
+        OrtFusionsPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.TopologicalSortPass(),
+    ]
+
+
+def fp_passes(fuse: bool = True) -> list[ir.passes.PassBase]:
+    """Passes for an unquantized artifact: stable names, the common cleanup, fusions."""
+    return [StableNamesPass(), *cleanup_passes(), *(fusion_passes() if fuse else [])]
 
 
 def quantized_passes(
@@ -74,11 +88,13 @@ def quantized_passes(
     embedding: Mapping[str, LinearPlan] | None = None,
     accuracy_level: int = 0,
     weight_format: str = "matmul_nbits",
+    fuse: bool = True,
 ) -> list[ir.passes.PassBase]:
     """Passes that lower a QuantPlan: names first (the plan is keyed by module path), then the
     input side of every transform, activation quantizers, and the weights last (the first two
-    find linears by their float weights). ``lm_head`` / ``embedding``: the model's ends,
-    quantized outside the plan (``aqexport.calibrate.edges``)."""
+    find linears by their float weights), then ORT fusions of the float remainder.
+    ``lm_head`` / ``embedding``: the model's ends, quantized outside the plan
+    (``aqexport.calibrate.edges``)."""
     return [
         StableNamesPass(),
         FoldAffinePass(plan),
@@ -86,6 +102,7 @@ def quantized_passes(
         QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, accuracy_level, weight_format),
         QuantizeEmbeddingPass(embedding or {}),
         *cleanup_passes(),
+        *(fusion_passes() if fuse else []),
     ]
 
 

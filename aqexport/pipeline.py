@@ -101,21 +101,24 @@ def calibrate_stage(ctx: BuildContext) -> None:
 
 
 def lower_stage(ctx: BuildContext) -> None:
+    target = ctx.config.target
     if ctx.plan is None:
-        passes = fp_passes()
+        passes = fp_passes(target.fuse)
     else:
         if ctx.ladder is not None:
             ctx.report["parity_ladder"] = ctx.ladder.fold(ctx.plan, *ctx.folded_weights)
             ctx.ladder, ctx.folded_weights = None, None
-        target = ctx.config.target
-        passes = quantized_passes(ctx.plan, ctx.lm_head, ctx.embedding, target.accuracy_level, target.weight_format)
+        passes = quantized_passes(
+            ctx.plan, ctx.lm_head, ctx.embedding, target.accuracy_level, target.weight_format, target.fuse
+        )
     ctx.pass_stats = run_passes(ctx.graph, passes)
 
 
 def write_stage(ctx: BuildContext) -> None:
     loaded = ctx.loaded
     path = save_model(ctx.graph, ctx.staging)
-    onnx.checker.check_model(str(path), full_check=True)
+    if not ctx.config.target.fuse:  # a fused graph was checked before fusion (lowering.fusion_passes)
+        onnx.checker.check_model(str(path), full_check=True)
     loaded.tokenizer.save_pretrained(ctx.staging)
     loaded.model.config.to_json_file(ctx.staging / "config.json")
     genai = build_genai_config(

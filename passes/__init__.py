@@ -2,8 +2,16 @@
 
 from aqexport.passes.activation_quant import ActivationQuantPass
 from aqexport.passes.fold_affine import FoldAffinePass
+from aqexport.passes.ort_fusions import OrtFusionsPass
 from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
 from aqexport.passes.stable_names import StableNamesPass
 
-__all__ = ["ActivationQuantPass", "FoldAffinePass", "QuantizeEmbeddingPass", "QuantizeWeightsPass", "StableNamesPass"]
+__all__ = [
+    "ActivationQuantPass",
+    "FoldAffinePass",
+    "OrtFusionsPass",
+    "QuantizeEmbeddingPass",
+    "QuantizeWeightsPass",
+    "StableNamesPass",
+]
