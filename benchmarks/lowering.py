@@ -112,7 +112,7 @@ def main() -> None:
         rows.append(
             f"| {preset} | {r['fp_perplexity']:.4f} | {r['fake_quant_perplexity']:.4f} | {r['onnx_perplexity']:.4f} "
             f"| {100 * r['relative_difference']:.4f} % | {r['greedy_identical']} | {size:.1f} MiB ({ratio}) "
-            f"| {r['timings'].get('lower', 0):.1f} s | {r.get('commit', 'before 2818c68')} |"
+            f"| {r['timings'].get('lower', 0):.1f} s | {r.get('commit', '?')} |"
         )
         for p in r["passes"]:
             pass_rows.append(
