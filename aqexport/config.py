@@ -43,7 +43,7 @@ Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
 #: the rest with one line instead of a half-built artifact.
 CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"})
 IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"}) | CALIBRATED_RECIPES
-IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu"})
+IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu", "cuda"})
 IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx"})
 
 

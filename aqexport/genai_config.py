@@ -31,6 +31,7 @@ def build_genai_config(
     *,
     filename: str = "model.onnx",
     share_buffer: bool = False,
+    provider: str | None = None,
 ) -> dict[str, Any]:
     text = hf_config.get_text_config()
     eos = _token_ids(getattr(generation_config, "eos_token_id", None) or text.eos_token_id)
@@ -43,7 +44,10 @@ def build_genai_config(
             "bos_token_id": _token_ids(text.bos_token_id),
             "context_length": context,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": [{provider: {}}] if provider else [],
+                },
                 "filename": filename,
                 "head_size": layout.head_dims[0],
                 "hidden_size": int(text.hidden_size),

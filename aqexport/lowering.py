@@ -25,8 +25,9 @@ from aqexport.passes import (
     QuantizeWeightsPass,
     StableNamesPass,
 )
+from aqexport.passes.float16 import Float16Pass
 
-__all__ = ["cleanup_passes", "fp_passes", "fusion_passes", "quantized_passes", "run_passes"]
+__all__ = ["cleanup_passes", "fp_passes", "fusion_passes", "profile_passes", "quantized_passes", "run_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,14 @@ def quantized_passes(
     ]
 
 
-def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> list[dict[str, Any]]:
+def profile_passes(profile: str) -> list[ir.passes.PassBase]:
+    """What a target profile adds at the very end: ``cuda`` converts to float16 (activations,
+    weights' scales, KV cache); ``cpu`` keeps float32."""
+    return [Float16Pass()] if profile == "cuda" else []
+
+
+def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> tuple[ir.Model, list[dict[str, Any]]]:
+    """The final model (functional passes return a new one) and per-pass statistics."""
     stats = []
     for graph_pass in passes:
         before = sum(1 for _ in model.graph.all_nodes())
@@ -123,4 +131,4 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> list[di
             }
         )
         logger.info("%s: %s", stats[-1]["pass"], stats[-1])
-    return stats
+    return model, stats

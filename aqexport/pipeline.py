@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from aqexport import __version__
 from aqexport.artifact import (
@@ -38,7 +39,7 @@ from aqexport.capture import CacheLayout, cache_layout, export_onnx, untie_lm_he
 from aqexport.config import BuildConfig, require_buildable
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
-from aqexport.lowering import fp_passes, quantized_passes, run_passes
+from aqexport.lowering import fp_passes, profile_passes, quantized_passes, run_passes
 from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
 from aqexport.verify import verify_artifact
@@ -111,7 +112,7 @@ def lower_stage(ctx: BuildContext) -> None:
         passes = quantized_passes(
             ctx.plan, ctx.lm_head, ctx.embedding, target.accuracy_level, target.weight_format, target.fuse
         )
-    ctx.pass_stats = run_passes(ctx.graph, passes)
+    ctx.graph, ctx.pass_stats = run_passes(ctx.graph, [*passes, *profile_passes(target.profile)])
 
 
 def write_stage(ctx: BuildContext) -> None:
@@ -122,13 +123,23 @@ def write_stage(ctx: BuildContext) -> None:
     loaded.tokenizer.save_pretrained(ctx.staging)
     loaded.model.config.to_json_file(ctx.staging / "config.json")
     genai = build_genai_config(
-        loaded.model.config, loaded.model.generation_config, ctx.layout, loaded.architecture.genai_type
+        loaded.model.config,
+        loaded.model.generation_config,
+        ctx.layout,
+        loaded.architecture.genai_type,
+        provider="cuda" if ctx.config.target.profile == "cuda" else None,
     )
     write_json(ctx.staging / "genai_config.json", genai)
     ctx.graph = None  # the saved file is the artifact from here on; free the in-memory copy
 
 
 def verify_stage(ctx: BuildContext) -> None:
+    if ctx.config.target.profile == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        ctx.report["verification"] = {
+            "skipped": "target.profile cuda: this onnxruntime has no CUDA execution provider; the artifact "
+            "passed onnx.checker and its structure is tested, run 'aqexport eval --provider cuda' on a GPU"
+        }
+        return
     ctx.report["verification"] = verify_artifact(
         ctx.staging,
         ctx.loaded.model,
