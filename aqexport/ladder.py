@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
+from onnx_ir.passes import common as common_passes
 
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.passes import FoldAffinePass, StableNamesPass
@@ -75,7 +76,13 @@ class FpLadder:
             return self.report
         folded_model = ir.serde.deserialize_model(self.proto)
         self.proto = None
-        for graph_pass in (StableNamesPass(), FoldAffinePass(plan), FloatWeightsPass(weights, biases)):
+        passes = (
+            StableNamesPass(),
+            FoldAffinePass(plan),
+            FloatWeightsPass(weights, biases),
+            common_passes.RemoveUnusedNodesPass(),  # drops the replaced weights too
+        )
+        for graph_pass in passes:
             graph_pass(folded_model)
         folded = _prefill_logits(ir.serde.serialize_model(folded_model).SerializeToString(), self.prompt)
         self.report["folded_fp_vs_eager"] = compare_logits(folded, self.eager_logits)
