@@ -211,11 +211,15 @@ def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, thr
     directory = _artifact_dir(artifact)
     config_file = directory / "config.json"
     vocab = json.loads(config_file.read_text()).get("vocab_size") if config_file.is_file() else None
+    genai_file = directory / "genai_config.json"
+    head_dim = json.loads(genai_file.read_text())["model"]["decoder"].get("head_size") if genai_file.is_file() else None
     rss = current_rss_mib()
     start = time.perf_counter()
     session, info = create_session(directory, providers, intra_op_threads=threads)
     loaded = time.perf_counter() - start
-    result = bench_session(session, prefill, decode_tokens, decode_context, repeats, warmup, 0, vocab, rss, loaded)
+    result = bench_session(
+        session, prefill, decode_tokens, decode_context, repeats, warmup, 0, vocab, rss, loaded, head_dim
+    )
     data = {"artifact": str(directory), "providers": info.used, "threads": threads, **result.as_dict()}
     if as_json:
         click.echo(json.dumps(data))

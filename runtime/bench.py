@@ -126,8 +126,9 @@ def bench_session(
     vocab_size: int | None = None,
     rss_before_session_mib: float = 0.0,
     session_seconds: float = 0.0,
+    head_dim: int | None = None,
 ) -> BenchResult:
-    decoder = OnnxDecoder(session)
+    decoder = OnnxDecoder(session, head_dim)
     bound = _BoundDecoder(decoder)
     vocab = vocab_size or 1000
     rng = np.random.default_rng(seed)

@@ -27,7 +27,10 @@ class _PastSpec:
 
 
 class OnnxDecoder:
-    def __init__(self, session: ort.InferenceSession) -> None:
+    """``head_dim`` is needed only for graphs whose KV inputs leave it symbolic (the genai model
+    builder's ``kv_cache_dim``); it is read from the metadata otherwise."""
+
+    def __init__(self, session: ort.InferenceSession, head_dim: int | None = None) -> None:
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -36,8 +39,11 @@ class OnnxDecoder:
             match = _PAST.match(meta.name)
             if match:
                 layer, kind = int(match.group(1)), match.group(2)
+                size = meta.shape[3] if isinstance(meta.shape[3], int) else head_dim
+                if size is None:
+                    raise ValueError(f"'{meta.name}' has a symbolic head size ({meta.shape[3]}): pass head_dim")
                 past.setdefault(layer, {})[kind] = _PastSpec(
-                    meta.name, int(meta.shape[1]), int(meta.shape[3]), _NUMPY_DTYPES[meta.type]
+                    meta.name, int(meta.shape[1]), size, _NUMPY_DTYPES[meta.type]
                 )
         self.past_specs = [past[i] for i in sorted(past)]
         self.num_layers = len(self.past_specs)
