@@ -88,6 +88,7 @@ def build_preset(preset: str, work: Path) -> dict:
         "timings": report["timings"],
         "passes": manifest["passes"],
         "activations": report["quantization"].get("activations"),
+        "ladder": report.get("parity_ladder"),
     }
 
 
@@ -109,10 +110,12 @@ def main() -> None:
     for preset, r in results.items():
         size = r["model_bytes"] / 2**20
         ratio = f"{r['model_bytes'] / fp32_bytes:.2f}×" if fp32_bytes else "–"
+        ladder = r.get("ladder") or {}
+        folded = f"{ladder['folded_fp_vs_eager']['max_rel']:.1e}" if "folded_fp_vs_eager" in ladder else "–"
         rows.append(
             f"| {preset} | {r['fp_perplexity']:.4f} | {r['fake_quant_perplexity']:.4f} | {r['onnx_perplexity']:.4f} "
             f"| {100 * r['relative_difference']:.4f} % | {r['greedy_identical']} | {size:.1f} MiB ({ratio}) "
-            f"| {r['timings'].get('lower', 0):.1f} s | {r.get('commit', '?')} |"
+            f"| {r['timings'].get('lower', 0):.1f} s | {folded} | {r.get('commit', '?')} |"
         )
         for p in r["passes"]:
             pass_rows.append(
@@ -129,12 +132,14 @@ Weights are `MatMulNBits` (4-bit; 8-bit for w8a8 and llm_int8); activation prese
 token with an explicit float subgraph (simulation: no ORT kernel runs per-token integer
 activations). `headN-embM`: LM head as N-bit MatMulNBits and embedding as M-bit
 GatherBlockQuantized (RTN, groups of 128); otherwise both stay fp32. `llm_int8`: τ = 6, dynamic
-(bitsandbytes) or static (outlier set from calibration) split. {fp32_note}
+(bitsandbytes) or static (outlier set from calibration) split. "folded fp": max relative logit
+difference of the graph with the transforms folded in but weights unquantized, against HF eager
+(the parity ladder; rows without it predate it). {fp32_note}
 Machine: {machine()}. Table written {date.today()} by `python benchmarks/lowering.py`; rows are
 cached in `benchmarks/out/lowering.json` between runs, so each row names the commit it was built at.
 
-| variant | fp ppl | fake-quant ppl | ORT ppl | ORT vs fake-quant | greedy same | size | lowering | commit |
-|---|---|---|---|---|---|---|---|---|
+| variant | fp ppl | fake-quant ppl | ORT ppl | ORT vs fake-quant | greedy same | size | lowering | folded fp | commit |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Per pass (node counts before → after, time):
