@@ -87,7 +87,7 @@ def quantized_passes(
     plan: QuantPlan,
     lm_head: Mapping[str, LinearPlan] | None = None,
     embedding: Mapping[str, LinearPlan] | None = None,
-    accuracy_level: int = 0,
+    accuracy_level: int | None = None,
     weight_format: str = "matmul_nbits",
     fuse: bool = True,
 ) -> list[ir.passes.PassBase]:

@@ -40,6 +40,7 @@ from aqexport.config import BuildConfig, require_buildable
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import fp_passes, profile_passes, quantized_passes, run_passes
+from aqexport.passes import QuantizeWeightsPass
 from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
 from aqexport.verify import verify_artifact
@@ -62,6 +63,7 @@ class BuildContext:
     embedding: dict[str, LinearPlan] = field(default_factory=dict)
     ladder: FpLadder | None = None
     folded_weights: tuple[dict, dict] | None = None  # unquantized transformed weights and biases
+    passes: list[Any] = field(default_factory=list)
     pass_stats: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -112,7 +114,8 @@ def lower_stage(ctx: BuildContext) -> None:
         passes = quantized_passes(
             ctx.plan, ctx.lm_head, ctx.embedding, target.accuracy_level, target.weight_format, target.fuse
         )
-    ctx.graph, ctx.pass_stats = run_passes(ctx.graph, [*passes, *profile_passes(target.profile)])
+    ctx.passes = [*passes, *profile_passes(target.profile)]
+    ctx.graph, ctx.pass_stats = run_passes(ctx.graph, ctx.passes)
 
 
 def write_stage(ctx: BuildContext) -> None:
@@ -146,7 +149,7 @@ def verify_stage(ctx: BuildContext) -> None:
         ctx.loaded.tokenizer,
         ctx.config.evaluation,
         ctx.config.target.providers,
-        ctx.config.target.accuracy_level,
+        ctx.config.target.accuracy_level or 0,
     )
 
 
@@ -193,12 +196,13 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
         "lm_head": quant.lm_head,
         "embedding": quant.embedding,
         "accuracy_level": ctx.config.target.accuracy_level,
+        "integer_activation_linears": _integer_activation_linears(ctx),
         "weight_format": ctx.config.target.weight_format,
     }
-    if ctx.config.target.accuracy_level == 4:
+    if summary["integer_activation_linears"]:
         summary["accuracy_level_note"] = (
-            "MatMulNBits quantizes its input to int8 per block at run time: the artifact departs "
-            "from the calibrated plan by that rounding"
+            "these linears run MatMulNBits at accuracy_level 4, which quantizes their input to int8 per block "
+            "at run time: the artifact departs from the calibrated plan by that rounding (verification measures it)"
         )
     if ctx.plan is not None and any(
         e.activation is not None for b in ctx.plan.blocks.values() for e in b.linears.values()
@@ -210,6 +214,14 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
             "no ONNX Runtime kernel runs integer activations per token"
         )
     return summary
+
+
+def _integer_activation_linears(ctx: BuildContext) -> list[str]:
+    """Linears whose MatMulNBits node has an accuracy_level (read back from the pass)."""
+    for graph_pass in ctx.passes:
+        if isinstance(graph_pass, QuantizeWeightsPass):
+            return list(graph_pass.integer_activations)
+    return []
 
 
 def _scheme(scheme) -> dict[str, Any]:
