@@ -37,17 +37,28 @@ RESULTS = OUT / "lowering.json"
 FP32_REPORT = ROOT / "build" / "smollm2-fp32" / "report.json"  # from benchmarks/skeleton.py, if built
 
 
-#: name -> quantization section (plans are shared by variants that differ only in lowering).
+#: name -> quantization section and optional target section (plans are shared by variants that
+#: differ only in lowering). ``-level0``: 8-bit MatMulNBits at accuracy_level 0 (exact, slow on
+#: CPU); without it the default (auto: level 4 for 8-bit weights).
 VARIANTS: dict[str, dict] = {
     "fp32": {"recipe": "none"},
     "w4a16g128": {"recipe": "affinequant", "preset": "w4a16g128"},
     "w4a16g128-head8-emb4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8", "embedding": "int4"},
     "w4a16g128-head4-emb4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int4", "embedding": "int4"},
     "w8a8": {"recipe": "affinequant", "preset": "w8a8"},
+    "w8a8-level0": {"recipe": "affinequant", "preset": "w8a8", "target": {"accuracy_level": 0}},
     "w4a8": {"recipe": "affinequant", "preset": "w4a8"},
     "w4a4": {"recipe": "affinequant", "preset": "w4a4"},
+    "w4a16g128-head8-emb4-level0": {
+        "recipe": "affinequant",
+        "preset": "w4a16g128",
+        "lm_head": "int8",
+        "embedding": "int4",
+        "target": {"accuracy_level": 0},
+    },
     "llm_int8": {"recipe": "llm_int8"},
-    "llm_int8-static": {"recipe": "llm_int8", "outlier_split": "static"},
+    "llm_int8-level0": {"recipe": "llm_int8", "target": {"accuracy_level": 0}},
+    "llm_int8-static": {"recipe": "llm_int8", "outlier_split": "static", "target": {"accuracy_level": 0}},
 }
 
 
@@ -57,10 +68,11 @@ def plan_name(quantization: dict) -> str:
 
 
 def build_preset(preset: str, work: Path) -> dict:
-    quantization = VARIANTS[preset]
+    quantization = {k: v for k, v in VARIANTS[preset].items() if k != "target"}
     config = {
         "model": {"source": "default"},
         "quantization": quantization,
+        "target": VARIANTS[preset].get("target", {}),
         "evaluation": {"text": str(DATA / "test.txt"), "seqlen": 512, "max_windows": 40, "generate_tokens": 32},
         "output": {"dir": str(work / preset)},
     }
@@ -132,7 +144,9 @@ Weights are `MatMulNBits` (4-bit; 8-bit for w8a8 and llm_int8); activation prese
 token with an explicit float subgraph (simulation: no ORT kernel runs per-token integer
 activations). `headN-embM`: LM head as N-bit MatMulNBits and embedding as M-bit
 GatherBlockQuantized (RTN, groups of 128); otherwise both stay fp32. `llm_int8`: τ = 6, dynamic
-(bitsandbytes) or static (outlier set from calibration) split. "folded fp": max relative logit
+(bitsandbytes) or static (outlier set from calibration) split. `-level0`: 8-bit MatMulNBits at
+accuracy_level 0 (float arithmetic, the plan exactly); otherwise the default, level 4 for 8-bit
+weights (ORT quantizes their inputs to int8 per block), which is what the CPU runs fast. "folded fp": max relative logit
 difference of the graph with the transforms folded in but weights unquantized, against HF eager
 (the parity ladder; rows without it predate it). {fp32_note}
 Machine: {machine()}. Table written {date.today()} by `python benchmarks/lowering.py`; rows are
