@@ -5,8 +5,10 @@ Artifacts (built into ``benchmarks/out/artifacts/`` if missing; the quantized on
 plans of ``benchmarks/calibration.py`` when present):
 
 * ``aqexport fp32``: the plain dynamo export;
-* ``aqexport int8``: RTN w8a16, LM head and embedding int8 (8-bit MatMulNBits, GatherBlockQuantized);
+* ``aqexport int8``: RTN w8a16, LM head and embedding int8 (8-bit MatMulNBits at accuracy_level 4,
+  the default for 8-bit weights, and GatherBlockQuantized);
 * ``aqexport int4``: affinequant w4a16g128, LM head int8, embedding int4 (the example config);
+* ``aqexport int4 level4``: the same with every MatMulNBits at accuracy_level 4, as the builder's;
 * ``builder fp32`` / ``builder int4``: ``python -m onnxruntime_genai.models.builder`` (``-e cpu``)
   on the same weights saved as a Hugging Face folder.
 
@@ -43,6 +45,14 @@ OURS: dict[str, dict] = {
     "aqexport fp32": {"recipe": "none"},
     "aqexport int8": {"recipe": "rtn", "preset": "w8a16", "lm_head": "int8", "embedding": "int8"},
     "aqexport int4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8", "embedding": "int4"},
+    # the builder's CPU int4 runs MatMulNBits at accuracy_level 4 (int8 activations); so can ours
+    "aqexport int4 level4": {
+        "recipe": "affinequant",
+        "preset": "w4a16g128",
+        "lm_head": "int8",
+        "embedding": "int4",
+        "target": {"accuracy_level": 4},
+    },
 }
 BUILDER = {"builder fp32": "fp32", "builder int4": "int4"}
 
@@ -55,9 +65,12 @@ def build_ours(name: str, quantization: dict) -> Path:
     directory = ARTIFACTS / _slug(name)
     if (directory / "model.onnx").exists():
         return directory
+    target = quantization.get("target", {})
+    quantization = {k: v for k, v in quantization.items() if k != "target"}
     config = {
         "model": {"source": "default"},
         "quantization": quantization,
+        "target": target,
         "evaluation": {"text": str(DATA / "test.txt"), "seqlen": 512, "max_windows": 8, "generate_tokens": 16},
         "output": {"dir": str(directory)},
     }
