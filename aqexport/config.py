@@ -241,6 +241,9 @@ def require_calibratable(config: BuildConfig) -> None:
         raise ConfigError("missing key 'quantization.preset'", "add e.g. 'preset: w4a16g128'")
     if config.calibration.data is None:
         raise ConfigError("missing key 'calibration.data'", "point it at the calibration text (WikiText-2 valid)")
+    from aqexport.calibration_run import recipe_from_config  # imports config: here to avoid a cycle
+
+    recipe_from_config(config)  # refuses impossible combinations (llm_int8 at w4a16, …) before any weight loads
 
 
 def require_buildable(config: BuildConfig) -> None:

@@ -196,7 +196,9 @@ def test_calibrate_command_writes_plan_and_report(tiny_model_dir, tmp_path):
     [
         ({"recipe": "none"}, "cannot be calibrated"),
         ({"recipe": "rtn"}, "quantization.preset"),
-        ({"recipe": "llm_int8", "preset": "w8a8"}, "cannot be calibrated"),
+        ({"recipe": "llm_int8", "preset": "w4a16"}, "is W8A8"),
+        ({"recipe": "affinequant", "preset": "w4a16", "outlier_split": "static"}, "applies to recipe llm_int8 only"),
+        ({"recipe": "llm_int8", "activations": "static"}, "per token"),
     ],
 )
 def test_calibrate_refuses_bad_recipes(tiny_model_dir, tmp_path, capsys, quantization, expected):

@@ -27,7 +27,11 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ({"quantization": {"recipe": "gptq"}, "output": {"dir": "out"}}, "quantization.recipe"),
         ({"target": {"opset": 17}, "output": {"dir": "out"}}, "target.opset"),
         ({"evaluation": {"text": "nope.txt"}, "output": {"dir": "out"}}, "evaluation.text: file"),
-        ({"quantization": {"recipe": "llm_int8"}, "output": {"dir": "out"}}, "not available in this version"),
+        ({"target": {"profile": "mobile"}, "output": {"dir": "out"}}, "not available in this version"),
+        (
+            {"quantization": {"recipe": "rtn", "preset": "w4a16", "outlier_split": "static"}, "output": {"dir": "out"}},
+            "missing key 'calibration.data'",
+        ),
         ({"quantization": {"recipe": "affinequant"}, "output": {"dir": "out"}}, "missing key 'quantization.preset'"),
     ],
 )
