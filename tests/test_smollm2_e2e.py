@@ -125,9 +125,12 @@ def smollm2_int4_artifact(tmp_path_factory):
 def test_smollm2_int4_artifact_runs_the_plan(smollm2_int4_artifact, smollm2_artifact):
     report = read_report(smollm2_int4_artifact)
     verification = report["verification"]
-    # ONNX Runtime's MatMulNBits against the PyTorch fake-quant model of the same plan.
-    assert verification["perplexity"]["relative_difference"] <= 1e-3
-    assert verification["logits_parity"]["prefill"]["top1_agreement"] >= 0.99
+    # ONNX Runtime against the PyTorch fake-quant model of the same plan. The int8 LM head runs
+    # MatMulNBits at accuracy_level 4 (the default for 8-bit weights, the only fast CPU kernel),
+    # which rounds its input to int8 per block: the bound, 1 %, not float equality.
+    assert report["quantization"]["integer_activation_linears"] == ["lm_head"]
+    assert verification["perplexity"]["relative_difference"] <= 1e-2
+    assert verification["logits_parity"]["prefill"]["top1_agreement"] >= 0.95
     # The ragged last group (576 = 4.5 × 128) is lowered, and the artifact shrinks.
     manifest = json.loads((smollm2_int4_artifact / "manifest.json").read_text())
     roles = [info.get("role") for info in manifest["quantization"]["linears"].values()]
