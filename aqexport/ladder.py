@@ -17,7 +17,6 @@ skipped for models near protobuf's 2 GB limit (the report says so).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -33,8 +32,6 @@ from aqexport.runtime import OnnxDecoder
 from aqexport.verify import compare_logits
 
 __all__ = ["FpLadder"]
-
-logger = logging.getLogger(__name__)
 
 PROTO_LIMIT_BYTES = 1_800_000_000
 

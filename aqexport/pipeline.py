@@ -204,9 +204,7 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
             "these linears run MatMulNBits at accuracy_level 4, which quantizes their input to int8 per block "
             "at run time: the artifact departs from the calibrated plan by that rounding (verification measures it)"
         )
-    if ctx.plan is not None and any(
-        e.activation is not None for b in ctx.plan.blocks.values() for e in b.linears.values()
-    ):
+    if ctx.plan is not None and any(e.activation is not None for e in ctx.plan.linears().values()):
         summary["activations"] = (
             "static per-tensor QDQ (uint8/uint4) where 8/4-bit, else a float fake-quant subgraph"
             if quant.activations == "static"

@@ -27,17 +27,14 @@ import sys
 from datetime import date
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _builds import OUT, write_smollm2_config  # noqa: E402
 from _report import commit_id, write_section  # noqa: E402
 from skeleton import machine  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-OUT = ROOT / "benchmarks" / "out"
 ARTIFACTS = OUT / "artifacts"
 RESULTS = OUT / "execution.json"
 
@@ -65,20 +62,7 @@ def build_ours(name: str, quantization: dict) -> Path:
     directory = ARTIFACTS / _slug(name)
     if (directory / "model.onnx").exists():
         return directory
-    target = quantization.get("target", {})
-    quantization = {k: v for k, v in quantization.items() if k != "target"}
-    config = {
-        "model": {"source": "default"},
-        "quantization": quantization,
-        "target": target,
-        "evaluation": {"text": str(DATA / "test.txt"), "seqlen": 512, "max_windows": 8, "generate_tokens": 16},
-        "output": {"dir": str(directory)},
-    }
-    if quantization["recipe"] != "none":
-        plan = OUT / "plans" / f"{quantization['recipe']}-{quantization['preset']}"
-        config["calibration"] = {"data": str(DATA / "valid.txt"), "plan_dir": str(plan)}
-    path = ARTIFACTS / f"{_slug(name)}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_smollm2_config(quantization, directory, ARTIFACTS / f"{_slug(name)}.yaml", 8, 16)
     subprocess.run([sys.executable, "-m", "aqexport.cli", "build", str(path)], check=True, cwd=ROOT)
     return directory
 

@@ -19,22 +19,18 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _builds import OUT, write_smollm2_config  # noqa: E402
 from _report import commit_id, write_section  # noqa: E402
 from skeleton import machine  # noqa: E402
 
 from aqexport.config import load_config  # noqa: E402
 from aqexport.pipeline import build  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-OUT = ROOT / "benchmarks" / "out"
 RESULTS = OUT / "lowering.json"
-FP32_REPORT = ROOT / "build" / "smollm2-fp32" / "report.json"  # from benchmarks/skeleton.py, if built
 
 
 #: name -> quantization section and optional target section (plans are shared by variants that
@@ -62,27 +58,8 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def plan_name(quantization: dict) -> str:
-    split = quantization.get("outlier_split")
-    return "-".join(str(v) for v in (quantization["recipe"], quantization.get("preset"), split) if v)
-
-
 def build_preset(preset: str, work: Path) -> dict:
-    quantization = {k: v for k, v in VARIANTS[preset].items() if k != "target"}
-    config = {
-        "model": {"source": "default"},
-        "quantization": quantization,
-        "target": VARIANTS[preset].get("target", {}),
-        "evaluation": {"text": str(DATA / "test.txt"), "seqlen": 512, "max_windows": 40, "generate_tokens": 32},
-        "output": {"dir": str(work / preset)},
-    }
-    if quantization["recipe"] != "none":
-        config["calibration"] = {
-            "data": str(DATA / "valid.txt"),
-            "plan_dir": str(OUT / "plans" / plan_name(quantization)),
-        }
-    path = work / f"{preset}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_smollm2_config(VARIANTS[preset], work / preset, work / f"{preset}.yaml", 40, 32)
     artifact = build(load_config(path), work)
     report = json.loads((artifact / "report.json").read_text())
     manifest = json.loads((artifact / "manifest.json").read_text())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["LinearSite", "find_linear", "new_initializer"]
+__all__ = ["LinearSite", "find_linear", "new_initializer", "take_over"]
 
 
 @dataclass
@@ -73,3 +73,12 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.Dat
     value = ir.Value(name=unique, const_value=ir.tensor(np.ascontiguousarray(array), dtype=dtype, name=unique))
     graph.register_initializer(value)
     return value
+
+
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` everywhere, graph outputs included, under ``old``'s name, type and
+    shape (a graph output must keep both)."""
+    name, old.name = old.name, None
+    new.name = name
+    new.type, new.shape = old.type, old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)

@@ -42,6 +42,17 @@ def _scalar(graph: ir.Graph, name: str, value: float, dtype=np.float32) -> ir.Va
     return new_initializer(graph, name, np.asarray(value, dtype=dtype))
 
 
+def _op_builder(base: str, nodes: list[ir.Node]):
+    """``op(type, *inputs, **attributes) -> output``: appends a node named ``<base>/<type>_<n>``
+    to ``nodes``, which the caller inserts as one subgraph."""
+
+    def op(op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
+        nodes.append(ir.node(op_type, list(inputs), attributes, name=f"{base}/{op_type}_{len(nodes)}"))
+        return nodes[-1].outputs[0]
+
+    return op
+
+
 class ActivationQuantPass(ir.passes.InPlacePass):
     def __init__(self, plan: QuantPlan) -> None:
         super().__init__()
@@ -89,10 +100,7 @@ class ActivationQuantPass(ir.passes.InPlacePass):
         split, width = entry.outlier, entry.codes.shape[1]
         zero = _scalar(graph, f"{path}.input_outlier_zero", 0.0)
         nodes: list[ir.Node] = []
-
-        def op(op_type, *inputs, **attributes):
-            nodes.append(ir.node(op_type, list(inputs), attributes, name=f"{base}/{op_type}_{len(nodes)}"))
-            return nodes[-1].outputs[0]
+        op = _op_builder(base, nodes)
 
         if split.mode == "static":
             mask_array = np.zeros(width, dtype=np.bool_)
@@ -116,10 +124,7 @@ class ActivationQuantPass(ir.passes.InPlacePass):
         qmin, qmax = float(scheme.qmin), float(scheme.qmax)
         low_c, high_c = _scalar(graph, f"{path}.input_qmin", qmin), _scalar(graph, f"{path}.input_qmax", qmax)
         nodes: list[ir.Node] = []
-
-        def op(op_type, *inputs, **attributes):
-            nodes.append(ir.node(op_type, list(inputs), attributes, name=f"{base}/{op_type}_{len(nodes)}"))
-            return nodes[-1].outputs[0]
+        op = _op_builder(base, nodes)
 
         if entry.act_scale is not None:
             scale = _scalar(graph, f"{path}.input_scale", float(entry.act_scale))

@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from aqexport.calibrate.plan import LinearPlan
 from aqexport.errors import AqexportError
-from aqexport.passes._linear_sites import new_initializer
+from aqexport.passes._linear_sites import new_initializer, take_over
 from aqexport.passes._packing import pack_nibbles
 
 __all__ = ["QuantizeEmbeddingPass"]
@@ -99,10 +99,6 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
                 name=f"{base}/GatherBlockQuantized",
             )
             graph.insert_before(gather, [node])
-            output = gather.outputs[0]
-            name, output.name = output.name, None
-            node.outputs[0].name = name
-            node.outputs[0].type, node.outputs[0].shape = output.type, output.shape
-            output.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+            take_over(gather.outputs[0], node.outputs[0])
             graph.remove(gather, safe=True)
             self.replaced += 1

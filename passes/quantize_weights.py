@@ -49,7 +49,7 @@ import onnx_ir as ir
 
 from aqexport.calibrate.plan import LinearPlan
 from aqexport.errors import AqexportError
-from aqexport.passes._linear_sites import LinearSite, find_linear, new_initializer
+from aqexport.passes._linear_sites import LinearSite, find_linear, new_initializer, take_over
 from aqexport.passes._packing import pack_nibbles
 
 __all__ = ["QuantizeWeightsPass", "pack_matmul_nbits"]
@@ -175,10 +175,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             site.bias_node.replace_input_with(site.bias_index, bias)
         graph.insert_before(site.node, nodes)
         final = site.output if site.node.op_type == "Gemm" or site.bias_node is None else site.node.outputs[0]
-        name, final.name = final.name, None
-        output.name = name
-        output.type, output.shape = final.type, final.shape  # it may be a graph output (the LM head)
-        final.replace_all_uses_with(output, replace_graph_outputs=True)
+        take_over(final, output)  # it may be a graph output (the LM head)
         graph.remove(site.node, safe=True)
         self.replaced += 1
 
