@@ -20,6 +20,7 @@ from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.passes import (
     ActivationQuantPass,
     FoldAffinePass,
+    GroupQueryAttentionPass,
     OrtFusionsPass,
     QuantizeEmbeddingPass,
     QuantizeWeightsPass,
@@ -65,22 +66,25 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-def fusion_passes() -> list[ir.passes.PassBase]:
+def fusion_passes(max_positions: int | None = None) -> list[ir.passes.PassBase]:
     """ORT contrib-op fusions, after ``onnx.checker`` (full check) has seen the graph: fused
     graphs hold ``SimplifiedLayerNormalization``, which ONNX Runtime registers in the ONNX
     domain but the ONNX checker does not know. ONNX Runtime's own session creation (verify
-    stage) checks the fused graph."""
+    stage) checks the fused graph. onnxscript's rules first (norms, attention as
+    ``MultiHeadAttention``), then ours: ``GroupQueryAttention`` with the KV cache and, given the
+    context length ``max_positions`` for its tables, a fused ``RotaryEmbedding``."""
     return [
         common_passes.CheckerPass(full_check=True),
         OrtFusionsPass(),
+        GroupQueryAttentionPass(max_positions),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     ]
 
 
-def fp_passes(fuse: bool = True) -> list[ir.passes.PassBase]:
+def fp_passes(fuse: bool = True, max_positions: int | None = None) -> list[ir.passes.PassBase]:
     """Passes for an unquantized artifact: stable names, the common cleanup, fusions."""
-    return [StableNamesPass(), *cleanup_passes(), *(fusion_passes() if fuse else [])]
+    return [StableNamesPass(), *cleanup_passes(), *(fusion_passes(max_positions) if fuse else [])]
 
 
 def quantized_passes(
@@ -90,6 +94,7 @@ def quantized_passes(
     accuracy_level: int | None = None,
     weight_format: str = "matmul_nbits",
     fuse: bool = True,
+    max_positions: int | None = None,
 ) -> list[ir.passes.PassBase]:
     """Passes that lower a QuantPlan: names first (the plan is keyed by module path), then the
     input side of every transform, activation quantizers, and the weights last (the first two
@@ -103,7 +108,7 @@ def quantized_passes(
         QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, accuracy_level, weight_format),
         QuantizeEmbeddingPass(embedding or {}),
         *cleanup_passes(),
-        *(fusion_passes() if fuse else []),
+        *(fusion_passes(max_positions) if fuse else []),
     ]
 
 

@@ -40,7 +40,7 @@ from aqexport.config import BuildConfig, require_buildable
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import fp_passes, profile_passes, quantized_passes, run_passes
-from aqexport.passes import QuantizeWeightsPass
+from aqexport.passes import GroupQueryAttentionPass, OrtFusionsPass, QuantizeWeightsPass
 from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
 from aqexport.verify import verify_artifact
@@ -105,14 +105,21 @@ def calibrate_stage(ctx: BuildContext) -> None:
 
 def lower_stage(ctx: BuildContext) -> None:
     target = ctx.config.target
+    max_positions = getattr(ctx.loaded.model.config, "max_position_embeddings", None)
     if ctx.plan is None:
-        passes = fp_passes(target.fuse)
+        passes = fp_passes(target.fuse, max_positions)
     else:
         if ctx.ladder is not None:
             ctx.report["parity_ladder"] = ctx.ladder.fold(ctx.plan, *ctx.folded_weights)
             ctx.ladder, ctx.folded_weights = None, None
         passes = quantized_passes(
-            ctx.plan, ctx.lm_head, ctx.embedding, target.accuracy_level, target.weight_format, target.fuse
+            ctx.plan,
+            ctx.lm_head,
+            ctx.embedding,
+            target.accuracy_level,
+            target.weight_format,
+            target.fuse,
+            max_positions,
         )
     ctx.passes = [*passes, *profile_passes(target.profile)]
     ctx.graph, ctx.pass_stats = run_passes(ctx.graph, ctx.passes)
@@ -183,6 +190,7 @@ def finalize_stage(ctx: BuildContext) -> None:
         "io": {"inputs": ctx.layout.input_names(), "outputs": ctx.layout.output_names()},
         "quantization": {**_quantization_summary(ctx), "linears": _linear_schemes(ctx)},
         "passes": ctx.pass_stats,
+        "fusions": _fusion_summary(ctx),
         "files": file_hashes(ctx.staging),
     }
     write_json(ctx.staging / "manifest.json", manifest)
@@ -211,6 +219,19 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
             else "dynamic per token as an explicit float fake-quant subgraph: accuracy simulation, "
             "no ONNX Runtime kernel runs integer activations per token"
         )
+    return summary
+
+
+def _fusion_summary(ctx: BuildContext) -> dict[str, Any]:
+    """What the fusion passes recognised, so a graph that stayed unfused is visible."""
+    summary: dict[str, Any] = {}
+    for graph_pass in ctx.passes:
+        if isinstance(graph_pass, OrtFusionsPass):
+            summary["onnxscript"] = dict(graph_pass.fusions)
+        elif isinstance(graph_pass, GroupQueryAttentionPass):
+            summary["group_query_attention_layers"] = list(graph_pass.fused)
+            summary["rotary_embedding_layers"] = list(graph_pass.rotary_fused)
+            summary["attention_left_unfused"] = list(graph_pass.skipped)
     return summary
 
 

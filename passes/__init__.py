@@ -2,6 +2,7 @@
 
 from aqexport.passes.activation_quant import ActivationQuantPass
 from aqexport.passes.fold_affine import FoldAffinePass
+from aqexport.passes.group_query_attention import GroupQueryAttentionPass
 from aqexport.passes.ort_fusions import OrtFusionsPass
 from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
@@ -10,6 +11,7 @@ from aqexport.passes.stable_names import StableNamesPass
 __all__ = [
     "ActivationQuantPass",
     "FoldAffinePass",
+    "GroupQueryAttentionPass",
     "OrtFusionsPass",
     "QuantizeEmbeddingPass",
     "QuantizeWeightsPass",

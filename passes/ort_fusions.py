@@ -8,9 +8,9 @@ with logits within 3e-6 relative of the unfused graph (``benchmarks/execution.py
 end-to-end figures). A rule only fires on a complete match, so graphs it does not recognise
 (another attention form, the activation-quantization subgraphs) are left as they are.
 
-Not fused here: ``GroupQueryAttention``. onnxscript's GQA rule needs the KV cache in its own
-layout (shared buffers, ``seqlens_k``), which changes the artifact's I/O contract; the exported
-KV plumbing (Concat / Expand per layer) stays.
+Attention then goes further in ``GroupQueryAttentionPass`` (``passes/group_query_attention.py``),
+which replaces ``MultiHeadAttention`` and the exported KV plumbing; onnxscript's own GQA rule does
+not match our exports (it expects a causal-mask subgraph of an older ``transformers``).
 
 Precondition: float graph in opset ≥ 18. Postcondition: same inputs, outputs and function;
 ``com.microsoft`` ops appear.
