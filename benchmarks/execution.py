@@ -4,11 +4,14 @@ model builder, all measured in one run by the same harness (``aqexport bench``).
 Artifacts (built into ``benchmarks/out/artifacts/`` if missing; the quantized ones reuse the
 plans of ``benchmarks/calibration.py`` when present):
 
-* ``aqexport fp32``: the plain dynamo export;
+* ``aqexport fp32 plain``: the plain dynamo export, no fusions (``target.fuse: false``);
+* ``aqexport fp32``: the same with the default ORT fusions (norms, GroupQueryAttention, rotary);
 * ``aqexport int8``: RTN w8a16, LM head and embedding int8 (8-bit MatMulNBits at accuracy_level 4,
   the default for 8-bit weights, and GatherBlockQuantized);
 * ``aqexport int4``: affinequant w4a16g128, LM head int8, embedding int4 (the example config);
 * ``aqexport int4 level4``: the same with every MatMulNBits at accuracy_level 4, as the builder's;
+* ``aqexport int4 rtn level4``: RTN w4a16g128 (no transforms, so no run-time inverse matmul), LM head
+  int8, embedding int4, accuracy_level 4: the like-for-like of the builder's RTN int4;
 * ``builder fp32`` / ``builder int4``: ``python -m onnxruntime_genai.models.builder`` (``-e cpu``)
   on the same weights saved as a Hugging Face folder.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from datetime import date
@@ -39,12 +43,20 @@ ARTIFACTS = OUT / "artifacts"
 RESULTS = OUT / "execution.json"
 
 OURS: dict[str, dict] = {
+    "aqexport fp32 plain": {"recipe": "none", "target": {"fuse": False}},
     "aqexport fp32": {"recipe": "none"},
     "aqexport int8": {"recipe": "rtn", "preset": "w8a16", "lm_head": "int8", "embedding": "int8"},
     "aqexport int4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8", "embedding": "int4"},
     # the builder's CPU int4 runs MatMulNBits at accuracy_level 4 (int8 activations); so can ours
     "aqexport int4 level4": {
         "recipe": "affinequant",
+        "preset": "w4a16g128",
+        "lm_head": "int8",
+        "embedding": "int4",
+        "target": {"accuracy_level": 4},
+    },
+    "aqexport int4 rtn level4": {
+        "recipe": "rtn",
         "preset": "w4a16g128",
         "lm_head": "int8",
         "embedding": "int4",
@@ -58,8 +70,10 @@ def _slug(name: str) -> str:
     return name.replace(" ", "-")
 
 
-def build_ours(name: str, quantization: dict) -> Path:
+def build_ours(name: str, quantization: dict, rebuild: bool) -> Path:
     directory = ARTIFACTS / _slug(name)
+    if rebuild and directory.exists():
+        shutil.rmtree(directory)
     if (directory / "model.onnx").exists():
         return directory
     path = write_smollm2_config(quantization, directory, ARTIFACTS / f"{_slug(name)}.yaml", 8, 16)
@@ -115,10 +129,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild our artifacts (after a lowering change)")
+    parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    directories = {name: build_ours(name, quantization) for name, quantization in OURS.items()}
+    directories = {name: build_ours(name, quantization, args.rebuild) for name, quantization in OURS.items()}
     directories.update({name: build_builder(name, precision) for name, precision in BUILDER.items()})
+    if args.build_only:
+        return
     results = {}
     for name, directory in directories.items():  # one pass after all builds: same machine state
         results[name] = {**bench(directory, args.repeats, args.threads), "bytes": size_bytes(directory)}
@@ -129,6 +147,7 @@ def main() -> None:
 
 def write_report(results: dict, args) -> None:
     fp32 = results["aqexport fp32"]
+    plain = results.get("aqexport fp32 plain", fp32)
     builder_int4 = results.get("builder int4")
     rows = []
     for name, r in results.items():
@@ -139,7 +158,8 @@ def write_report(results: dict, args) -> None:
             + " | ".join(f"{prefill[length]['median']:.0f}" for length in ("128", "512", "2048"))
             + f" | {r['time_to_first_token_ms']['median']:.0f} ms | {decode:.1f} "
             f"({r['decode_tokens_per_second']['min']:.1f}–{r['decode_tokens_per_second']['max']:.1f}) "
-            f"| {decode / fp32['decode_tokens_per_second']['median']:.2f}× | "
+            f"| {decode / fp32['decode_tokens_per_second']['median']:.2f}× "
+            f"| {decode / plain['decode_tokens_per_second']['median']:.2f}× | "
             + (f"{decode / builder_int4['decode_tokens_per_second']['median']:.2f}×" if builder_int4 else "–")
             + f" | {r['peak_rss_mib']:.0f} MiB |"
         )
@@ -153,8 +173,8 @@ process. Prefill: tokens/s of one forward from an empty cache (logits included),
 {args.repeats}. First token: prefill of 128. Decode: 64 greedy tokens after 128, median (min–max).
 
 | artifact | size | prefill 128 | prefill 512 | prefill 2048 | first token | decode tok/s | vs our fp32 \
-| vs builder int4 | peak RSS |
-|---|---|---|---|---|---|---|---|---|---|
+| vs plain export | vs builder int4 | peak RSS |
+|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
     print(write_section("execution", body))
