@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -21,7 +22,18 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-__all__ = ["CacheLayout", "KVCacheWrapper", "cache_layout", "export_onnx", "untie_lm_head"]
+from aqexport.errors import AqexportError
+
+__all__ = [
+    "CacheLayout",
+    "KVCacheWrapper",
+    "StaticStepWrapper",
+    "cache_layout",
+    "export_onnx",
+    "export_static_onnx",
+    "static_input_names",
+    "untie_lm_head",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -124,20 +136,125 @@ def export_onnx(model: nn.Module, layout: CacheLayout, opset: int = 21) -> tuple
         "position_ids": {0: b, 1: s},
         "past_key_values": tuple(({0: b, 2: p}, {0: b, 2: p}) for _ in range(layout.num_layers)),
     }
-    start = time.perf_counter()
     with torch.no_grad():
-        program = torch.onnx.export(
-            wrapper,
-            example,
-            dynamic_shapes=dynamic_shapes,
-            input_names=layout.input_names(),
-            output_names=layout.output_names(),
-            dynamo=True,
-            opset_version=opset,
-            optimize=True,
-            external_data=True,
-            verbose=False,
-        )
+        return _dynamo_export(wrapper, example, layout.input_names(), layout.output_names(), opset, dynamic_shapes)
+
+
+def _dynamo_export(
+    wrapper: nn.Module,
+    example: tuple,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    dynamic_shapes: dict | None = None,
+) -> tuple[ir.Model, float]:
+    start = time.perf_counter()
+    program = torch.onnx.export(
+        wrapper,
+        example,
+        dynamic_shapes=dynamic_shapes,
+        input_names=input_names,
+        output_names=output_names,
+        dynamo=True,
+        opset_version=opset,
+        optimize=True,
+        external_data=True,
+        verbose=False,
+    )
     seconds = time.perf_counter() - start
-    logger.info("exported in %.1f s", seconds)
+    logger.info("exported %s in %.1f s", type(wrapper).__name__, seconds)
     return program.model, seconds
+
+
+class _RotaryTable(nn.Module):
+    """Rotary ``(cos, sin)`` looked up by position from tables the model's own rotary module
+    computed once. Mobile EPs have ``Gather`` (int32 indices) but not ``Cos``; a lookup also
+    drops the angle arithmetic from every step."""
+
+    def __init__(self, rotary: nn.Module, positions: int) -> None:
+        super().__init__()
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])
+        self.register_buffer("cos_table", cos[0].contiguous(), persistent=False)
+        self.register_buffer("sin_table", sin[0].contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = position_ids.to(torch.int32)
+        cos = nn.functional.embedding(index, self.cos_table)
+        sin = nn.functional.embedding(index, self.sin_table)
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+@contextmanager
+def _rotary_tables(model: nn.Module, positions: int):
+    """Swap every rotary module of the decoder for a table lookup, and put the originals back
+    (the PyTorch model is verification's reference afterwards)."""
+    decoder = model.get_decoder()
+    originals = {name: module for name, module in decoder.named_children() if name.startswith("rotary_emb")}
+    if not originals:
+        raise AqexportError(
+            "the mobile profile needs a rotary-position model (Llama, Mistral, Qwen2)",
+            "use target.profile cpu for this architecture",
+        )
+    try:
+        for name, module in originals.items():
+            setattr(decoder, name, _RotaryTable(module, positions))
+        yield
+    finally:
+        for name, module in originals.items():
+            setattr(decoder, name, module)
+
+
+class StaticStepWrapper(nn.Module):
+    """One token against a fixed-size KV cache: the mobile contract (``docs/architecture.md``).
+
+    ``attention_bias`` [1, 1, 1, C + 1] is the additive mask over the C cache slots and the new
+    token, built by the host, so the graph has no mask arithmetic; the new token's key/value
+    come back as ``present.*`` [1, kv_heads, 1, head_dim] for the host to write into its slot.
+    Token ids are cast to int32 before the embedding ``Gather`` (NNAPI takes non-constant
+    indices only as int32)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_bias, past_key_values):
+        embeds = self.model.get_input_embeddings()(input_ids.to(torch.int32))
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_bias,
+            position_ids=position_ids,
+            past_key_values=DynamicCache(past_key_values),
+            use_cache=True,
+        )
+        new = input_ids.shape[1]
+        return out.logits, tuple(
+            (layer.keys[:, :, -new:], layer.values[:, :, -new:]) for layer in out.past_key_values.layers
+        )
+
+
+def static_input_names(layout: CacheLayout) -> list[str]:
+    names = ["input_ids", "position_ids", "attention_bias"]
+    for i in range(layout.num_layers):
+        names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    return names
+
+
+def export_static_onnx(model: nn.Module, layout: CacheLayout, context: int, opset: int = 21) -> tuple[ir.Model, float]:
+    """The mobile step graph: every shape fixed (batch 1, one token, ``context`` cache slots)."""
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if "sliding_attention" in layer_types:
+        raise AqexportError(
+            f"the mobile profile takes one attention mask for every layer; {model.config.model_type} has "
+            "sliding-window layers that need their own",
+            "use target.profile cpu for this model",
+        )
+    example = (
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.zeros(1, 1, 1, context + 1),
+        layout.empty_past(1, context),
+    )
+    with torch.no_grad(), _rotary_tables(model, context + 1):
+        wrapper = StaticStepWrapper(model).eval()
+        return _dynamo_export(wrapper, example, static_input_names(layout), layout.output_names(), opset)

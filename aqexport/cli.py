@@ -136,7 +136,7 @@ def calibrate(config: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
 def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat, providers, as_json):
     """Generate text with the artifact in ARTIFACT."""
-    from aqexport.runtime import OnnxDecoder, create_session, generate
+    from aqexport.runtime import create_session, decoder_for, generate
     from aqexport.runtime.generate import SamplingConfig
 
     directory = _artifact_dir(artifact)
@@ -153,7 +153,7 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     session, info = create_session(directory, providers)
     eos = tokenizer.eos_token_id
     result = generate(
-        OnnxDecoder(session),
+        decoder_for(session),
         tokens,
         max_new_tokens,
         eos_token_ids=frozenset({eos}) if eos is not None else frozenset(),
@@ -246,7 +246,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
     """Perplexity of ARTIFACT on a text file (non-overlapping windows, ALGORITHMS.md §7)."""
     from tqdm import tqdm
 
-    from aqexport.runtime import OnnxDecoder, create_session, perplexity, split_windows
+    from aqexport.runtime import create_session, decoder_for, perplexity, split_windows
     from aqexport.runtime.perplexity import onnx_logits_of
     from aqexport.verify import tokenize_text
 
@@ -258,7 +258,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
         raise AqexportError(str(exc), "use a longer text or a smaller --seqlen") from None
     session, info = create_session(directory, providers)
     result = perplexity(
-        onnx_logits_of(OnnxDecoder(session)), windows, lambda it: tqdm(it, desc="windows", disable=as_json)
+        onnx_logits_of(decoder_for(session)), windows, lambda it: tqdm(it, desc="windows", disable=as_json)
     )
     payload = {**result.as_dict(), "text": str(text_file), "providers": info.used, "tokenizer": tokenizer.name_or_path}
     if as_json:

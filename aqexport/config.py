@@ -43,8 +43,8 @@ Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
 #: the rest with one line instead of a half-built artifact.
 CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"})
 IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"}) | CALIBRATED_RECIPES
-IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu", "cuda"})
-IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx"})
+IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu", "cuda", "mobile"})
+IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx", "ort"})
 
 
 class _Section(BaseModel):
@@ -127,9 +127,16 @@ class TargetSpec(_Section):
     opset: int = Field(21, ge=21, le=23)
     formats: tuple[Literal["onnx", "ort"], ...] = ("onnx",)
     fuse: bool = Field(True, description="ONNX Runtime contrib-op fusions (RMSNorm, skip-RMSNorm, rotary, attention)")
-    weight_format: Literal["matmul_nbits", "qdq"] = Field(
+    weight_format: Literal["matmul_nbits", "qdq", "qdq8"] = Field(
         "matmul_nbits",
-        description="com.microsoft.MatMulNBits (CPU/CUDA kernels), or standard DequantizeLinear → MatMul (any EP)",
+        description="com.microsoft.MatMulNBits (CPU/CUDA kernels), or standard DequantizeLinear → MatMul (any EP); "
+        "qdq8 stores 2-4-bit codes in 8-bit tensors, which the ORT format (model.ort) needs",
+    )
+    max_context: int = Field(
+        512,
+        ge=8,
+        le=32768,
+        description="mobile: the static KV cache's slots (prompt + generated tokens one artifact can hold)",
     )
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
         None,
@@ -266,11 +273,35 @@ def require_buildable(config: BuildConfig) -> None:
             f"target.profile '{config.target.profile}' is not available in this version",
             f"use one of: {', '.join(sorted(IMPLEMENTED_PROFILES))}",
         )
+    if config.target.profile == "mobile":
+        _require_mobile(config)
+    if "ort" in config.target.formats and config.target.weight_format == "qdq":
+        raise ConfigError(
+            "target.formats ort with weight_format qdq: the ORT format has no 4-bit tensor type",
+            "use weight_format: qdq8 (same codes in 8-bit storage) or matmul_nbits",
+        )
     missing = set(config.target.formats) - IMPLEMENTED_FORMATS
     if missing:
         raise ConfigError(
             f"target.formats {sorted(missing)} not available in this version",
             "use formats: [onnx]",
+        )
+
+
+def _require_mobile(config: BuildConfig) -> None:
+    """What the static mobile graph cannot express, refused before any weight loads."""
+    if config.quantization.embedding != "float":
+        raise ConfigError(
+            "target.profile mobile with quantization.embedding "
+            f"'{config.quantization.embedding}': the quantized embedding is a com.microsoft op no mobile EP runs",
+            "set quantization.embedding: float",
+        )
+    evaluation, context = config.evaluation, config.target.max_context
+    if (evaluation.text is not None and evaluation.seqlen > context) or evaluation.generate_tokens >= context:
+        raise ConfigError(
+            f"target.max_context {context} cannot hold verification's windows (evaluation.seqlen "
+            f"{evaluation.seqlen}) or its prompt plus {evaluation.generate_tokens} generated tokens",
+            "raise target.max_context or lower evaluation.seqlen / generate_tokens",
         )
 
 

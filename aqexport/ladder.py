@@ -28,7 +28,7 @@ from onnx_ir.passes import common as common_passes
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.passes import FoldAffinePass, StableNamesPass
 from aqexport.passes.float_weights import FloatWeightsPass
-from aqexport.runtime import OnnxDecoder
+from aqexport.runtime import decoder_for
 from aqexport.verify import compare_logits
 
 __all__ = ["FpLadder"]
@@ -38,7 +38,7 @@ PROTO_LIMIT_BYTES = 1_800_000_000
 
 def _prefill_logits(proto_bytes: bytes, prompt: list[int]) -> np.ndarray:
     session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
-    decoder = OnnxDecoder(session)
+    decoder = decoder_for(session)
     ids = np.asarray([prompt], dtype=np.int64)
     logits, _ = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
     return logits

@@ -27,6 +27,7 @@ from aqexport.passes import (
     StableNamesPass,
 )
 from aqexport.passes.float16 import Float16Pass
+from aqexport.passes.mobile_ops import MobileOpsPass
 
 __all__ = ["cleanup_passes", "fp_passes", "fusion_passes", "profile_passes", "quantized_passes", "run_passes"]
 
@@ -114,8 +115,18 @@ def quantized_passes(
 
 def profile_passes(profile: str) -> list[ir.passes.PassBase]:
     """What a target profile adds at the very end: ``cuda`` converts to float16 (activations,
-    weights' scales, KV cache); ``cpu`` keeps float32."""
-    return [Float16Pass()] if profile == "cuda" else []
+    weights' scales, KV cache); ``mobile`` rewrites the ops mobile EPs lack (on the static
+    graph, whose shapes are all known after inference); ``cpu`` keeps float32."""
+    if profile == "cuda":
+        return [Float16Pass()]
+    if profile == "mobile":
+        return [
+            common_passes.ShapeInferencePass(strict_mode=False),
+            MobileOpsPass(),
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.TopologicalSortPass(),
+        ]
+    return []
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> tuple[ir.Model, list[dict[str, Any]]]:

@@ -35,15 +35,16 @@ from aqexport.calibrate.fold import folded_float_weights
 from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
-from aqexport.capture import CacheLayout, cache_layout, export_onnx, untie_lm_head
+from aqexport.capture import CacheLayout, cache_layout, export_onnx, export_static_onnx, untie_lm_head
 from aqexport.config import BuildConfig, require_buildable
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import fp_passes, profile_passes, quantized_passes, run_passes
+from aqexport.mobile import ep_usability, write_ort_format
 from aqexport.passes import GroupQueryAttentionPass, OrtFusionsPass, QuantizeWeightsPass
 from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
-from aqexport.verify import verify_artifact
+from aqexport.verify import verify_artifact, verify_ort_format
 
 __all__ = ["BuildContext", "STAGES", "build"]
 
@@ -77,7 +78,11 @@ def load_stage(ctx: BuildContext) -> None:
 
 
 def capture_stage(ctx: BuildContext) -> None:
-    ctx.graph, seconds = export_onnx(ctx.loaded.model, ctx.layout, ctx.config.target.opset)
+    target = ctx.config.target
+    if target.profile == "mobile":
+        ctx.graph, seconds = export_static_onnx(ctx.loaded.model, ctx.layout, target.max_context, target.opset)
+    else:
+        ctx.graph, seconds = export_onnx(ctx.loaded.model, ctx.layout, target.opset)
     ctx.report["export_seconds"] = seconds
 
 
@@ -106,8 +111,9 @@ def calibrate_stage(ctx: BuildContext) -> None:
 def lower_stage(ctx: BuildContext) -> None:
     target = ctx.config.target
     max_positions = getattr(ctx.loaded.model.config, "max_position_embeddings", None)
+    fuse = target.fuse and target.profile != "mobile"  # mobile: portable ops only
     if ctx.plan is None:
-        passes = fp_passes(target.fuse, max_positions)
+        passes = fp_passes(fuse, max_positions)
     else:
         if ctx.ladder is not None:
             ctx.report["parity_ladder"] = ctx.ladder.fold(ctx.plan, *ctx.folded_weights)
@@ -117,8 +123,8 @@ def lower_stage(ctx: BuildContext) -> None:
             ctx.lm_head,
             ctx.embedding,
             target.accuracy_level,
-            target.weight_format,
-            target.fuse,
+            _weight_format(target),
+            fuse,
             max_positions,
         )
     ctx.passes = [*passes, *profile_passes(target.profile)]
@@ -126,20 +132,31 @@ def lower_stage(ctx: BuildContext) -> None:
 
 
 def write_stage(ctx: BuildContext) -> None:
-    loaded = ctx.loaded
+    loaded, target = ctx.loaded, ctx.config.target
+    mobile = target.profile == "mobile"
     path = save_model(ctx.graph, ctx.staging)
-    if not ctx.config.target.fuse:  # a fused graph was checked before fusion (lowering.fusion_passes)
+    if mobile or not target.fuse:  # a fused graph was checked before fusion (lowering.fusion_passes)
         onnx.checker.check_model(str(path), full_check=True)
     loaded.tokenizer.save_pretrained(ctx.staging)
     loaded.model.config.to_json_file(ctx.staging / "config.json")
-    genai = build_genai_config(
-        loaded.model.config,
-        loaded.model.generation_config,
-        ctx.layout,
-        loaded.architecture.genai_type,
-        provider="cuda" if ctx.config.target.profile == "cuda" else None,
-    )
-    write_json(ctx.staging / "genai_config.json", genai)
+    if mobile:  # onnxruntime-genai has no static-cache contract; the report says so
+        ctx.report["mobile"] = {
+            "contract": "static step graph: batch 1, one token per call, "
+            f"{target.max_context} cache slots, attention_bias input; present.* = the new token's key/value",
+            "genai": "not written: onnxruntime-genai does not run the static mobile contract",
+            "execution_providers": ep_usability(path),
+        }
+    else:
+        genai = build_genai_config(
+            loaded.model.config,
+            loaded.model.generation_config,
+            ctx.layout,
+            loaded.architecture.genai_type,
+            provider="cuda" if target.profile == "cuda" else None,
+        )
+        write_json(ctx.staging / "genai_config.json", genai)
+    if mobile or "ort" in target.formats:
+        write_ort_format(path, ctx.staging / "model.ort")
     ctx.graph = None  # the saved file is the artifact from here on; free the in-memory copy
 
 
@@ -158,6 +175,10 @@ def verify_stage(ctx: BuildContext) -> None:
         ctx.config.target.providers,
         ctx.config.target.accuracy_level or 0,
     )
+    if (ctx.staging / "model.ort").exists():
+        ctx.report["verification"]["ort_format"] = verify_ort_format(
+            ctx.staging, ctx.loaded.tokenizer, ctx.config.evaluation
+        )
 
 
 def finalize_stage(ctx: BuildContext) -> None:
@@ -205,7 +226,7 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
         "embedding": quant.embedding,
         "accuracy_level": ctx.config.target.accuracy_level,
         "integer_activation_linears": _integer_activation_linears(ctx),
-        "weight_format": ctx.config.target.weight_format,
+        "weight_format": _weight_format(ctx.config.target),
     }
     if summary["integer_activation_linears"]:
         summary["accuracy_level_note"] = (
@@ -220,6 +241,12 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
             "no ONNX Runtime kernel runs integer activations per token"
         )
     return summary
+
+
+def _weight_format(target) -> str:
+    """The mobile profile always stores QDQ weights in 8-bit tensors (the ORT format has no 4-bit
+    type; ``passes/quantize_weights.py`` rule 7)."""
+    return "qdq8" if target.profile == "mobile" else target.weight_format
 
 
 def _fusion_summary(ctx: BuildContext) -> dict[str, Any]:

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from aqexport.config import EvaluationSpec
 from aqexport.reference import torch_greedy, torch_logits_of, torch_step
-from aqexport.runtime import OnnxDecoder, create_session, generate, perplexity, split_windows
+from aqexport.runtime import OnnxDecoder, create_session, decoder_for, generate, perplexity, split_windows
 from aqexport.runtime.perplexity import onnx_logits_of
 
-__all__ = ["compare_logits", "logits_parity", "verify_artifact", "tokenize_text"]
+__all__ = ["compare_logits", "logits_parity", "tokenize_text", "verify_artifact", "verify_ort_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def verify_artifact(
     accuracy_level: int = 0,
 ) -> dict[str, Any]:
     session, info = create_session(artifact_dir, providers, accuracy_level=accuracy_level)
-    decoder = OnnxDecoder(session)
+    decoder = decoder_for(session)
     prompt = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"]
     if len(prompt) < 2:
         prompt = list(prompt) * 2
@@ -105,3 +105,22 @@ def verify_artifact(
             section["relative_difference"] = abs(onnx.perplexity - ref.perplexity) / ref.perplexity
         report["perplexity"] = section
     return report
+
+
+def verify_ort_format(artifact_dir: Path, tokenizer: Any, spec: EvaluationSpec) -> dict[str, Any]:
+    """``model.ort`` loads on the CPU EP and generates exactly what ``model.onnx`` generates."""
+    prompt = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"]
+    if len(prompt) < 2:
+        prompt = list(prompt) * 2
+    tokens = max(spec.generate_tokens, 1)
+    results = {}
+    for name in ("model.onnx", "model.ort"):
+        session, info = create_session(artifact_dir / name, ("cpu",))
+        results[name] = generate(decoder_for(session), prompt, tokens).new_tokens
+    return {
+        "file": "model.ort",
+        "bytes": (artifact_dir / "model.ort").stat().st_size,
+        "loads_on": info.used,
+        "greedy_tokens": tokens,
+        "greedy_identical_to_onnx": results["model.ort"] == results["model.onnx"],
+    }

@@ -22,7 +22,9 @@ def plan_name(quantization: dict) -> str:
     return "-".join(str(v) for v in (quantization["recipe"], quantization.get("preset"), split) if v)
 
 
-def write_smollm2_config(variant: dict, output: Path, path: Path, max_windows: int, generate_tokens: int) -> Path:
+def write_smollm2_config(
+    variant: dict, output: Path, path: Path, max_windows: int, generate_tokens: int, seqlen: int = 512
+) -> Path:
     """Write the model.yaml of ``variant`` to ``path``, building into ``output``."""
     quantization = {k: v for k, v in variant.items() if k != "target"}
     config = {
@@ -31,7 +33,7 @@ def write_smollm2_config(variant: dict, output: Path, path: Path, max_windows: i
         "target": variant.get("target", {}),
         "evaluation": {
             "text": str(DATA / "test.txt"),
-            "seqlen": 512,
+            "seqlen": seqlen,
             "max_windows": max_windows,
             "generate_tokens": generate_tokens,
         },

@@ -33,7 +33,10 @@ Rewrite rules, per linear in the plan (weight found by its stable name):
    (``block_size``, opset 21) or per output column. Standard ops only, for EPs without the
    contrib op. ONNX Runtime's CPU EP fuses the pair back into MatMulNBits with its session's
    ``session.qdq_matmulnbits_accuracy_level`` (default 4: int8 activations), so the runtime
-   sets that to the artifact's declared accuracy level.
+   sets that to the artifact's declared accuracy level. ``"qdq8"`` is the same with 2–4-bit codes
+   stored in int8/uint8: ONNX Runtime's ORT format (``model.ort``, what mobile builds load) has
+   no 4-bit tensor type in 1.32, so the mobile profile trades twice the weight bytes for a
+   loadable ``.ort`` (same codes, same numerics).
 
 Precondition: ``StableNamesPass`` ran (weights carry module paths); every planned linear is
 found, otherwise the pass raises naming it. Postcondition: no planned float weight is used.
@@ -57,7 +60,7 @@ __all__ = ["QuantizeWeightsPass", "pack_matmul_nbits"]
 logger = logging.getLogger(__name__)
 
 PER_CHANNEL_BLOCK = 128
-WEIGHT_FORMATS = ("matmul_nbits", "qdq")
+WEIGHT_FORMATS = ("matmul_nbits", "qdq", "qdq8")
 
 
 def _block_size(entry: LinearPlan, name: str) -> int:
@@ -98,12 +101,14 @@ def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, n
     return packed.reshape(n, blocks, blob), scale.astype(np.float32), zero_points, bits
 
 
-def _dequantize_linear_matmul(graph: ir.Graph, path: str, entry: LinearPlan, x: ir.Value, base: str) -> list[ir.Node]:
+def _dequantize_linear_matmul(
+    graph: ir.Graph, path: str, entry: LinearPlan, x: ir.Value, base: str, min_container: int = 4
+) -> list[ir.Node]:
     """``DequantizeLinear(codes [in, out]) → MatMul`` (rule 7): blocked along ``in`` for group
     plans (opset 21 ``block_size``; a ragged last block is allowed), per column otherwise."""
     scheme = entry.scheme
     codes, scale, zero = entry.codes.numpy().T, entry.scale.float().numpy().T, entry.zero.float().numpy().T
-    container = 4 if scheme.bits <= 4 else 8
+    container = max(4 if scheme.bits <= 4 else 8, min_container)
     if scheme.symmetric:
         kind = ir.DataType.INT4 if container == 4 else ir.DataType.INT8
         codes, zero = codes.astype(np.int8), zero.astype(np.int8)
@@ -158,8 +163,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _replace(self, graph: ir.Graph, path: str, entry: LinearPlan, site: LinearSite) -> None:
         base = site.node.name.rsplit("/", 1)[0]
-        if self.weight_format == "qdq":
-            nodes = _dequantize_linear_matmul(graph, path, entry, site.input, base)
+        if self.weight_format in ("qdq", "qdq8"):
+            container = 8 if self.weight_format == "qdq8" else 4
+            nodes = _dequantize_linear_matmul(graph, path, entry, site.input, base, container)
         else:
             nodes = [self._matmul_nbits(graph, path, entry, site.input, base)]
         output = nodes[-1].outputs[0]

@@ -7,6 +7,7 @@ from aqexport.runtime.decoder import OnnxDecoder
 from aqexport.runtime.generate import GenerationResult, generate
 from aqexport.runtime.perplexity import PerplexityResult, perplexity, split_windows
 from aqexport.runtime.session import PROVIDER_NAMES, SessionInfo, create_session
+from aqexport.runtime.static_decoder import StaticDecoder, decoder_for
 
 __all__ = [
     "GenerationResult",
@@ -14,7 +15,9 @@ __all__ = [
     "PROVIDER_NAMES",
     "PerplexityResult",
     "SessionInfo",
+    "StaticDecoder",
     "create_session",
+    "decoder_for",
     "generate",
     "perplexity",
     "split_windows",

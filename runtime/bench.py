@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from aqexport.runtime.decoder import OnnxDecoder
+from aqexport.runtime.static_decoder import is_static_session
 
 __all__ = ["BenchResult", "Spread", "bench_session", "current_rss_mib"]
 
@@ -128,6 +129,11 @@ def bench_session(
     session_seconds: float = 0.0,
     head_dim: int | None = None,
 ) -> BenchResult:
+    if is_static_session(session):
+        raise ValueError(
+            "bench measures the dynamic KV contract (prefill lengths, IO-bound decode); a static mobile "
+            "artifact runs one token per call: time it with 'aqexport run'"
+        )
     decoder = OnnxDecoder(session, head_dim)
     bound = _BoundDecoder(decoder)
     vocab = vocab_size or 1000

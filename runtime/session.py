@@ -43,13 +43,16 @@ class SessionInfo:
         return asdict(self)
 
 
-def declared_accuracy_level(model_path: Path) -> int:
-    """``MatMulNBits`` accuracy level recorded in the artifact's manifest; 0 (float) otherwise."""
+def _declared_quantization(model_path: Path) -> dict:
     manifest = model_path.parent / "manifest.json"
     if not manifest.is_file():
-        return 0
-    quantization = json.loads(manifest.read_text()).get("quantization", {})
-    return int(quantization.get("accuracy_level", 0) or 0)
+        return {}
+    return json.loads(manifest.read_text()).get("quantization", {})
+
+
+def declared_accuracy_level(model_path: Path) -> int:
+    """``MatMulNBits`` accuracy level recorded in the artifact's manifest; 0 (float) otherwise."""
+    return int(_declared_quantization(model_path).get("accuracy_level", 0) or 0)
 
 
 def create_session(
@@ -92,6 +95,12 @@ def create_session(
         "session.qdq_matmulnbits_accuracy_level",
         str(declared_accuracy_level(path) if accuracy_level is None else accuracy_level),
     )
+    if _declared_quantization(path).get("weight_format") == "qdq8":
+        # 2-4-bit codes in 8-bit tensors (mobile): ORT would fuse them into 8-bit MatMulNBits, which
+        # at level 0 dequantizes the whole matrix on every call (SmolLM2 mobile int4: 6 tok/s).
+        # Without the QDQ fusions the constant DequantizeLinear is folded once at load: exact,
+        # 40 tok/s, float weights in memory (a device's EP takes the QDQ form itself).
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     threads = intra_op_threads or int(os.environ.get("AQEXPORT_THREADS", "0"))
     if threads:
         options.intra_op_num_threads = threads

@@ -10,6 +10,7 @@ from aqexport.cli import main
 from aqexport.config import load_config
 from aqexport.errors import ConfigError
 from tests.conftest import write_config
+from tests.tiny_models import data_file
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -27,7 +28,17 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ({"quantization": {"recipe": "gptq"}, "output": {"dir": "out"}}, "quantization.recipe"),
         ({"target": {"opset": 17}, "output": {"dir": "out"}}, "target.opset"),
         ({"evaluation": {"text": "nope.txt"}, "output": {"dir": "out"}}, "evaluation.text: file"),
-        ({"target": {"profile": "mobile"}, "output": {"dir": "out"}}, "not available in this version"),
+        ({"target": {"profile": "mobile", "max_context": 32}, "output": {"dir": "out"}}, "target.max_context 32"),
+        (
+            {
+                "quantization": {"recipe": "rtn", "preset": "w4a16", "embedding": "int4"},
+                "calibration": {"data": str(data_file("valid"))},
+                "target": {"profile": "mobile"},
+                "output": {"dir": "out"},
+            },
+            "com.microsoft op no mobile EP runs",
+        ),
+        ({"target": {"formats": ["onnx", "ort"], "weight_format": "qdq"}, "output": {"dir": "out"}}, "qdq8"),
         (
             {"quantization": {"recipe": "rtn", "preset": "w4a16", "outlier_split": "static"}, "output": {"dir": "out"}},
             "missing key 'calibration.data'",
