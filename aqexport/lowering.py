@@ -22,6 +22,7 @@ from aqexport.passes import (
     FoldAffinePass,
     GroupQueryAttentionPass,
     OrtFusionsPass,
+    PackMatMulNBitsPass,
     QuantizeEmbeddingPass,
     QuantizeWeightsPass,
     StableNamesPass,
@@ -73,11 +74,13 @@ def fusion_passes(max_positions: int | None = None) -> list[ir.passes.PassBase]:
     domain but the ONNX checker does not know. ONNX Runtime's own session creation (verify
     stage) checks the fused graph. onnxscript's rules first (norms, attention as
     ``MultiHeadAttention``), then ours: ``GroupQueryAttention`` with the KV cache and, given the
-    context length ``max_positions`` for its tables, a fused ``RotaryEmbedding``."""
+    context length ``max_positions`` for its tables, a fused ``RotaryEmbedding``; last, the
+    ``MatMulNBits`` of q/k/v and of gate/up merged into one each."""
     return [
         common_passes.CheckerPass(full_check=True),
         OrtFusionsPass(),
         GroupQueryAttentionPass(max_positions),
+        PackMatMulNBitsPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     ]

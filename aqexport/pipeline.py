@@ -41,7 +41,7 @@ from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import fp_passes, profile_passes, quantized_passes, run_passes
 from aqexport.mobile import ep_usability, write_ort_format
-from aqexport.passes import GroupQueryAttentionPass, OrtFusionsPass, QuantizeWeightsPass
+from aqexport.passes import GroupQueryAttentionPass, OrtFusionsPass, PackMatMulNBitsPass, QuantizeWeightsPass
 from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
 from aqexport.verify import verify_artifact, verify_ort_format
@@ -174,10 +174,11 @@ def verify_stage(ctx: BuildContext) -> None:
         ctx.config.evaluation,
         ctx.config.target.providers,
         ctx.config.target.accuracy_level or 0,
+        _weight_format(ctx.config.target),
     )
     if (ctx.staging / "model.ort").exists():
         ctx.report["verification"]["ort_format"] = verify_ort_format(
-            ctx.staging, ctx.loaded.tokenizer, ctx.config.evaluation
+            ctx.staging, ctx.loaded.tokenizer, ctx.config.evaluation, _weight_format(ctx.config.target)
         )
 
 
@@ -259,6 +260,8 @@ def _fusion_summary(ctx: BuildContext) -> dict[str, Any]:
             summary["group_query_attention_layers"] = list(graph_pass.fused)
             summary["rotary_embedding_layers"] = list(graph_pass.rotary_fused)
             summary["attention_left_unfused"] = list(graph_pass.skipped)
+        elif isinstance(graph_pass, PackMatMulNBitsPass):
+            summary["packed_matmul_nbits"] = list(graph_pass.packed)
     return summary
 
 

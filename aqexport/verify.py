@@ -62,8 +62,9 @@ def verify_artifact(
     spec: EvaluationSpec,
     providers: tuple[str, ...] = ("cpu",),
     accuracy_level: int = 0,
+    weight_format: str | None = None,
 ) -> dict[str, Any]:
-    session, info = create_session(artifact_dir, providers, accuracy_level=accuracy_level)
+    session, info = create_session(artifact_dir, providers, accuracy_level=accuracy_level, weight_format=weight_format)
     decoder = decoder_for(session)
     prompt = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"]
     if len(prompt) < 2:
@@ -107,20 +108,30 @@ def verify_artifact(
     return report
 
 
-def verify_ort_format(artifact_dir: Path, tokenizer: Any, spec: EvaluationSpec) -> dict[str, Any]:
-    """``model.ort`` loads on the CPU EP and generates exactly what ``model.onnx`` generates."""
+def verify_ort_format(
+    artifact_dir: Path, tokenizer: Any, spec: EvaluationSpec, weight_format: str | None = None
+) -> dict[str, Any]:
+    """``model.ort`` loads on the CPU EP (and on XNNPACK where this onnxruntime offers it) and
+    generates exactly what ``model.onnx`` generates."""
     prompt = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"]
     if len(prompt) < 2:
         prompt = list(prompt) * 2
     tokens = max(spec.generate_tokens, 1)
-    results = {}
-    for name in ("model.onnx", "model.ort"):
-        session, info = create_session(artifact_dir / name, ("cpu",))
-        results[name] = generate(decoder_for(session), prompt, tokens).new_tokens
-    return {
+    onnx_session, _ = create_session(artifact_dir / "model.onnx", ("cpu",), weight_format=weight_format)
+    onnx_tokens = generate(decoder_for(onnx_session), prompt, tokens)
+    report: dict[str, Any] = {
         "file": "model.ort",
         "bytes": (artifact_dir / "model.ort").stat().st_size,
-        "loads_on": info.used,
         "greedy_tokens": tokens,
-        "greedy_identical_to_onnx": results["model.ort"] == results["model.onnx"],
     }
+    for providers in (("cpu",), ("xnnpack", "cpu")):
+        session, info = create_session(artifact_dir / "model.ort", providers, weight_format=weight_format)
+        if providers[0] not in ("cpu",) and info.unavailable:
+            report[providers[0]] = {"skipped": f"not offered by this onnxruntime ({', '.join(info.available)})"}
+            continue
+        same = generate(decoder_for(session), prompt, tokens).new_tokens == onnx_tokens.new_tokens
+        if providers == ("cpu",):
+            report.update(loads_on=info.used, greedy_identical_to_onnx=same)
+        else:
+            report[providers[0]] = {"used": info.used, "greedy_identical_to_onnx": same}
+    return report

@@ -4,6 +4,7 @@ from aqexport.passes.activation_quant import ActivationQuantPass
 from aqexport.passes.fold_affine import FoldAffinePass
 from aqexport.passes.group_query_attention import GroupQueryAttentionPass
 from aqexport.passes.ort_fusions import OrtFusionsPass
+from aqexport.passes.pack_matmul_nbits import PackMatMulNBitsPass
 from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
 from aqexport.passes.stable_names import StableNamesPass
@@ -13,6 +14,7 @@ __all__ = [
     "FoldAffinePass",
     "GroupQueryAttentionPass",
     "OrtFusionsPass",
+    "PackMatMulNBitsPass",
     "QuantizeEmbeddingPass",
     "QuantizeWeightsPass",
     "StableNamesPass",

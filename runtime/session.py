@@ -62,9 +62,11 @@ def create_session(
     intra_op_threads: int | None = None,
     strict: bool = False,
     accuracy_level: int | None = None,
+    weight_format: str | None = None,
 ) -> tuple[ort.InferenceSession, SessionInfo]:
     """Open ``model_path`` on the first available providers of ``providers``, CPU last.
-    ``accuracy_level``: for QDQ weights; default, the one the artifact's manifest declares."""
+    ``accuracy_level`` / ``weight_format``: what the artifact was built with; by default what its
+    manifest declares (a build verifies before it writes the manifest, so it passes them)."""
     unknown = [p for p in providers if p not in PROVIDER_NAMES]
     if unknown:
         raise AqexportError(
@@ -95,7 +97,7 @@ def create_session(
         "session.qdq_matmulnbits_accuracy_level",
         str(declared_accuracy_level(path) if accuracy_level is None else accuracy_level),
     )
-    if _declared_quantization(path).get("weight_format") == "qdq8":
+    if (weight_format or _declared_quantization(path).get("weight_format")) == "qdq8":
         # 2-4-bit codes in 8-bit tensors (mobile): ORT would fuse them into 8-bit MatMulNBits, which
         # at level 0 dequantizes the whole matrix on every call (SmolLM2 mobile int4: 6 tok/s).
         # Without the QDQ fusions the constant DequantizeLinear is folded once at load: exact,

@@ -94,6 +94,9 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     per_token = recipe == "llm_int8" or (preset is not None and "a16" not in preset and not all_qdq)
     if not integer:
         assert verification["perplexity"]["relative_difference"] <= (1e-3 if all_qdq or per_token else 1e-4)
+    fusions = json.loads((artifact / "manifest.json").read_text())["fusions"]
+    if weight_format == "matmul_nbits" and kind != "opt":  # q/k/v and gate/up share their inputs
+        assert any(len(group) == 3 and "q_proj" in group[0] for group in fusions["packed_matmul_nbits"]), fusions
     ladder = report["parity_ladder"]  # the folding is exact before any rounding
     for rung in ("exported_fp_vs_eager", "folded_fp_vs_eager"):
         assert ladder[rung]["max_rel"] <= 1e-4 and ladder[rung]["top1_agreement"] == 1.0, ladder
@@ -110,7 +113,8 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
         weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and ".weight_Q" in n.input[0]]
         assert "MatMulNBits" not in ops and len(weight_dq) == len(linears) - len(embeddings) > 0
     else:
-        assert ops.count("MatMulNBits") == len(linears) - len(embeddings) > 0
+        merged = sum(len(group) - 1 for group in manifest["fusions"].get("packed_matmul_nbits", []))
+        assert ops.count("MatMulNBits") == len(linears) - len(embeddings) - merged > 0
     assert ops.count("GatherBlockQuantized") == len(embeddings) == (extra.get("embedding", "float") != "float")
     assert sum(info.get("role") == "lm_head" for info in linears.values()) == (extra.get("lm_head", "float") != "float")
     weights = {init.name for init in model.graph.initializer}

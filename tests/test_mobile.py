@@ -79,6 +79,8 @@ def test_report_has_each_ep_verdict_and_the_ort_file(mobile_artifact):
     verification = report["verification"]
     assert verification["ort_format"]["greedy_identical_to_onnx"]
     assert verification["ort_format"]["loads_on"] == ["CPUExecutionProvider"]
+    xnnpack = verification["ort_format"]["xnnpack"]  # run where offered, else said so
+    assert xnnpack.get("greedy_identical_to_onnx") or "not offered" in xnnpack["skipped"]
     assert verification["greedy"]["identical_to_pytorch"]
     assert verification["logits_parity"]["decode_step"]["max_rel"] <= 1e-4
     assert verification["perplexity"]["relative_difference"] <= 1e-4

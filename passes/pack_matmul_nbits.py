@@ -1,0 +1,96 @@
+"""Merge ``MatMulNBits`` nodes that read the same input into one, split after.
+
+q/k/v read the same normed hidden state, and so do gate/up. At decode (one token) each of those
+matmuls is a few hundred microseconds of memory traffic plus a fixed dispatch cost; one matmul
+over the concatenated output columns pays the dispatch once and streams the weights in one go.
+The onnxruntime-genai builder packs q/k/v the same way.
+
+Rewrite rule, for every set of two or more ``com.microsoft.MatMulNBits`` nodes with the same
+input ``A`` and equal ``K`` / ``bits`` / ``block_size`` / ``accuracy_level``, each with exactly
+the inputs ``(A, B, scales, zero_points)`` and constant weights:
+
+    MatMulNBits(A, concat(B_i), concat(scales_i), concat(zero_points_i), N = Σ N_i)
+        → Split(axis = -1, split = [N_1, …])  →  the old outputs, under their names
+
+``B`` [N, blocks, blob], ``scales`` [N, blocks] and ``zero_points`` [N, ·] all lead with the
+output axis, so the concatenation is along axis 0 and each column keeps its own codes, scale and
+zero point: the function is unchanged bit for bit (each output column is the same dot product).
+
+Precondition: the weights are initializers (``QuantizeWeightsPass`` ran). Postcondition: same
+outputs; the merged nodes' weights are no longer used (``RemoveUnusedNodesPass`` drops them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from aqexport.passes._linear_sites import new_initializer, take_over
+
+__all__ = ["PackMatMulNBitsPass"]
+
+logger = logging.getLogger(__name__)
+
+_MS = "com.microsoft"
+_SHARED_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
+
+
+def _packable(node: ir.Node) -> bool:
+    if node.op_type != "MatMulNBits" or node.domain != _MS or len(node.inputs) != 4:
+        return False
+    return all(value is not None and value.const_value is not None for value in node.inputs[1:])
+
+
+def _key(node: ir.Node) -> tuple:
+    return (id(node.inputs[0]), *(node.attributes.get_int(name, 0) for name in _SHARED_ATTRIBUTES))
+
+
+class PackMatMulNBitsPass(ir.passes.InPlacePass):
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed: list[list[str]] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self.packed = []
+        groups: dict[tuple, list[ir.Node]] = defaultdict(list)
+        for node in graph:
+            if _packable(node):
+                groups[_key(node)].append(node)
+        for nodes in groups.values():
+            if len(nodes) > 1:
+                self._pack(graph, nodes)
+        logger.info("packed %d MatMulNBits groups", len(self.packed))
+        return ir.passes.PassResult(model, modified=bool(self.packed))
+
+    def _pack(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
+        first = nodes[0]
+        widths = [node.attributes.get_int("N") for node in nodes]
+        base = first.name.rsplit("/", 2)[0] if first.name else "packed"
+        stem = first.inputs[1].name.rsplit(".", 2)[0]
+
+        def concatenated(index: int, suffix: str) -> ir.Value:
+            arrays = [node.inputs[index].const_value.numpy() for node in nodes]
+            return new_initializer(graph, f"{stem}.packed_{suffix}", np.concatenate(arrays, axis=0))
+
+        attributes = {name: attr.value for name, attr in first.attributes.items()}
+        attributes["N"] = sum(widths)
+        tape = ir.tape.Tape()
+        merged = tape.op(
+            "MatMulNBits",
+            [first.inputs[0], concatenated(1, "weight"), concatenated(2, "scales"), concatenated(3, "zero_points")],
+            attributes=attributes,
+            domain=_MS,
+        )
+        split_sizes = new_initializer(graph, f"{stem}.packed_split", np.asarray(widths, np.int64))
+        parts = tape.op_multi_out("Split", [merged, split_sizes], attributes={"axis": -1}, num_outputs=len(nodes))
+        tape.nodes[0].name, tape.nodes[1].name = f"{base}/packed/MatMulNBits", f"{base}/packed/Split"
+        graph.insert_before(first, tape.nodes)
+        for node, part in zip(nodes, parts):
+            take_over(node.outputs[0], part)
+        self.packed.append([node.name for node in nodes])
+        for node in nodes:
+            graph.remove(node, safe=True)
