@@ -41,6 +41,15 @@ def _artifact_dir(value: str) -> Path:
     return path
 
 
+def _genai_head_size(directory: Path) -> int | None:
+    """The head size from genai_config.json: graphs from the genai model builder leave it
+    symbolic in their KV inputs (``kv_cache_dim``), so running them needs it from there."""
+    genai_file = directory / "genai_config.json"
+    if not genai_file.is_file():
+        return None
+    return json.loads(genai_file.read_text())["model"]["decoder"].get("head_size")
+
+
 @click.group()
 @click.version_option(package_name="aqexport")
 @click.option("-v", "--verbose", is_flag=True, help="Log each stage and pass.")
@@ -153,7 +162,7 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     session, info = create_session(directory, providers)
     eos = tokenizer.eos_token_id
     result = generate(
-        decoder_for(session),
+        decoder_for(session, _genai_head_size(directory)),
         tokens,
         max_new_tokens,
         eos_token_ids=frozenset({eos}) if eos is not None else frozenset(),
@@ -211,8 +220,7 @@ def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, thr
     directory = _artifact_dir(artifact)
     config_file = directory / "config.json"
     vocab = json.loads(config_file.read_text()).get("vocab_size") if config_file.is_file() else None
-    genai_file = directory / "genai_config.json"
-    head_dim = json.loads(genai_file.read_text())["model"]["decoder"].get("head_size") if genai_file.is_file() else None
+    head_dim = _genai_head_size(directory)
     rss = current_rss_mib()
     start = time.perf_counter()
     session, info = create_session(directory, providers, intra_op_threads=threads)
@@ -257,9 +265,8 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
     except ValueError as exc:
         raise AqexportError(str(exc), "use a longer text or a smaller --seqlen") from None
     session, info = create_session(directory, providers)
-    result = perplexity(
-        onnx_logits_of(decoder_for(session)), windows, lambda it: tqdm(it, desc="windows", disable=as_json)
-    )
+    decoder = decoder_for(session, _genai_head_size(directory))
+    result = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="windows", disable=as_json))
     payload = {**result.as_dict(), "text": str(text_file), "providers": info.used, "tokenizer": tokenizer.name_or_path}
     if as_json:
         click.echo(json.dumps(payload))

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 Recipe = Literal["none", "rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"]
-Preset = Literal["w4a16", "w4a16g128", "w3a16g128", "w8a16", "w8a8", "w4a8", "w4a4"]
+Preset = Literal["w4a16", "w4a16g128", "w4a16g32", "w3a16g128", "w8a16", "w8a8", "w4a8", "w4a4"]
 Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
 
 #: Recipes this version can lower into an artifact (``build``) and calibrate (``calibrate``). The

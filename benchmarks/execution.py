@@ -11,7 +11,12 @@ plans of ``benchmarks/calibration.py`` when present):
 * ``aqexport int4``: affinequant w4a16g128, LM head int8, embedding int4 (the example config);
 * ``aqexport int4 level4``: the same with every MatMulNBits at accuracy_level 4, as the builder's;
 * ``aqexport int4 rtn level4``: RTN w4a16g128 (no transforms, so no run-time inverse matmul), LM head
-  int8, embedding int4, accuracy_level 4: the like-for-like of the builder's RTN int4;
+  int8, embedding int4, accuracy_level 4;
+* ``aqexport int4 rtn g32 level4``: the same in blocks of 32, the builder's own int4 recipe;
+
+Perplexity: WikiText-2 test, the first 8 windows of 512 tokens, each artifact on ONNX Runtime
+(ours: the build's verification; the builder's: ``aqexport eval`` on the same windows), so quality
+and speed are read off one table.
 * ``builder fp32`` / ``builder int4``: ``python -m onnxruntime_genai.models.builder`` (``-e cpu``)
   on the same weights saved as a Hugging Face folder.
 
@@ -35,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _builds import OUT, write_smollm2_config  # noqa: E402
+from _builds import DATA, OUT, write_smollm2_config  # noqa: E402
 from _report import commit_id, write_section  # noqa: E402
 from skeleton import machine  # noqa: E402
 
@@ -58,6 +63,14 @@ OURS: dict[str, dict] = {
     "aqexport int4 rtn level4": {
         "recipe": "rtn",
         "preset": "w4a16g128",
+        "lm_head": "int8",
+        "embedding": "int4",
+        "target": {"accuracy_level": 4},
+    },
+    # the builder's own int4 recipe: RTN in blocks of 32 at level 4
+    "aqexport int4 rtn g32 level4": {
+        "recipe": "rtn",
+        "preset": "w4a16g32",
         "lm_head": "int8",
         "embedding": "int4",
         "target": {"accuracy_level": 4},
@@ -121,6 +134,17 @@ def bench(directory: Path, repeats: int, threads: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def onnx_perplexity(directory: Path) -> float:
+    """Ours from the build report (8 windows); others through ``aqexport eval`` on the same windows."""
+    report = directory / "report.json"
+    if report.is_file():
+        return json.loads(report.read_text())["verification"]["perplexity"]["onnx"]["perplexity"]
+    command = [sys.executable, "-m", "aqexport.cli", "eval", str(directory), "--text", str(DATA / "test.txt")]
+    command += ["--seqlen", "512", "--max-windows", "8", "--json"]
+    done = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["perplexity"]
+
+
 def size_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
 
@@ -140,6 +164,7 @@ def main() -> None:
     results = {}
     for name, directory in directories.items():  # one pass after all builds: same machine state
         results[name] = {**bench(directory, args.repeats, args.threads), "bytes": size_bytes(directory)}
+        results[name]["perplexity"] = onnx_perplexity(directory)
         print(name, json.dumps(results[name])[:300], flush=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     write_report(results, args)
@@ -154,7 +179,7 @@ def write_report(results: dict, args) -> None:
         prefill = r["prefill_tokens_per_second"]
         decode = r["decode_tokens_per_second"]["median"]
         rows.append(
-            f"| {name} | {r['bytes'] / 2**20:.0f} MiB | "
+            f"| {name} | {r['bytes'] / 2**20:.0f} MiB | {r['perplexity']:.2f} | "
             + " | ".join(f"{prefill[length]['median']:.0f}" for length in ("128", "512", "2048"))
             + f" | {r['time_to_first_token_ms']['median']:.0f} ms | {decode:.1f} "
             f"({r['decode_tokens_per_second']['min']:.1f}–{r['decode_tokens_per_second']['max']:.1f}) "
@@ -188,9 +213,9 @@ def write_report(results: dict, args) -> None:
 process. Prefill: tokens/s of one forward from an empty cache (logits included), median of
 {args.repeats}. First token: prefill of 128. Decode: 64 greedy tokens after 128, median (min–max).
 
-| artifact | size | prefill 128 | prefill 512 | prefill 2048 | first token | decode tok/s | vs our fp32 \
+| artifact | size | ppl | prefill 128 | prefill 512 | prefill 2048 | first token | decode tok/s | vs our fp32 \
 | vs plain export | vs builder int4 | peak RSS |
-|---|---|---|---|---|---|---|---|---|---|---|
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Issue-5 targets, from the table:

@@ -77,6 +77,7 @@ class StaticDecoder(OnnxDecoder):
         return slots
 
 
-def decoder_for(session: ort.InferenceSession) -> OnnxDecoder:
-    """The decoder that follows ``session``'s contract: static (mobile) or dynamic."""
-    return StaticDecoder(session) if is_static_session(session) else OnnxDecoder(session)
+def decoder_for(session: ort.InferenceSession, head_dim: int | None = None) -> OnnxDecoder:
+    """The decoder that follows ``session``'s contract: static (mobile) or dynamic. ``head_dim``:
+    for graphs that leave it symbolic (``OnnxDecoder``)."""
+    return StaticDecoder(session) if is_static_session(session) else OnnxDecoder(session, head_dim)

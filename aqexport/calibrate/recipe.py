@@ -56,6 +56,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "w4a16": Preset(QuantScheme(4, None)),
     "w4a16g128": Preset(QuantScheme(4, 128)),
+    "w4a16g32": Preset(QuantScheme(4, 32)),  # the onnxruntime-genai builder's default int4 block
     "w3a16g128": Preset(QuantScheme(3, 128)),
     "w8a16": Preset(QuantScheme(8, None)),
     "w8a8": Preset(QuantScheme(8, None), QuantScheme(8, None)),
