@@ -130,10 +130,8 @@ def match_rotary(value: ir.Value, graph: ir.Graph) -> Rotary | None:
                 sin_angles = _angles(rotated.inputs[1 - half_side], "Sin", graph)
                 if cos_angles is None or sin_angles is None:
                     return None
-                (inv_freq, scaling, positions), (inv_sin, scaling_sin, positions_sin) = cos_angles, sin_angles
-                if positions is not positions_sin or scaling != scaling_sin or not np.array_equal(inv_freq, inv_sin):
+                rotary = Rotary(source, *cos_angles)
+                if not rotary.same_angles(Rotary(source, *sin_angles)) or rotary.inv_freq.size * 2 != source.shape[-1]:
                     return None
-                if inv_freq.size * 2 != source.shape[-1]:
-                    return None
-                return Rotary(source, inv_freq, scaling, positions)
+                return rotary
     return None

@@ -137,6 +137,7 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
         self.rotary_fused: list[int] = []
         self.skipped: list[str] = []
         self._caches: list[tuple[Rotary, ir.Value, ir.Value]] = []
+        self._bsd_shape: ir.Value | None = None
 
     def requires(self, model: ir.Model) -> None:
         names = {value.name for value in model.graph.inputs}
@@ -146,6 +147,7 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self.fused, self.rotary_fused, self.skipped, self._caches = [], [], [], []
+        self._bsd_shape = None
         sites = [node for node in graph if node.op_type == "MultiHeadAttention" and node.domain == _MS]
         if not sites:
             return ir.passes.PassResult(model, modified=False)
@@ -229,7 +231,6 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
 
     def _rewrite(self, graph, node, key_cat, value_cat, attention_bias, num_heads, kv_heads, layer, seqlens, total):
         tape = ir.tape.Tape()
-        flat = new_initializer(graph, f"gqa_bsd_shape_{layer}", np.array([0, 0, -1], np.int64))
 
         def bsd(x: ir.Value) -> ir.Value:
             """[B, H, S, D] → [B, S, H·D]: the projection's own output when ``x`` is just its
@@ -237,7 +238,9 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
             source = _split_from(x)
             if source is not None:
                 return source
-            return tape.op("Reshape", [tape.op("Transpose", [x], attributes={"perm": [0, 2, 1, 3]}), flat])
+            if self._bsd_shape is None:
+                self._bsd_shape = new_initializer(graph, "gqa_bsd_shape", np.array([0, 0, -1], np.int64))
+            return tape.op("Reshape", [tape.op("Transpose", [x], attributes={"perm": [0, 2, 1, 3]}), self._bsd_shape])
 
         attributes = {"num_heads": num_heads, "kv_num_heads": kv_heads}
         scale = node.attributes.get("scale")

@@ -56,50 +56,59 @@ class MobileOpsPass(ir.passes.InPlacePass):
     def __init__(self) -> None:
         super().__init__()
         self.rewritten: Counter[str] = Counter()
+        self._graph: ir.Graph | None = None
+        self._constants: dict[tuple, ir.Value] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        self.rewritten = Counter()
-        for node in list(graph):
-            if node.domain != "":
-                continue
-            rewrite = getattr(self, f"_{node.op_type.lower()}", None)
-            replacement = rewrite(graph, node) if rewrite is not None else None
+        self._graph, self._constants, self.rewritten = model.graph, {}, Counter()
+        rules = {
+            "Reciprocal": self._reciprocal,
+            "Neg": self._neg,
+            "Unsqueeze": self._unsqueeze,
+            "ReduceMean": self._reduce_mean,
+            "Expand": self._expand,
+        }
+        for node in list(model.graph):
+            rule = rules.get(node.op_type) if node.domain == "" else None
+            replacement = rule(node) if rule is not None else None
             if replacement is None:
                 continue
             tape, output = replacement
-            ir.convenience.replace_nodes_and_values(graph, node, [node], tape.nodes, [node.outputs[0]], [output])
+            ir.convenience.replace_nodes_and_values(model.graph, node, [node], tape.nodes, [node.outputs[0]], [output])
             self.rewritten[node.op_type] += 1
         logger.info("mobile ops rewritten: %s", dict(self.rewritten))
         return ir.passes.PassResult(model, modified=bool(self.rewritten))
 
-    @staticmethod
-    def _with_scalar(graph: ir.Graph, node: ir.Node, op_type: str, scalar: float, scalar_first: bool):
+    def _constant(self, name: str, array: np.ndarray) -> ir.Value:
+        """One initializer per distinct value, shared by every rewritten node that needs it."""
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = new_initializer(self._graph, name, array)
+        return self._constants[key]
+
+    def _with_scalar(self, node: ir.Node, op_type: str, scalar: float, scalar_first: bool):
         dtype = _float_dtype(node.inputs[0])
         if dtype is None:
             return None
         tape = ir.tape.Tape()
-        constant = new_initializer(graph, f"mobile_scalar_{scalar:g}", np.array(scalar, dtype))
+        constant = self._constant(f"mobile_scalar_{scalar:g}", np.array(scalar, dtype))
         operands = [constant, node.inputs[0]] if scalar_first else [node.inputs[0], constant]
         return tape, tape.op(op_type, operands)
 
-    def _reciprocal(self, graph: ir.Graph, node: ir.Node):
-        return self._with_scalar(graph, node, "Div", 1.0, scalar_first=True)
+    def _reciprocal(self, node: ir.Node):
+        return self._with_scalar(node, "Div", 1.0, scalar_first=True)
 
-    def _neg(self, graph: ir.Graph, node: ir.Node):
-        return self._with_scalar(graph, node, "Mul", -1.0, scalar_first=False)
+    def _neg(self, node: ir.Node):
+        return self._with_scalar(node, "Mul", -1.0, scalar_first=False)
 
-    @staticmethod
-    def _unsqueeze(graph: ir.Graph, node: ir.Node):
+    def _unsqueeze(self, node: ir.Node):
         shape = _static(node.outputs[0])
         if shape is None or _static(node.inputs[0]) is None:
             return None
         tape = ir.tape.Tape()
-        target = new_initializer(graph, "mobile_shape", np.array(shape, np.int64))
-        return tape, tape.op("Reshape", [node.inputs[0], target])
+        return tape, tape.op("Reshape", [node.inputs[0], self._constant("mobile_shape", np.array(shape, np.int64))])
 
-    @staticmethod
-    def _reducemean(graph: ir.Graph, node: ir.Node):
+    def _reduce_mean(self, node: ir.Node):
         shape, dtype = _static(node.inputs[0]), _float_dtype(node.inputs[0])
         axes = _constant_ints(node.inputs[1]) if len(node.inputs) > 1 else None
         if shape is None or dtype is None or axes is None or len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1:
@@ -107,11 +116,11 @@ class MobileOpsPass(ir.passes.InPlacePass):
         if node.attributes.get_int("keepdims", 1) != 1:
             return None
         tape = ir.tape.Tape()
-        mean = new_initializer(graph, f"mobile_mean_{shape[-1]}", np.full((shape[-1], 1), 1 / shape[-1], dtype))
+        mean = self._constant(f"mobile_mean_{shape[-1]}", np.full((shape[-1], 1), 1 / shape[-1], dtype))
         return tape, tape.op("MatMul", [node.inputs[0], mean])
 
     @staticmethod
-    def _expand(graph: ir.Graph, node: ir.Node):
+    def _expand(node: ir.Node):
         source, target = _static(node.inputs[0]), _static(node.outputs[0])
         if source is None or target is None or len(source) != len(target):
             return None

@@ -73,13 +73,12 @@ class OnnxDecoder:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
             feeds["position_ids"] = position_ids.astype(np.int64, copy=False)
-        index = 0
-        for layer in self.past_specs:
-            for kind in ("key", "value"):
-                feeds[layer[kind].name] = past[index]
-                index += 1
-        outputs = self.session.run(None, feeds)
-        named = dict(zip(self.output_names, outputs))
+        return self._run(feeds, past)
+
+    def _run(self, feeds: dict[str, np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run with ``past`` (key, value per layer, in order) added to ``feeds``; logits and present."""
+        names = [layer[kind].name for layer in self.past_specs for kind in ("key", "value")]
+        named = dict(zip(self.output_names, self.session.run(None, {**feeds, **dict(zip(names, past))})))
         present = [named[f"present.{i}.{kind}"] for i in range(self.num_layers) for kind in ("key", "value")]
         return named["logits"], present
 

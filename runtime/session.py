@@ -44,15 +44,11 @@ class SessionInfo:
 
 
 def _declared_quantization(model_path: Path) -> dict:
+    """The manifest's quantization section (accuracy level, weight format); empty without one."""
     manifest = model_path.parent / "manifest.json"
     if not manifest.is_file():
         return {}
     return json.loads(manifest.read_text()).get("quantization", {})
-
-
-def declared_accuracy_level(model_path: Path) -> int:
-    """``MatMulNBits`` accuracy level recorded in the artifact's manifest; 0 (float) otherwise."""
-    return int(_declared_quantization(model_path).get("accuracy_level", 0) or 0)
 
 
 def create_session(
@@ -93,11 +89,11 @@ def create_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # ORT rewrites a QDQ weight (DequantizeLinear → MatMul) into MatMulNBits at this accuracy
     # level, 4 (int8 activations) unless told: use the level the artifact was built for.
-    options.add_session_config_entry(
-        "session.qdq_matmulnbits_accuracy_level",
-        str(declared_accuracy_level(path) if accuracy_level is None else accuracy_level),
-    )
-    if (weight_format or _declared_quantization(path).get("weight_format")) == "qdq8":
+    declared = _declared_quantization(path) if accuracy_level is None or weight_format is None else {}
+    if accuracy_level is None:
+        accuracy_level = int(declared.get("accuracy_level", 0) or 0)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if (weight_format or declared.get("weight_format")) == "qdq8":
         # 2-4-bit codes in 8-bit tensors (mobile): ORT would fuse them into 8-bit MatMulNBits, which
         # at level 0 dequantizes the whole matrix on every call (SmolLM2 mobile int4: 6 tok/s).
         # Without the QDQ fusions the constant DequantizeLinear is folded once at load: exact,

@@ -29,6 +29,8 @@ class StaticDecoder(OnnxDecoder):
         bias = next(meta for meta in session.get_inputs() if meta.name == "attention_bias")
         self.context = int(bias.shape[-1]) - 1
         self._bias_dtype = np.float32 if bias.type == "tensor(float)" else np.float16
+        self._slots_in_use: list[np.ndarray] = []  # the buffers behind the past last returned
+        self._returned_length = -1
 
     def step(
         self,
@@ -47,7 +49,7 @@ class StaticDecoder(OnnxDecoder):
             )
         if position_ids is None:
             position_ids = np.arange(filled, filled + input_ids.shape[1])[None]
-        cache = [self._slots(array) for array in past]
+        cache = self._cache_for(past)
         logits = []
         for offset in range(input_ids.shape[1]):
             length = filled + offset
@@ -58,23 +60,29 @@ class StaticDecoder(OnnxDecoder):
                 "position_ids": position_ids[:, offset : offset + 1].astype(np.int64, copy=False),
                 "attention_bias": bias,
             }
-            index = 0
-            for layer in self.past_specs:
-                for kind in ("key", "value"):
-                    feeds[layer[kind].name] = cache[index]
-                    index += 1
-            named = dict(zip(self.output_names, self.session.run(None, feeds)))
-            logits.append(named["logits"])
-            present = (named[f"present.{i}.{kind}"] for i in range(self.num_layers) for kind in ("key", "value"))
+            step_logits, present = self._run(feeds, cache)
+            logits.append(step_logits)
             for slots, new in zip(cache, present):
                 slots[:, :, length : length + 1] = new
-        end = filled + input_ids.shape[1]
-        return np.concatenate(logits, axis=1), [slots[:, :, :end].copy() for slots in cache]
+        self._slots_in_use, self._returned_length = cache, filled + input_ids.shape[1]
+        return np.concatenate(logits, axis=1), [slots[:, :, : self._returned_length] for slots in cache]
 
-    def _slots(self, filled: np.ndarray) -> np.ndarray:
-        slots = np.zeros((*filled.shape[:2], self.context, filled.shape[3]), filled.dtype)
-        slots[:, :, : filled.shape[2]] = filled
-        return slots
+    def _cache_for(self, past: list[np.ndarray]) -> list[np.ndarray]:
+        """The full-size buffers for ``past``: the ones behind the past this decoder last returned
+        when that is what came back (a decode loop: no copy per token), else fresh copies (any
+        other past, e.g. an earlier one reused, stays untouched)."""
+        if (
+            len(past) == len(self._slots_in_use)
+            and past[0].shape[2] == self._returned_length
+            and all(array.base is slots for array, slots in zip(past, self._slots_in_use))
+        ):
+            return self._slots_in_use
+        cache = []
+        for filled in past:
+            slots = np.zeros((*filled.shape[:2], self.context, filled.shape[3]), filled.dtype)
+            slots[:, :, : filled.shape[2]] = filled
+            cache.append(slots)
+        return cache
 
 
 def decoder_for(session: ort.InferenceSession, head_dim: int | None = None) -> OnnxDecoder:
