@@ -30,7 +30,8 @@ from aqexport.artifact import (
     save_model,
     write_json,
 )
-from aqexport.calibrate.edges import quantize_embedding, quantize_lm_head
+from aqexport.calibrate.data import calibration_windows
+from aqexport.calibrate.edges import head_input_hessian, quantize_embedding, quantize_lm_head
 from aqexport.calibrate.fold import folded_float_weights
 from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
@@ -104,8 +105,25 @@ def calibrate_stage(ctx: BuildContext) -> None:
     if float_blocks is not None:
         ctx.folded_weights = folded_float_weights(float_blocks, ctx.plan)
     quant = ctx.config.quantization
-    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head)
+    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head, quant.lm_head_method, _head_hessian(ctx))
     ctx.embedding = quantize_embedding(ctx.loaded.model, quant.embedding)
+
+
+def _head_hessian(ctx: BuildContext):
+    """The LM head inputs' ``XᵀX`` on the calibrated model, where the head is GPTQ-quantized."""
+    quant, spec = ctx.config.quantization, ctx.config.calibration
+    if quant.lm_head == "float" or quant.lm_head_method != "gptq":
+        return None
+    samples = -(-spec.head_tokens // spec.seqlen)
+    windows = calibration_windows(ctx.loaded.tokenizer, spec.data, samples, spec.seqlen, spec.seed)
+    start = time.perf_counter()
+    hessian = head_input_hessian(ctx.loaded.model, windows)
+    ctx.report["calibration"]["lm_head"] = {
+        "method": "gptq",
+        "tokens": int(windows.numel()),
+        "hessian_seconds": time.perf_counter() - start,
+    }
+    return hessian
 
 
 def lower_stage(ctx: BuildContext) -> None:

@@ -31,9 +31,12 @@ Rotary: when ``max_positions`` is given and the query and the new key are both t
 ``x·cos + rotate_half(x)·sin`` with the same angles (``passes/_rotary.py``), the pair becomes
 ``com.microsoft.RotaryEmbedding(BSD(x), position_ids, cos_cache, sin_cache)`` on [B, S, H·D],
 which removes the per-layer Transpose / Slice / Neg / Concat. The rotation is *not* moved into
-GQA (``do_rotary``): ORT 1.32's CPU kernel takes decode positions from ``seqlens_k`` rather than
-``position_ids``, which is wrong for a left-padded row (measured: 0.17 relative logit error on
-the tiny Llama, exact without padding).
+GQA (``do_rotary``): the kernel then takes positions from ``seqlens_k`` (past length + i) and
+ignores ``position_ids``. Because RoPE scores depend only on position differences, that still
+gives the same logits for left-padded rows (the fused-vs-unfused test passes with it on all
+four tiny families), but it silently drops any non-contiguous ``position_ids`` a caller passes,
+and it bought nothing measurable: SmolLM2 RTN int4 at level 4 decoded at 218–244 tok/s with it
+against 225–252 without, in alternating runs. So the contract's ``position_ids`` stay live.
 
 Measured on SmolLM2 (fp32 graph 1608 → 553 nodes; int4 example config at accuracy level 4,
 2 threads): decode 109.7 → 151.7 tok/s, prefill 128 1625 → 1625 tok/s, 512 1418 → 1475 tok/s.

@@ -7,7 +7,8 @@ The onnxruntime-genai builder packs q/k/v the same way.
 
 Rewrite rule, for every set of two or more ``com.microsoft.MatMulNBits`` nodes with the same
 input ``A`` and equal ``K`` / ``bits`` / ``block_size`` / ``accuracy_level``, each with exactly
-the inputs ``(A, B, scales, zero_points)`` and constant weights:
+the inputs ``(A, B, scales, zero_points)`` or each with ``(A, B, scales)`` (symmetric codes,
+default zero point), and constant weights:
 
     MatMulNBits(A, concat(B_i), concat(scales_i), concat(zero_points_i), N = Σ N_i)
         → Split(axis = -1, split = [N_1, …])  →  the old outputs, under their names
@@ -36,16 +37,18 @@ logger = logging.getLogger(__name__)
 
 _MS = "com.microsoft"
 _SHARED_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
+_PACKED_INPUTS = ((1, "weight"), (2, "scales"), (3, "zero_points"))
 
 
 def _packable(node: ir.Node) -> bool:
-    if node.op_type != "MatMulNBits" or node.domain != _MS or len(node.inputs) != 4:
+    if node.op_type != "MatMulNBits" or node.domain != _MS or len(node.inputs) not in (3, 4):
         return False
     return all(value is not None and value.const_value is not None for value in node.inputs[1:])
 
 
 def _key(node: ir.Node) -> tuple:
-    return (id(node.inputs[0]), *(node.attributes.get_int(name, 0) for name in _SHARED_ATTRIBUTES))
+    shared = (node.attributes.get_int(name, 0) for name in _SHARED_ATTRIBUTES)
+    return (id(node.inputs[0]), len(node.inputs), *shared)
 
 
 class PackMatMulNBitsPass(ir.passes.InPlacePass):
@@ -81,7 +84,7 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         tape = ir.tape.Tape()
         merged = tape.op(
             "MatMulNBits",
-            [first.inputs[0], concatenated(1, "weight"), concatenated(2, "scales"), concatenated(3, "zero_points")],
+            [first.inputs[0], *(concatenated(i, suffix) for i, suffix in _PACKED_INPUTS[: len(first.inputs) - 1])],
             attributes=attributes,
             domain=_MS,
         )

@@ -75,8 +75,9 @@ def _block_size(entry: LinearPlan, name: str) -> int:
     return group
 
 
-def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``(B [N, blocks, blob], scales [N, blocks], zero_points [N, ·], bits)`` for MatMulNBits."""
+def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """``(B [N, blocks, blob], scales [N, blocks], zero_points [N, ·], bits)`` for MatMulNBits;
+    ``zero_points`` is None where every one is the default ``2^(bits−1)`` (symmetric codes)."""
     scheme = entry.scheme
     codes = entry.codes.numpy().astype(np.int32)
     scale = entry.scale.float().numpy()
@@ -98,6 +99,8 @@ def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, n
     else:
         packed, zero_points = padded, zero.astype(np.uint8)
     blob = block_size * bits // 8
+    if np.all(zero == 2 ** (bits - 1)):  # MatMulNBits's default: no tensor to store or stream
+        zero_points = None
     return packed.reshape(n, blocks, blob), scale.astype(np.float32), zero_points, bits
 
 
@@ -198,8 +201,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             x,
             new_initializer(graph, f"{path}.weight_Q{bits}", packed),
             new_initializer(graph, f"{path}.weight_scales", scales),
-            new_initializer(graph, f"{path}.weight_zero_points", zero_points),
         ]
+        if zero_points is not None:
+            inputs.append(new_initializer(graph, f"{path}.weight_zero_points", zero_points))
         return ir.node("MatMulNBits", inputs, attributes, domain="com.microsoft", name=f"{base}/MatMulNBits")
 
     @staticmethod

@@ -1,15 +1,20 @@
-"""Round-to-nearest quantization of the model's two ends: the token embedding and the LM head.
+"""Quantization of the model's two ends: the token embedding and the LM head.
 
 Neither sits inside a decoder block, so block-wise calibration never sees them, yet in a small
 model they are most of the bytes (SmolLM2-135M: 2 × 49152 × 576 of its 135 M parameters once
 untied), so an int4 artifact without them cannot get below about 0.57× the fp32 one.
 
-They are quantized here, after calibration and outside the QuantPlan, because they are cheap
-(no training), independent of the recipe, and a plan stays reusable for builds that keep them in
+They are quantized here, after calibration and outside the QuantPlan, because they need no
+training, are independent of the recipe, and a plan stays reusable for builds that keep them in
 float. Both are quantized along the hidden axis, in groups: for the head that is the reduction
 axis (``MatMulNBits``), for the embedding the axis ``GatherBlockQuantized`` dequantizes a row
 along. The PyTorch model gets the dequantized weights, so it stays the fake-quant reference
 the artifact is verified against.
+
+The head is quantized with GPTQ on its inputs from the calibrated (fake-quant) model by default:
+it is the matrix a decode step streams most of (SmolLM2: 28 MB at 8 bits), and at 4 bits RTN
+costs too much quality there (see ``aqexport.calibrate.gptq``). The embedding is a lookup, has
+no inputs to weigh errors by, and stays round-to-nearest.
 """
 
 from __future__ import annotations
@@ -19,16 +24,30 @@ from typing import Literal
 import torch
 from torch import nn
 
+from aqexport.calibrate.gptq import gptq_quantize, input_hessian
 from aqexport.calibrate.plan import LinearPlan
 from aqexport.calibrate.quantizer import QuantScheme, quantize_codes, quantize_params
 
-__all__ = ["EDGE_SCHEMES", "EdgeFormat", "quantize_embedding", "quantize_lm_head"]
+__all__ = [
+    "EMBEDDING_SCHEMES",
+    "HEAD_SCHEMES",
+    "EdgeFormat",
+    "HeadMethod",
+    "head_input_hessian",
+    "quantize_embedding",
+    "quantize_lm_head",
+]
 
 EdgeFormat = Literal["float", "int8", "int4"]
+HeadMethod = Literal["gptq", "rtn"]
 
-#: Group 128 for both widths: MatMulNBits and GatherBlockQuantized both take blocks, and a
-#: per-row range over 49152 vocabulary rows × 576 hidden would put one outlier's range on all.
-EDGE_SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8, 128), "int4": QuantScheme(4, 128)}
+#: Group 128 for the embedding: ``GatherBlockQuantized`` takes blocks, and a per-row range over
+#: 576 hidden values would put one outlier's range on all of them.
+EMBEDDING_SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8, 128), "int4": QuantScheme(4, 128)}
+#: The 4-bit head uses groups of 32 (GPTQ on SmolLM2's head: 27.85 at 32, 28.07 at 64) and is
+#: symmetric: asymmetric was no better (27.78) and its zero points are one more tensor a decode
+#: step reads. MatMulNBits's default zero point is the symmetric one, so none is stored.
+HEAD_SCHEMES: dict[str, QuantScheme] = {"int8": QuantScheme(8, 128), "int4": QuantScheme(4, 32, symmetric=True)}
 
 
 def _module_path(model: nn.Module, module: nn.Module) -> str:
@@ -36,23 +55,54 @@ def _module_path(model: nn.Module, module: nn.Module) -> str:
 
 
 @torch.no_grad()
-def _quantize_in_place(weight: torch.Tensor, scheme: QuantScheme) -> LinearPlan:
-    """Codes of ``weight`` [rows, hidden] grouped along hidden; ``weight`` becomes their dequantized value."""
+def _rtn(weight: torch.Tensor, scheme: QuantScheme) -> LinearPlan:
     source = weight.detach().float()
     scale, zero = quantize_params(source, scheme)
-    entry = LinearPlan(scheme, quantize_codes(source, scheme, scale, zero), scale.squeeze(-1), zero.squeeze(-1))
-    weight.copy_(entry.dequantize().to(weight.dtype))
-    return entry
+    return LinearPlan(scheme, quantize_codes(source, scheme, scale, zero), scale.squeeze(-1), zero.squeeze(-1))
 
 
-def quantize_lm_head(model: nn.Module, fmt: EdgeFormat) -> dict[str, LinearPlan]:
-    """``{module path: plan}`` for the LM head (empty for ``float``); the head must be untied."""
+@torch.no_grad()
+def head_input_hessian(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """``XᵀX / n`` of the LM head's inputs over ``windows`` [N, L] token ids (one window per call)."""
+    head = model.get_output_embeddings()
+    total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
+    count = 0
+
+    def accumulate(_module: nn.Module, args: tuple) -> None:
+        nonlocal total, count
+        rows = args[0].reshape(-1, args[0].shape[-1])
+        total += input_hessian(rows) * rows.shape[0]
+        count += rows.shape[0]
+
+    handle = head.register_forward_pre_hook(accumulate)
+    try:
+        for window in windows:
+            model(window[None])
+    finally:
+        handle.remove()
+    return total / count
+
+
+def quantize_lm_head(
+    model: nn.Module, fmt: EdgeFormat, method: HeadMethod = "rtn", hessian: torch.Tensor | None = None
+) -> dict[str, LinearPlan]:
+    """``{module path: plan}`` for the LM head (empty for ``float``); the head must be untied.
+    ``gptq`` needs ``hessian``, the head inputs' ``XᵀX`` (``head_input_hessian``)."""
     head = model.get_output_embeddings()
     if fmt == "float" or head is None:
         return {}
     if head.weight is model.get_input_embeddings().weight:
         raise ValueError("untie the LM head from the embedding before quantizing it")
-    return {_module_path(model, head): _quantize_in_place(head.weight, EDGE_SCHEMES[fmt])}
+    scheme = HEAD_SCHEMES[fmt]
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("GPTQ needs the head inputs' Hessian")
+        entry = gptq_quantize(head.weight, hessian, scheme)
+    else:
+        entry = _rtn(head.weight, scheme)
+    with torch.no_grad():
+        head.weight.copy_(entry.dequantize().to(head.weight.dtype))
+    return {_module_path(model, head): entry}
 
 
 def quantize_embedding(model: nn.Module, fmt: EdgeFormat) -> dict[str, LinearPlan]:
@@ -60,4 +110,7 @@ def quantize_embedding(model: nn.Module, fmt: EdgeFormat) -> dict[str, LinearPla
     if fmt == "float":
         return {}
     embedding = model.get_input_embeddings()
-    return {_module_path(model, embedding): _quantize_in_place(embedding.weight, EDGE_SCHEMES[fmt])}
+    entry = _rtn(embedding.weight, EMBEDDING_SCHEMES[fmt])
+    with torch.no_grad():
+        embedding.weight.copy_(entry.dequantize().to(embedding.weight.dtype))
+    return {_module_path(model, embedding): entry}

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from aqexport.calibrate.edges import EDGE_SCHEMES
+from aqexport.calibrate.edges import EMBEDDING_SCHEMES
 from aqexport.errors import AqexportError
 from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from tests.passes._plans import initializer, linear_plan, model_of, run
@@ -29,7 +29,7 @@ def _gather_graph(table: torch.Tensor, also_matmul: bool = False) -> ir.Model:
 def test_rule_1_2_rows_equal_the_dequantized_plan(fmt, hidden):
     torch.manual_seed(0)
     table = torch.randn(64, hidden)
-    entry = linear_plan(table, EDGE_SCHEMES[fmt])
+    entry = linear_plan(table, EMBEDDING_SCHEMES[fmt])
     model = _gather_graph(table)
     assert QuantizeEmbeddingPass({"embed": entry})(model).modified
     assert [node.op_type for node in model.graph] == ["GatherBlockQuantized"]
@@ -40,4 +40,4 @@ def test_rule_1_2_rows_equal_the_dequantized_plan(fmt, hidden):
 def test_table_shared_with_a_matmul_is_refused():
     table = torch.randn(16, 16)
     with pytest.raises(AqexportError, match="untie"):
-        QuantizeEmbeddingPass({"embed": linear_plan(table, EDGE_SCHEMES["int4"])})(_gather_graph(table, True))
+        QuantizeEmbeddingPass({"embed": linear_plan(table, EMBEDDING_SCHEMES["int4"])})(_gather_graph(table, True))
