@@ -122,10 +122,10 @@ class QuantizationSpec(_Section):
     lm_head: Literal["float", "int8", "int4"] = Field(
         "float", description="the LM head as MatMulNBits: int8 in groups of 128, int4 symmetric in groups of 32"
     )
-    lm_head_method: Literal["gptq", "rtn"] = Field(
-        "gptq",
+    lm_head_method: Literal["auto", "gptq", "rtn"] = Field(
+        "auto",
         description="GPTQ on the head's inputs from the calibrated model (calibration.head_tokens of them), "
-        "or round-to-nearest",
+        "or round-to-nearest; auto: GPTQ for int4, RTN for int8 (SmolLM2 int8 build: RTN 27.91, GPTQ 27.98)",
     )
     embedding: Literal["float", "int8", "int4"] = Field(
         "float", description="RTN of the token embedding, groups of 128 (GatherBlockQuantized)"

@@ -105,14 +105,23 @@ def calibrate_stage(ctx: BuildContext) -> None:
     if float_blocks is not None:
         ctx.folded_weights = folded_float_weights(float_blocks, ctx.plan)
     quant = ctx.config.quantization
-    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head, quant.lm_head_method, _head_hessian(ctx))
+    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head, _head_method(quant) or "rtn", _head_hessian(ctx))
     ctx.embedding = quantize_embedding(ctx.loaded.model, quant.embedding)
+
+
+def _head_method(quant) -> str | None:
+    """``auto``: GPTQ where RTN loses (int4), RTN where it is already near-lossless (int8)."""
+    if quant.lm_head == "float":
+        return None
+    if quant.lm_head_method == "auto":
+        return "gptq" if quant.lm_head == "int4" else "rtn"
+    return quant.lm_head_method
 
 
 def _head_hessian(ctx: BuildContext):
     """The LM head inputs' ``XᵀX`` on the calibrated model, where the head is GPTQ-quantized."""
     quant, spec = ctx.config.quantization, ctx.config.calibration
-    if quant.lm_head == "float" or quant.lm_head_method != "gptq":
+    if _head_method(quant) != "gptq":
         return None
     samples = -(-spec.head_tokens // spec.seqlen)
     windows = calibration_windows(ctx.loaded.tokenizer, spec.data, samples, spec.seqlen, spec.seed)

@@ -119,8 +119,10 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     assert sum(info.get("role") == "lm_head" for info in linears.values()) == (extra.get("lm_head", "float") != "float")
     weights = {init.name for init in model.graph.initializer}
     assert not any(f"{path}.weight" in weights for path in linears)  # no planned float weight is left
-    if extra.get("lm_head", "float") != "float":  # GPTQ on the head's inputs, by default
+    if extra.get("lm_head") == "int4":  # auto: GPTQ on the head's inputs for an int4 head, RTN for int8
         assert calibration["lm_head"]["method"] == "gptq" and calibration["lm_head"]["tokens"] > 0
+    else:
+        assert "lm_head" not in calibration
     if extra.get("lm_head") == "int4" and "MatMulNBits" in ops:  # symmetric g32: no zero-point tensor
         (head,) = [n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.input[1]]
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
