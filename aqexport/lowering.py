@@ -25,6 +25,7 @@ from aqexport.passes import (
     PackMatMulNBitsPass,
     QuantizeEmbeddingPass,
     QuantizeWeightsPass,
+    RemoveNoOpReshapesPass,
     StableNamesPass,
 )
 from aqexport.passes.float16 import Float16Pass
@@ -80,6 +81,7 @@ def fusion_passes(max_positions: int | None = None) -> list[ir.passes.PassBase]:
         common_passes.CheckerPass(full_check=True),
         OrtFusionsPass(),
         GroupQueryAttentionPass(max_positions),
+        RemoveNoOpReshapesPass(),
         PackMatMulNBitsPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),

@@ -7,6 +7,7 @@ from aqexport.passes.ort_fusions import OrtFusionsPass
 from aqexport.passes.pack_matmul_nbits import PackMatMulNBitsPass
 from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
+from aqexport.passes.remove_noop_reshapes import RemoveNoOpReshapesPass
 from aqexport.passes.stable_names import StableNamesPass
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "PackMatMulNBitsPass",
     "QuantizeEmbeddingPass",
     "QuantizeWeightsPass",
+    "RemoveNoOpReshapesPass",
     "StableNamesPass",
 ]

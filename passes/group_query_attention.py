@@ -288,6 +288,8 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
         graph.insert_before(node, tape.nodes)
         tape.nodes[-1].name = f"/model/layers.{layer}/attn/GroupQueryAttention"
         take_over(node.outputs[0], out)
+        # GQA's output has its query's shape; recorded, RemoveNoOpReshapesPass can drop the head merge after it
+        out.shape = out.shape or node.inputs[0].shape
         take_over(key_cat.outputs[0], present_key)
         take_over(value_cat.outputs[0], present_value)
         self.fused.append(layer)
