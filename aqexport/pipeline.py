@@ -105,7 +105,9 @@ def calibrate_stage(ctx: BuildContext) -> None:
     if float_blocks is not None:
         ctx.folded_weights = folded_float_weights(float_blocks, ctx.plan)
     quant = ctx.config.quantization
-    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head, _head_method(quant) or "rtn", _head_hessian(ctx))
+    method = _head_method(quant)
+    hessian = _head_hessian(ctx) if method == "gptq" else None
+    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head, method or "rtn", hessian)
     ctx.embedding = quantize_embedding(ctx.loaded.model, quant.embedding)
 
 
@@ -119,10 +121,8 @@ def _head_method(quant) -> str | None:
 
 
 def _head_hessian(ctx: BuildContext):
-    """The LM head inputs' ``XᵀX`` on the calibrated model, where the head is GPTQ-quantized."""
-    quant, spec = ctx.config.quantization, ctx.config.calibration
-    if _head_method(quant) != "gptq":
-        return None
+    """The LM head inputs' ``XᵀX`` on the calibrated model, for its GPTQ."""
+    spec = ctx.config.calibration
     samples = -(-spec.head_tokens // spec.seqlen)
     windows = calibration_windows(ctx.loaded.tokenizer, spec.data, samples, spec.seqlen, spec.seed)
     start = time.perf_counter()

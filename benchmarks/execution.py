@@ -12,6 +12,8 @@ plans of ``benchmarks/calibration.py`` when present):
 * ``aqexport int4 level4``: the same with every MatMulNBits at accuracy_level 4, as the builder's;
 * ``aqexport int4 rtn level4``: RTN w4a16g128 (no transforms, so no run-time inverse matmul), LM head
   int8, embedding int4, accuracy_level 4;
+* ``aqexport int4 rtn level4 head4`` / ``aqexport int4 level4 head4``: RTN / AffineQuant at level 4
+  with the LM head at 4 bits too (GPTQ, symmetric groups of 32, the builder's head format);
 * ``aqexport int4 rtn g32 level4``: the same in blocks of 32, the builder's own int4 recipe;
 
 Perplexity: WikiText-2 test, the first 8 windows of 512 tokens, each artifact on ONNX Runtime
@@ -23,7 +25,7 @@ and speed are read off one table.
 Each artifact is benchmarked in its own process (``aqexport bench --json``) so peak RSS is that
 artifact's: prefill 128/512/2048, decode 64 tokens after 128, ``--repeats`` runs after 1 warm-up.
 The artifacts take turns over ``--rounds`` rounds (round-robin), and each figure is the median
-over all rounds' runs (min and max likewise): this machine's speed drifts by ±10 % over minutes,
+of the rounds' medians (min and max over all runs): this machine's speed drifts by ±10 % over minutes,
 and benchmarking artifact after artifact once each turned that drift into "differences" between
 them (the builder's int4 measured 0.92× to 1.10× of ours in back-to-back single-pass runs).
 

@@ -94,13 +94,12 @@ def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, n
     padded = np.repeat(zero, block_size, axis=1)[:, : blocks * block_size].copy()
     padded[:, :k] = codes
     padded = padded.astype(np.uint8)
-    if bits == 4:
-        packed, zero_points = pack_nibbles(padded), pack_nibbles(zero)
-    else:
-        packed, zero_points = padded, zero.astype(np.uint8)
-    blob = block_size * bits // 8
+    packed = pack_nibbles(padded) if bits == 4 else padded
     if np.all(zero == 2 ** (bits - 1)):  # MatMulNBits's default: no tensor to store or stream
         zero_points = None
+    else:
+        zero_points = pack_nibbles(zero) if bits == 4 else zero.astype(np.uint8)
+    blob = block_size * bits // 8
     return packed.reshape(n, blocks, blob), scale.astype(np.float32), zero_points, bits
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from aqexport.calibrate.gptq import gptq_quantize, input_hessian
+from aqexport.calibrate.gptq import gptq_quantize
 from aqexport.calibrate.plan import LinearPlan
 from aqexport.calibrate.quantizer import QuantScheme, quantize_codes, quantize_params
 
@@ -62,6 +62,13 @@ def _rtn(weight: torch.Tensor, scheme: QuantScheme) -> LinearPlan:
 
 
 @torch.no_grad()
+def _install(weight: torch.Tensor, entry: LinearPlan) -> LinearPlan:
+    """``weight`` becomes ``entry``'s dequantized value: the model turns into the fake-quant reference."""
+    weight.copy_(entry.dequantize().to(weight.dtype))
+    return entry
+
+
+@torch.no_grad()
 def head_input_hessian(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """``XᵀX / n`` of the LM head's inputs over ``windows`` [N, L] token ids (one window per call)."""
     head = model.get_output_embeddings()
@@ -69,9 +76,9 @@ def head_input_hessian(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     count = 0
 
     def accumulate(_module: nn.Module, args: tuple) -> None:
-        nonlocal total, count
-        rows = args[0].reshape(-1, args[0].shape[-1])
-        total += input_hessian(rows) * rows.shape[0]
+        nonlocal count
+        rows = args[0].reshape(-1, args[0].shape[-1]).double()
+        total.add_(rows.T @ rows)
         count += rows.shape[0]
 
     handle = head.register_forward_pre_hook(accumulate)
@@ -100,9 +107,7 @@ def quantize_lm_head(
         entry = gptq_quantize(head.weight, hessian, scheme)
     else:
         entry = _rtn(head.weight, scheme)
-    with torch.no_grad():
-        head.weight.copy_(entry.dequantize().to(head.weight.dtype))
-    return {_module_path(model, head): entry}
+    return {_module_path(model, head): _install(head.weight, entry)}
 
 
 def quantize_embedding(model: nn.Module, fmt: EdgeFormat) -> dict[str, LinearPlan]:
@@ -111,6 +116,4 @@ def quantize_embedding(model: nn.Module, fmt: EdgeFormat) -> dict[str, LinearPla
         return {}
     embedding = model.get_input_embeddings()
     entry = _rtn(embedding.weight, EMBEDDING_SCHEMES[fmt])
-    with torch.no_grad():
-        embedding.weight.copy_(entry.dequantize().to(embedding.weight.dtype))
-    return {_module_path(model, embedding): entry}
+    return {_module_path(model, embedding): _install(embedding.weight, entry)}

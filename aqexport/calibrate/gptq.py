@@ -67,8 +67,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
         block_inverse = inverse[start:stop, start:stop]
         for offset in range(stop - start):
             column = start + offset
-            if column % group == 0:
-                current = torch.cat([block[:, offset:], work[:, stop:]], dim=1)[:, :group]
+            if column % group == 0:  # the group's error-updated columns; it may run past this block
+                current = block[:, offset : offset + group]
+                if current.shape[1] < group:
+                    current = torch.cat([current, work[:, stop : stop + group - current.shape[1]]], dim=1)
                 scale, zero = quantize_params(current, column_scheme)
                 scale, zero = scale.reshape(rows, 1), zero.reshape(rows, 1)
                 scales[:, column // group], zeros[:, column // group] = scale[:, 0], zero[:, 0]
