@@ -10,6 +10,7 @@ time and per-block matrix health.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,10 @@ from aqexport.artifact import write_json
 from aqexport.calibrate.data import calibration_windows
 from aqexport.calibrate.engine import calibrate
 from aqexport.calibrate.plan import QuantPlan
-from aqexport.calibrate.recipe import CalibrationRecipe, make_recipe
+from aqexport.calibrate.recipe import CalibrationRecipe
 from aqexport.capture import CacheLayout, cache_layout
 from aqexport.config import BuildConfig, CalibrationSpec, require_calibratable
+from aqexport.recipes import calibration_recipe
 from aqexport.reference import torch_logits_of
 from aqexport.runtime import perplexity, split_windows
 from aqexport.sources import LoadedModel, load_model
@@ -39,35 +41,29 @@ __all__ = [
 
 
 def recipe_from_config(config: BuildConfig) -> CalibrationRecipe:
-    quant = config.quantization
-    return make_recipe(
-        quant.recipe,
-        quant.preset,
-        config.calibration.epochs,
-        config.calibration.seed,
-        alpha=quant.alpha,
-        init=quant.init,
-        aug_loss=quant.aug_loss,
-        static_activations=quant.activations == "static",
-        train_dtype=quant.train_dtype,
-        stability_factor=quant.stability_factor,
-        lr_transform=quant.lr_transform,
-        lr_lwc=quant.lr_lwc,
-        outlier_threshold=quant.outlier_threshold,
-        outlier_split=quant.outlier_split,
-        outlier_layers=quant.outlier_layers,
-    )
+    """The engine's settings for the config's recipe (through the recipe registry)."""
+    require_calibratable(config)
+    return calibration_recipe(config.quantization, config.calibration.epochs, config.calibration.seed)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def plan_identity(loaded: LoadedModel, spec: CalibrationSpec) -> dict[str, Any]:
     """What a saved plan must have been made from to be resumed or lowered: the same weights,
-    the same calibration windows."""
+    the same calibration windows. The text is identified by its content, not its path, so a plan
+    moves with its project."""
     return {
         "source_sha256": loaded.source_sha256,
         "architecture": loaded.architecture.model_type,
         "samples": spec.samples,
         "seqlen": spec.seqlen,
-        "data": str(Path(spec.data).resolve()),
+        "data_sha256": _file_sha256(Path(spec.data)),
     }
 
 
@@ -79,7 +75,6 @@ def calibrate_loaded(
 ) -> tuple[QuantPlan, dict[str, Any]]:
     """Calibrate ``loaded.model`` in place (it becomes the fake-quant model); return the plan
     and what the run did (time, resumed blocks)."""
-    require_calibratable(config)
     spec = config.calibration
     recipe = recipe_from_config(config)
     windows = calibration_windows(loaded.tokenizer, spec.data, spec.samples, spec.seqlen, spec.seed)

@@ -65,12 +65,11 @@ def build(config: Path, output: Path | None) -> None:
     """Build the artifact described by CONFIG (a model.yaml)."""
     from rich.console import Console
 
-    from aqexport.config import load_config, require_buildable
+    from aqexport.config import load_config
     from aqexport.pipeline import build as run_build
 
     console = Console(stderr=True)
     cfg = load_config(config)
-    require_buildable(cfg)
     with console.status("starting") as status:
         out = run_build(
             cfg,

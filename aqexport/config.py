@@ -12,12 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from aqexport.errors import ConfigError
+from aqexport.errors import ConfigError, explain_validation_error
+from aqexport.recipes import RecipeConfig, recipe_config, recipe_entry, recipe_names
+from aqexport.recipes.none import NoQuantizationConfig
 
 __all__ = [
     "BuildConfig",
@@ -28,23 +40,10 @@ __all__ = [
     "QuantizationSpec",
     "TargetSpec",
     "load_config",
-    "IMPLEMENTED_RECIPES",
-    "CALIBRATED_RECIPES",
-    "require_buildable",
     "require_calibratable",
 ]
 
-Recipe = Literal["none", "rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"]
-Preset = Literal["w4a16", "w4a16g128", "w4a16g32", "w3a16g128", "w8a16", "w8a8", "w4a8", "w4a4"]
 Provider = Literal["cpu", "cuda", "xnnpack", "nnapi", "coreml", "qnn"]
-
-#: Recipes this version can lower into an artifact (``build``) and calibrate (``calibrate``). The
-#: schema names all of them so configs written for later versions validate; the commands refuse
-#: the rest with one line instead of a half-built artifact.
-CALIBRATED_RECIPES: frozenset[str] = frozenset({"rtn", "smoothquant", "omniquant", "affinequant", "llm_int8"})
-IMPLEMENTED_RECIPES: frozenset[str] = frozenset({"none"}) | CALIBRATED_RECIPES
-IMPLEMENTED_PROFILES: frozenset[str] = frozenset({"cpu", "cuda", "mobile"})
-IMPLEMENTED_FORMATS: frozenset[str] = frozenset({"onnx", "ort"})
 
 
 class _Section(BaseModel):
@@ -96,40 +95,8 @@ class CalibrationSpec(_Section):
     _resolve = field_validator("data", "plan_dir")(_resolve_path)
 
 
-class QuantizationSpec(_Section):
-    """Training knobs left at ``null`` take the method's default (``aqexport.calibrate.recipe``),
-    so a config records only what its author chose to change."""
-
-    recipe: Recipe = "none"
-    preset: Preset | None = None
-    alpha: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength")
-    init: Literal["identity", "smoothquant"] | None = None
-    aug_loss: bool | None = None
-    activations: Literal["dynamic", "static"] = Field(
-        "dynamic", description="activation ranges per token at run time, or per tensor fixed from calibration"
-    )
-    train_dtype: Literal["float32", "float64"] | None = None
-    stability_factor: float | None = Field(None, gt=0.0, le=1.0)
-    lr_transform: float | None = Field(None, gt=0.0)
-    lr_lwc: float | None = Field(None, gt=0.0)
-    outlier_threshold: float | None = Field(None, gt=0.0, description="llm_int8: τ, 6.0 by default")
-    outlier_split: Literal["dynamic", "static"] | None = Field(
-        None, description="llm_int8: outlier channels chosen per call at run time, or fixed from calibration"
-    )
-    outlier_layers: dict[str, Literal["dynamic", "static"]] = Field(
-        default_factory=dict, description="llm_int8: module-path glob -> split mode, overriding outlier_split"
-    )
-    lm_head: Literal["float", "int8", "int4"] = Field(
-        "float", description="the LM head as MatMulNBits: int8 in groups of 128, int4 symmetric in groups of 32"
-    )
-    lm_head_method: Literal["auto", "gptq", "rtn"] = Field(
-        "auto",
-        description="GPTQ on the head's inputs from the calibrated model (calibration.head_tokens of them), "
-        "or round-to-nearest; auto: GPTQ for int4, RTN for int8 (SmolLM2 int8 build: RTN 27.91, GPTQ 27.98)",
-    )
-    embedding: Literal["float", "int8", "int4"] = Field(
-        "float", description="RTN of the token embedding, groups of 128 (GatherBlockQuantized)"
-    )
+#: ``quantization:`` holds an instance of the recipe's own config class (a ``RecipeConfig``).
+QuantizationSpec = Annotated[SerializeAsAny[RecipeConfig], BeforeValidator(recipe_config)]
 
 
 class TargetSpec(_Section):
@@ -180,12 +147,43 @@ class OutputSpec(_Section):
 
 
 class BuildConfig(_Section):
+    """The whole config, validated once: fields section by section, then the rules that span
+    sections (``_required_inputs`` before, ``_target_can_express`` after), so every command
+    that holds a ``BuildConfig`` holds a buildable one."""
+
     model: ModelSpec = ModelSpec()
     calibration: CalibrationSpec = CalibrationSpec()
-    quantization: QuantizationSpec = QuantizationSpec()
+    quantization: QuantizationSpec = NoQuantizationConfig()
     target: TargetSpec = TargetSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     output: OutputSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _required_inputs(cls, raw: Any) -> Any:
+        """What a recipe cannot start without is reported before any misplaced key: an unknown
+        recipe, a missing preset, missing calibration text."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("quantization"), dict):
+            return raw
+        quantization = raw["quantization"]
+        config_type = recipe_entry(str(quantization.get("recipe", "none"))).config_type
+        if config_type.NEEDS_PRESET and quantization.get("preset") is None:
+            raise ConfigError("missing key 'quantization.preset'", "add e.g. 'preset: w4a16g128'")
+        calibration = raw.get("calibration") or {}
+        if config_type.CALIBRATED and isinstance(calibration, dict) and calibration.get("data") is None:
+            raise ConfigError("missing key 'calibration.data'", "point it at the calibration text (WikiText-2 valid)")
+        return raw
+
+    @model_validator(mode="after")
+    def _target_can_express(self) -> BuildConfig:
+        if self.target.profile == "mobile":
+            _require_mobile(self)
+        if "ort" in self.target.formats and self.target.weight_format == "qdq":
+            raise ConfigError(
+                "target.formats ort with weight_format qdq: the ORT format has no 4-bit tensor type",
+                "use weight_format: qdq8 (same codes in 8-bit storage) or matmul_nbits",
+            )
+        return self
 
     def plan_dir(self) -> Path:
         return self.calibration.plan_dir or self.output.dir.with_name(self.output.dir.name + ".plan")
@@ -196,25 +194,6 @@ class BuildConfig(_Section):
     def sha256(self) -> str:
         """Hash of the validated config (not the YAML text), so comments don't change it."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
-
-
-def _explain(error: dict[str, Any], model: type[BaseModel]) -> tuple[str, str]:
-    loc = ".".join(str(p) for p in error["loc"])
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        section: Any = model
-        for part in error["loc"][:-1]:
-            field = section.model_fields.get(str(part)) if hasattr(section, "model_fields") else None
-            section = field.annotation if field is not None else None
-        allowed = ", ".join(section.model_fields) if hasattr(section, "model_fields") else "?"
-        return f"unknown key '{loc}'", f"remove it or use one of: {allowed}"
-    if kind == "missing":
-        return f"missing key '{loc}'", f"add '{loc}' to the config"
-    given = error.get("input")
-    return (
-        f"bad value for '{loc}': {error['msg']} (got {given!r})",
-        f"set '{loc}' to a valid value",
-    )
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BuildConfig:
@@ -240,68 +219,29 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Bu
         config = BuildConfig.model_validate(raw, context={"base_dir": path.parent.resolve()})
     except ValidationError as exc:
         errors = exc.errors()
-        cause, fix = _explain(errors[0], BuildConfig)
+        first = explain_validation_error(errors[0], BuildConfig)
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise ConfigError(f"{path}: {cause}{more}", fix) from None
+        raise ConfigError(f"{path}: {first.cause}{more}", first.fix) from None
+    except ConfigError as exc:  # a rule spanning sections, raised by a validator
+        raise ConfigError(f"{path}: {exc.cause}", exc.fix) from None
     _check_files(config)
     return config
 
 
 def require_calibratable(config: BuildConfig) -> None:
-    """``aqexport calibrate`` needs a calibrated recipe, a preset and calibration text."""
-    recipe = config.quantization.recipe
-    if recipe not in CALIBRATED_RECIPES:
+    """``aqexport calibrate`` needs a recipe that calibrates something (the rest of what it needs,
+    a preset and calibration text, every quantized config already has)."""
+    if not type(config.quantization).CALIBRATED:
+        calibrated = [name for name in recipe_names() if recipe_entry(name).config_type.CALIBRATED]
         raise ConfigError(
-            f"quantization.recipe '{recipe}' cannot be calibrated in this version",
-            f"use one of: {', '.join(sorted(CALIBRATED_RECIPES))}",
-        )
-    if config.quantization.preset is None and recipe != "llm_int8":
-        raise ConfigError("missing key 'quantization.preset'", "add e.g. 'preset: w4a16g128'")
-    if config.calibration.data is None:
-        raise ConfigError("missing key 'calibration.data'", "point it at the calibration text (WikiText-2 valid)")
-    from aqexport.calibration_run import recipe_from_config  # imports config: here to avoid a cycle
-
-    recipe_from_config(config)  # refuses impossible combinations (llm_int8 at w4a16, …) before any weight loads
-
-
-def require_buildable(config: BuildConfig) -> None:
-    recipe = config.quantization.recipe
-    if recipe in CALIBRATED_RECIPES:
-        require_calibratable(config)
-    if recipe not in IMPLEMENTED_RECIPES:
-        raise ConfigError(
-            f"quantization.recipe '{recipe}' is not available in this version of 'build'",
-            f"use one of: {', '.join(sorted(IMPLEMENTED_RECIPES))}",
-        )
-    quant = config.quantization
-    if recipe == "none" and (quant.lm_head != "float" or quant.embedding != "float"):
-        raise ConfigError(
-            "quantization.lm_head / embedding need a quantized build",
-            "set quantization.recipe (e.g. rtn) and preset, or keep them 'float'",
-        )
-    if config.target.profile not in IMPLEMENTED_PROFILES:
-        raise ConfigError(
-            f"target.profile '{config.target.profile}' is not available in this version",
-            f"use one of: {', '.join(sorted(IMPLEMENTED_PROFILES))}",
-        )
-    if config.target.profile == "mobile":
-        _require_mobile(config)
-    if "ort" in config.target.formats and config.target.weight_format == "qdq":
-        raise ConfigError(
-            "target.formats ort with weight_format qdq: the ORT format has no 4-bit tensor type",
-            "use weight_format: qdq8 (same codes in 8-bit storage) or matmul_nbits",
-        )
-    missing = set(config.target.formats) - IMPLEMENTED_FORMATS
-    if missing:
-        raise ConfigError(
-            f"target.formats {sorted(missing)} not available in this version",
-            "use formats: [onnx]",
+            f"quantization.recipe '{config.quantization.recipe}' cannot be calibrated",
+            f"use one of: {', '.join(calibrated)}",
         )
 
 
 def _require_mobile(config: BuildConfig) -> None:
     """What the static mobile graph cannot express, refused before any weight loads."""
-    if config.quantization.embedding != "float":
+    if getattr(config.quantization, "embedding", "float") != "float":
         raise ConfigError(
             "target.profile mobile with quantization.embedding "
             f"'{config.quantization.embedding}': the quantized embedding is a com.microsoft op no mobile EP runs",

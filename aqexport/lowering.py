@@ -1,8 +1,11 @@
-"""Run graph passes one by one and record what each did.
+"""The pass lists of a build, and the loop that runs them and records what each did.
 
 ``onnx_ir.passes.PassManager`` runs a list of passes but reports only their combined result; a
-compiler report wants, per pass, whether it changed the graph, the node counts before and after
-and its time, so this loop calls each pass (with its pre/postcondition checks) itself.
+compiler report wants, per pass, whether it changed the graph, the node counts before and after,
+its time and its own statistics, so ``run_passes`` calls each pass (with its pre/postcondition
+checks) itself. What passes contribute to the manifest (``StatsPassResult.manifest``) is merged
+here by section, so the pipeline writes it without knowing which pass produced what: adding a
+pass is its module, its test and one line in a list below.
 """
 
 from __future__ import annotations
@@ -10,28 +13,45 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
+
+# onnxscript 0.7.2 exposes constant folding publicly only as functions (``fold_constants``,
+# ``fold_constants_ir``), not as a pass; its own optimizer imports the pass class from here too.
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
-from aqexport.calibrate.plan import LinearPlan, QuantPlan
+from aqexport.errors import PassContractError
 from aqexport.passes import (
     ActivationQuantPass,
+    Float16Pass,
     FoldAffinePass,
     GroupQueryAttentionPass,
+    MobileOpsPass,
     OrtFusionsPass,
     PackMatMulNBitsPass,
     QuantizeEmbeddingPass,
     QuantizeWeightsPass,
     RemoveNoOpReshapesPass,
     StableNamesPass,
+    StatsPassResult,
 )
-from aqexport.passes.float16 import Float16Pass
-from aqexport.passes.mobile_ops import MobileOpsPass
+from aqexport.target import Target
 
-__all__ = ["cleanup_passes", "fp_passes", "fusion_passes", "profile_passes", "quantized_passes", "run_passes"]
+if TYPE_CHECKING:
+    from aqexport.calibrate.plan import LinearPlan, QuantPlan
+
+__all__ = [
+    "LoweringResult",
+    "cleanup_passes",
+    "fp_passes",
+    "fusion_passes",
+    "profile_passes",
+    "quantized_passes",
+    "run_passes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,43 +108,42 @@ def fusion_passes(max_positions: int | None = None) -> list[ir.passes.PassBase]:
     ]
 
 
-def fp_passes(fuse: bool = True, max_positions: int | None = None) -> list[ir.passes.PassBase]:
-    """Passes for an unquantized artifact: stable names, the common cleanup, fusions."""
-    return [StableNamesPass(), *cleanup_passes(), *(fusion_passes(max_positions) if fuse else [])]
+def fp_passes(target: Target, max_positions: int | None = None) -> list[ir.passes.PassBase]:
+    """Passes for an unquantized artifact: stable names, the common cleanup, fusions
+    (``target.fuse``, off for the mobile profile)."""
+    return [StableNamesPass(), *cleanup_passes(), *(fusion_passes(max_positions) if target.fuse else [])]
 
 
 def quantized_passes(
     plan: QuantPlan,
-    lm_head: Mapping[str, LinearPlan] | None = None,
-    embedding: Mapping[str, LinearPlan] | None = None,
-    accuracy_level: int | None = None,
-    weight_format: str = "matmul_nbits",
-    fuse: bool = True,
+    lm_head: Mapping[str, LinearPlan] | None,
+    embedding: Mapping[str, LinearPlan] | None,
+    target: Target,
     max_positions: int | None = None,
 ) -> list[ir.passes.PassBase]:
     """Passes that lower a QuantPlan: names first (the plan is keyed by module path), then the
     input side of every transform, activation quantizers, and the weights last (the first two
-    find linears by their float weights), then ORT fusions of the float remainder.
-    ``lm_head`` / ``embedding``: the model's ends, quantized outside the plan
-    (``aqexport.calibrate.edges``)."""
+    find linears by their float weights; format and accuracy level from ``target``), then ORT
+    fusions of the float remainder. ``lm_head`` / ``embedding``: the model's ends, quantized
+    outside the plan (``aqexport.calibrate.edges``)."""
     return [
         StableNamesPass(),
         FoldAffinePass(plan),
         ActivationQuantPass(plan),
-        QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, accuracy_level, weight_format),
+        QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, target),
         QuantizeEmbeddingPass(embedding or {}),
         *cleanup_passes(),
-        *(fusion_passes(max_positions) if fuse else []),
+        *(fusion_passes(max_positions) if target.fuse else []),
     ]
 
 
-def profile_passes(profile: str) -> list[ir.passes.PassBase]:
+def profile_passes(target: Target) -> list[ir.passes.PassBase]:
     """What a target profile adds at the very end: ``cuda`` converts to float16 (activations,
     weights' scales, KV cache); ``mobile`` rewrites the ops mobile EPs lack (on the static
     graph, whose shapes are all known after inference); ``cpu`` keeps float32."""
-    if profile == "cuda":
+    if target.profile == "cuda":
         return [Float16Pass()]
-    if profile == "mobile":
+    if target.profile == "mobile":
         return [
             common_passes.ShapeInferencePass(strict_mode=False),
             MobileOpsPass(),
@@ -134,22 +153,61 @@ def profile_passes(profile: str) -> list[ir.passes.PassBase]:
     return []
 
 
-def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> tuple[ir.Model, list[dict[str, Any]]]:
-    """The final model (functional passes return a new one) and per-pass statistics."""
-    stats = []
+@dataclass
+class LoweringResult:
+    """``model``: the final model (functional passes return a new one). ``records``: per pass, in
+    order, ``pass`` / ``modified`` / ``nodes_before`` / ``nodes_after`` / ``seconds``, and
+    ``stats`` where the pass returned any. ``sections``: the passes' manifest contributions by
+    section (``{"fusions": {...}, "quantization": {...}}``), for ``manifest.json`` as they are; a
+    key given by two passes keeps the later pass's value."""
+
+    model: ir.Model
+    records: list[dict[str, Any]] = field(default_factory=list)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _contract_error(graph_pass: ir.passes.PassBase, error: ir.passes.InvariantError) -> PassContractError:
+    """One user-facing error for a failed pre/postcondition, naming the pass. Our passes raise
+    ``PassContractError``s with a cause and a fix; onnx_ir's passes (and onnx_ir's wrapping of
+    another exception raised in ``requires`` / ``ensures``) give a message and maybe a cause."""
+    name = type(graph_pass).__name__
+    kind = "precondition" if isinstance(error, ir.passes.PreconditionError) else "postcondition"
+    if isinstance(error, PassContractError):
+        return PassContractError(f"{name}: {error.cause}", error.fix, name)
+    detail = f"{error}" + (f": {error.__cause__}" if error.__cause__ is not None else "")
+    fix = (
+        "the passes before it did not leave the graph it needs: lower a plan made for this model, or report "
+        "this with the config"
+        if kind == "precondition"
+        else "this is a bug in the pass: report it with the model and config"
+    )
+    return PassContractError(f"{name}: {kind} failed: {detail}", fix, name)
+
+
+def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> LoweringResult:
+    """Run ``passes`` in order on ``model``; a failed pre/postcondition raises
+    ``PassContractError`` naming the pass."""
+    lowering = LoweringResult(model)
     for graph_pass in passes:
-        before = sum(1 for _ in model.graph.all_nodes())
+        before = sum(1 for _ in lowering.model.graph.all_nodes())
         start = time.perf_counter()
-        result = graph_pass(model)
-        model = result.model
-        stats.append(
-            {
-                "pass": type(graph_pass).__name__,
-                "modified": bool(result.modified),
-                "nodes_before": before,
-                "nodes_after": sum(1 for _ in model.graph.all_nodes()),
-                "seconds": round(time.perf_counter() - start, 4),
-            }
-        )
-        logger.info("%s: %s", stats[-1]["pass"], stats[-1])
-    return model, stats
+        try:
+            result = graph_pass(lowering.model)
+        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as error:
+            raise _contract_error(graph_pass, error) from error
+        lowering.model = result.model
+        record: dict[str, Any] = {
+            "pass": type(graph_pass).__name__,
+            "modified": bool(result.modified),
+            "nodes_before": before,
+            "nodes_after": sum(1 for _ in lowering.model.graph.all_nodes()),
+            "seconds": round(time.perf_counter() - start, 4),
+        }
+        if isinstance(result, StatsPassResult):
+            if result.stats:
+                record["stats"] = result.stats
+            for section, contribution in result.manifest.items():
+                lowering.sections.setdefault(section, {}).update(contribution)
+        lowering.records.append(record)
+        logger.info("%s: %s", record["pass"], record)
+    return lowering

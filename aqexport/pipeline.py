@@ -1,8 +1,16 @@
-"""The build driver: a short loop over named stages sharing one ``BuildContext``.
+"""The build driver: data flowing through named stages.
 
-Stages do not call each other; each reads what earlier stages left on the context and adds
-its own. The whole loop runs inside ``atomic_directory``, so the artifact appears only after
-the last stage (verification included) succeeded.
+Each stage is a plain function that takes what it needs by name and returns what it made;
+``STAGES`` declares those names, and ``build`` wires them: it keeps every value made so far,
+calls each stage with the ones it ``needs``, stores what it ``makes``, and drops a value once no
+later stage needs it (the exported graph after lowering, the lowered graph once it is on disk),
+so nothing is set by one stage and cleared by hand by another, and memory holds only what is
+still to be used. Stages never call each other. The loop runs inside ``atomic_directory``, so
+the artifact appears only after the last stage (verification included) succeeded.
+
+Values available to the first stage: ``config``, ``config_dir``, ``staging`` (the temp artifact
+directory), ``target`` (``aqexport.target.Target``, resolved once), ``on_block`` and ``timings``
+(filled by the loop, read by ``finalize``).
 """
 
 from __future__ import annotations
@@ -37,97 +45,103 @@ from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, export_static_onnx, untie_lm_head
-from aqexport.config import BuildConfig, require_buildable
+from aqexport.config import BuildConfig
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
-from aqexport.lowering import fp_passes, profile_passes, quantized_passes, run_passes
+from aqexport.lowering import LoweringResult, fp_passes, profile_passes, quantized_passes, run_passes
 from aqexport.mobile import ep_usability, write_ort_format
-from aqexport.passes import GroupQueryAttentionPass, OrtFusionsPass, PackMatMulNBitsPass, QuantizeWeightsPass
 from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
+from aqexport.target import Target
 from aqexport.verify import verify_artifact, verify_ort_format
 
-__all__ = ["BuildContext", "STAGES", "build"]
+__all__ = ["STAGES", "Calibrated", "Source", "Stage", "build"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class BuildContext:
-    config: BuildConfig
-    config_dir: Path
-    staging: Path
-    loaded: LoadedModel | None = None
-    layout: CacheLayout | None = None
-    graph: ir.Model | None = None
-    plan: QuantPlan | None = None
-    lm_head: dict[str, LinearPlan] = field(default_factory=dict)  # quantized outside the plan
-    embedding: dict[str, LinearPlan] = field(default_factory=dict)
-    ladder: FpLadder | None = None
-    folded_weights: tuple[dict, dict] | None = None  # unquantized transformed weights and biases
-    passes: list[Any] = field(default_factory=list)
-    pass_stats: list[dict[str, Any]] = field(default_factory=list)
-    report: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    on_block: Callable[[int, int], None] = lambda done, total: None
+@dataclass(frozen=True)
+class Source:
+    """What ``load`` made: the PyTorch model (calibration turns it into the fake-quant reference
+    in place), its tokenizer and KV layout."""
+
+    loaded: LoadedModel
+    layout: CacheLayout
+    untied_lm_head: bool
 
 
-def load_stage(ctx: BuildContext) -> None:
-    ctx.loaded = load_model(ctx.config.model, ctx.config_dir)
-    ctx.report["untied_lm_head"] = untie_lm_head(ctx.loaded.model)
-    ctx.layout = cache_layout(ctx.loaded.model)
+@dataclass(frozen=True)
+class Calibrated:
+    """What ``calibrate`` made: the plan, the model's ends quantized outside it, and its report
+    (with the parity ladder's exported- and folded-fp rungs, taken while the float graph exists)."""
+
+    plan: QuantPlan
+    lm_head: dict[str, LinearPlan]
+    embedding: dict[str, LinearPlan]
+    report: dict[str, Any]
+    parity_ladder: dict[str, Any] | None = None
 
 
-def capture_stage(ctx: BuildContext) -> None:
-    target = ctx.config.target
-    if target.profile == "mobile":
-        ctx.graph, seconds = export_static_onnx(ctx.loaded.model, ctx.layout, target.max_context, target.opset)
-    else:
-        ctx.graph, seconds = export_onnx(ctx.loaded.model, ctx.layout, target.opset)
-    ctx.report["export_seconds"] = seconds
+@dataclass(frozen=True)
+class Written:
+    path: Path
+    mobile: dict[str, Any] | None = None
 
 
-def calibrate_stage(ctx: BuildContext) -> None:
+def load_stage(config: BuildConfig, config_dir: Path) -> Source:
+    loaded = load_model(config.model, config_dir)
+    untied = untie_lm_head(loaded.model)
+    return Source(loaded, cache_layout(loaded.model), untied)
+
+
+def capture_stage(source: Source, target: Target) -> tuple[ir.Model, float]:
+    """The float graph and the export's seconds."""
+    model = source.loaded.model
+    if target.static_graph:
+        return export_static_onnx(model, source.layout, target.max_context, target.opset)
+    return export_onnx(model, source.layout, target.opset)
+
+
+def calibrate_stage(
+    config: BuildConfig, source: Source, exported_graph: ir.Model, on_block: Callable[[int, int], None]
+) -> Calibrated | None:
     """After capture, so the exported graph holds the float weights the plan transforms; the
     PyTorch model becomes the fake-quant model that verification compares the artifact with."""
-    if ctx.config.quantization.recipe == "none":
-        return
-    windows = evaluation_windows(ctx.config, ctx.loaded.tokenizer)
-    fp = torch_perplexity(ctx.loaded.model, windows)
-    float_blocks = None
-    if ctx.config.evaluation.ladder:
-        prompt = ctx.loaded.tokenizer(ctx.config.evaluation.prompt, add_special_tokens=False)["input_ids"]
-        eager, _ = torch_step(ctx.loaded.model, np.asarray([prompt]), None, 0)
-        ctx.ladder = FpLadder(ctx.graph, prompt, eager)
-        float_blocks = copy.deepcopy(list(decoder_blocks(ctx.loaded.model)[1]))
-    ctx.plan, ctx.report["calibration"] = calibrate_loaded(ctx.config, ctx.loaded, ctx.layout, ctx.on_block)
-    ctx.report["calibration"]["fp_perplexity"] = fp
-    if float_blocks is not None:
-        ctx.folded_weights = folded_float_weights(float_blocks, ctx.plan)
-    quant = ctx.config.quantization
-    method = _head_method(quant)
-    hessian = _head_hessian(ctx) if method == "gptq" else None
-    ctx.lm_head = quantize_lm_head(ctx.loaded.model, quant.lm_head, method or "rtn", hessian)
-    ctx.embedding = quantize_embedding(ctx.loaded.model, quant.embedding)
-
-
-def _head_method(quant) -> str | None:
-    """``auto``: GPTQ where RTN loses (int4), RTN where it is already near-lossless (int8)."""
-    if quant.lm_head == "float":
+    quant = config.quantization
+    if not type(quant).CALIBRATED:
         return None
-    if quant.lm_head_method == "auto":
-        return "gptq" if quant.lm_head == "int4" else "rtn"
-    return quant.lm_head_method
+    loaded = source.loaded
+    windows = evaluation_windows(config, loaded.tokenizer)
+    fp = torch_perplexity(loaded.model, windows)
+    ladder, float_blocks = None, None
+    if config.evaluation.ladder:
+        prompt = loaded.tokenizer(config.evaluation.prompt, add_special_tokens=False)["input_ids"]
+        eager, _ = torch_step(loaded.model, np.asarray([prompt]), None, 0)
+        ladder = FpLadder(exported_graph, prompt, eager)
+        float_blocks = copy.deepcopy(list(decoder_blocks(loaded.model)[1]))
+    plan, report = calibrate_loaded(config, loaded, source.layout, on_block)
+    report["fp_perplexity"] = fp
+    parity = None if ladder is None else ladder.fold(plan, *folded_float_weights(float_blocks, plan))
+    del float_blocks
+    method = quant.head_method
+    hessian = _head_hessian(config, loaded, report) if method == "gptq" else None
+    return Calibrated(
+        plan=plan,
+        lm_head=quantize_lm_head(loaded.model, quant.lm_head, method or "rtn", hessian),
+        embedding=quantize_embedding(loaded.model, quant.embedding),
+        report=report,
+        parity_ladder=parity,
+    )
 
 
-def _head_hessian(ctx: BuildContext):
+def _head_hessian(config: BuildConfig, loaded: LoadedModel, report: dict[str, Any]):
     """The LM head inputs' ``XᵀX`` on the calibrated model, for its GPTQ."""
-    spec = ctx.config.calibration
+    spec = config.calibration
     samples = -(-spec.head_tokens // spec.seqlen)
-    windows = calibration_windows(ctx.loaded.tokenizer, spec.data, samples, spec.seqlen, spec.seed)
+    windows = calibration_windows(loaded.tokenizer, spec.data, samples, spec.seqlen, spec.seed)
     start = time.perf_counter()
-    hessian = head_input_hessian(ctx.loaded.model, windows)
-    ctx.report["calibration"]["lm_head"] = {
+    hessian = head_input_hessian(loaded.model, windows)
+    report["lm_head"] = {
         "method": "gptq",
         "tokens": int(windows.numel()),
         "hessian_seconds": time.perf_counter() - start,
@@ -135,99 +149,110 @@ def _head_hessian(ctx: BuildContext):
     return hessian
 
 
-def lower_stage(ctx: BuildContext) -> None:
-    target = ctx.config.target
-    max_positions = getattr(ctx.loaded.model.config, "max_position_embeddings", None)
-    fuse = target.fuse and target.profile != "mobile"  # mobile: portable ops only
-    if ctx.plan is None:
-        passes = fp_passes(fuse, max_positions)
+def lower_stage(
+    source: Source, exported_graph: ir.Model, calibrated: Calibrated | None, target: Target
+) -> tuple[ir.Model, LoweringResult]:
+    """The lowered graph (freed once written) and what the passes did (kept for the manifest)."""
+    max_positions = getattr(source.loaded.model.config, "max_position_embeddings", None)
+    if calibrated is None:
+        passes = fp_passes(target, max_positions)
     else:
-        if ctx.ladder is not None:
-            ctx.report["parity_ladder"] = ctx.ladder.fold(ctx.plan, *ctx.folded_weights)
-            ctx.ladder, ctx.folded_weights = None, None
-        passes = quantized_passes(
-            ctx.plan,
-            ctx.lm_head,
-            ctx.embedding,
-            target.accuracy_level,
-            _weight_format(target),
-            fuse,
-            max_positions,
-        )
-    ctx.passes = [*passes, *profile_passes(target.profile)]
-    ctx.graph, ctx.pass_stats = run_passes(ctx.graph, ctx.passes)
+        passes = quantized_passes(calibrated.plan, calibrated.lm_head, calibrated.embedding, target, max_positions)
+    lowered = run_passes(exported_graph, [*passes, *profile_passes(target)])
+    return lowered.model, lowered
 
 
-def write_stage(ctx: BuildContext) -> None:
-    loaded, target = ctx.loaded, ctx.config.target
-    mobile = target.profile == "mobile"
-    path = save_model(ctx.graph, ctx.staging)
-    if mobile or not target.fuse:  # a fused graph was checked before fusion (lowering.fusion_passes)
+def write_stage(lowered_graph: ir.Model, source: Source, target: Target, staging: Path) -> Written:
+    loaded = source.loaded
+    path = save_model(lowered_graph, staging)
+    if not target.fuse:  # a fused graph was checked before fusion (lowering.fusion_passes)
         onnx.checker.check_model(str(path), full_check=True)
-    loaded.tokenizer.save_pretrained(ctx.staging)
-    loaded.model.config.to_json_file(ctx.staging / "config.json")
-    if mobile:  # onnxruntime-genai has no static-cache contract; the report says so
-        ctx.report["mobile"] = {
+    loaded.tokenizer.save_pretrained(staging)
+    loaded.model.config.to_json_file(staging / "config.json")
+    mobile = None
+    if target.static_graph:
+        mobile = {
             "contract": "static step graph: batch 1, one token per call, "
             f"{target.max_context} cache slots, attention_bias input; present.* = the new token's key/value",
             "genai": "not written: onnxruntime-genai does not run the static mobile contract",
             "execution_providers": ep_usability(path),
         }
-    else:
+    if target.writes_genai_config:
         genai = build_genai_config(
             loaded.model.config,
             loaded.model.generation_config,
-            ctx.layout,
+            source.layout,
             loaded.architecture.genai_type,
             provider="cuda" if target.profile == "cuda" else None,
         )
-        write_json(ctx.staging / "genai_config.json", genai)
-    if mobile or "ort" in target.formats:
-        write_ort_format(path, ctx.staging / "model.ort")
-    ctx.graph = None  # the saved file is the artifact from here on; free the in-memory copy
+        write_json(staging / "genai_config.json", genai)
+    if target.writes_ort:
+        write_ort_format(path, staging / "model.ort")
+    return Written(path, mobile)
 
 
-def verify_stage(ctx: BuildContext) -> None:
-    if ctx.config.target.profile == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        ctx.report["verification"] = {
+def verify_stage(
+    config: BuildConfig, source: Source, target: Target, staging: Path, written: Written
+) -> dict[str, Any]:
+    if target.profile == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {
             "skipped": "target.profile cuda: this onnxruntime has no CUDA execution provider; the artifact "
             "passed onnx.checker and its structure is tested, run 'aqexport eval --provider cuda' on a GPU"
         }
-        return
-    ctx.report["verification"] = verify_artifact(
-        ctx.staging,
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        ctx.config.evaluation,
-        ctx.config.target.providers,
-        ctx.config.target.accuracy_level or 0,
-        _weight_format(ctx.config.target),
+    loaded = source.loaded
+    verification = verify_artifact(
+        staging,
+        loaded.model,
+        loaded.tokenizer,
+        config.evaluation,
+        target.providers,
+        target.session_accuracy_level,
+        target.weight_format,
     )
-    if (ctx.staging / "model.ort").exists():
-        ctx.report["verification"]["ort_format"] = verify_ort_format(
-            ctx.staging, ctx.loaded.tokenizer, ctx.config.evaluation, _weight_format(ctx.config.target)
+    if target.writes_ort:
+        verification["ort_format"] = verify_ort_format(
+            staging, loaded.tokenizer, config.evaluation, target.weight_format
         )
+    return verification
 
 
-def finalize_stage(ctx: BuildContext) -> None:
-    loaded = ctx.loaded
-    sizes = {
-        name: (ctx.staging / name).stat().st_size for name in (MODEL_FILE, DATA_FILE) if (ctx.staging / name).exists()
-    }
-    ctx.report.update(
+def finalize_stage(
+    config: BuildConfig,
+    target: Target,
+    staging: Path,
+    source: Source,
+    export_seconds: float,
+    calibrated: Calibrated | None,
+    lowering: LoweringResult,
+    written: Written,
+    verification: dict[str, Any],
+    timings: dict[str, float],
+) -> None:
+    loaded = source.loaded
+    sizes = {name: (staging / name).stat().st_size for name in (MODEL_FILE, DATA_FILE) if (staging / name).exists()}
+    quantization = _quantization_summary(config, target, calibrated, lowering)
+    report: dict[str, Any] = {"untied_lm_head": source.untied_lm_head, "export_seconds": export_seconds}
+    if calibrated is not None:
+        report["calibration"] = calibrated.report
+        if calibrated.parity_ladder is not None:
+            report["parity_ladder"] = calibrated.parity_ladder
+    if written.mobile is not None:
+        report["mobile"] = written.mobile
+    report.update(
         {
+            "verification": verification,
             "model_bytes": sum(sizes.values()),
             "model_files": sizes,
-            "quantization": _quantization_summary(ctx),
-            "timings": ctx.timings,
+            "quantization": quantization,
+            "timings": timings,
         }
     )
-    write_json(ctx.staging / "report.json", ctx.report)
+    write_json(staging / "report.json", report)
     manifest = {
         "aqexport_version": __version__,
         "versions": dependency_versions(),
-        "config": ctx.config.model_dump(mode="json"),
-        "config_sha256": ctx.config.sha256(),
+        "config": config.model_dump(mode="json"),
+        "config_sha256": config.sha256(),
         "source": {
             "kind": loaded.source.kind,
             "location": loaded.source.location,
@@ -236,32 +261,36 @@ def finalize_stage(ctx: BuildContext) -> None:
             "sha256": loaded.source_sha256,
             "architecture": loaded.architecture.model_type,
         },
-        "io": {"inputs": ctx.layout.input_names(), "outputs": ctx.layout.output_names()},
-        "quantization": {**_quantization_summary(ctx), "linears": _linear_schemes(ctx)},
-        "passes": ctx.pass_stats,
-        "fusions": _fusion_summary(ctx),
-        "files": file_hashes(ctx.staging),
+        "io": {"inputs": source.layout.input_names(), "outputs": source.layout.output_names()},
+        "quantization": {**quantization, "linears": _linear_schemes(calibrated)},
+        "passes": lowering.records,
+        "fusions": lowering.sections.get("fusions", {}),
+        "files": file_hashes(staging),
     }
-    write_json(ctx.staging / "manifest.json", manifest)
+    write_json(staging / "manifest.json", manifest)
 
 
-def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
-    quant = ctx.config.quantization
+def _quantization_summary(
+    config: BuildConfig, target: Target, calibrated: Calibrated | None, lowering: LoweringResult
+) -> dict[str, Any]:
+    quant = config.quantization
+    integer_linears = list(lowering.sections.get("quantization", {}).get("integer_activation_linears", []))
     summary: dict[str, Any] = {
         "recipe": quant.recipe,
-        "preset": quant.preset,
-        "lm_head": quant.lm_head,
-        "embedding": quant.embedding,
-        "accuracy_level": ctx.config.target.accuracy_level,
-        "integer_activation_linears": _integer_activation_linears(ctx),
-        "weight_format": _weight_format(ctx.config.target),
+        "preset": getattr(quant, "preset", None),
+        "rounding": getattr(getattr(quant, "rounding", None), "method", None),
+        "lm_head": getattr(quant, "lm_head", "float"),
+        "embedding": getattr(quant, "embedding", "float"),
+        "accuracy_level": target.accuracy_level,
+        "integer_activation_linears": integer_linears,
+        "weight_format": target.weight_format,
     }
-    if summary["integer_activation_linears"]:
+    if integer_linears:
         summary["accuracy_level_note"] = (
             "these linears run MatMulNBits at accuracy_level 4, which quantizes their input to int8 per block "
             "at run time: the artifact departs from the calibrated plan by that rounding (verification measures it)"
         )
-    if ctx.plan is not None and any(e.activation is not None for e in ctx.plan.linears().values()):
+    if calibrated is not None and any(e.activation is not None for e in calibrated.plan.linears().values()):
         summary["activations"] = (
             "static per-tensor QDQ (uint8/uint4) where 8/4-bit, else a float fake-quant subgraph"
             if quant.activations == "static"
@@ -271,41 +300,12 @@ def _quantization_summary(ctx: BuildContext) -> dict[str, Any]:
     return summary
 
 
-def _weight_format(target) -> str:
-    """The mobile profile always stores QDQ weights in 8-bit tensors (the ORT format has no 4-bit
-    type; ``passes/quantize_weights.py`` rule 7)."""
-    return "qdq8" if target.profile == "mobile" else target.weight_format
-
-
-def _fusion_summary(ctx: BuildContext) -> dict[str, Any]:
-    """What the fusion passes recognised, so a graph that stayed unfused is visible."""
-    summary: dict[str, Any] = {}
-    for graph_pass in ctx.passes:
-        if isinstance(graph_pass, OrtFusionsPass):
-            summary["onnxscript"] = dict(graph_pass.fusions)
-        elif isinstance(graph_pass, GroupQueryAttentionPass):
-            summary["group_query_attention_layers"] = list(graph_pass.fused)
-            summary["rotary_embedding_layers"] = list(graph_pass.rotary_fused)
-            summary["attention_left_unfused"] = list(graph_pass.skipped)
-        elif isinstance(graph_pass, PackMatMulNBitsPass):
-            summary["packed_matmul_nbits"] = list(graph_pass.packed)
-    return summary
-
-
-def _integer_activation_linears(ctx: BuildContext) -> list[str]:
-    """Linears whose MatMulNBits node has an accuracy_level (read back from the pass)."""
-    for graph_pass in ctx.passes:
-        if isinstance(graph_pass, QuantizeWeightsPass):
-            return list(graph_pass.integer_activations)
-    return []
-
-
 def _scheme(scheme) -> dict[str, Any]:
     return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric}
 
 
-def _linear_schemes(ctx: BuildContext) -> dict[str, Any]:
-    if ctx.plan is None:
+def _linear_schemes(calibrated: Calibrated | None) -> dict[str, Any]:
+    if calibrated is None:
         return {}
     schemes = {
         path: {
@@ -315,24 +315,64 @@ def _linear_schemes(ctx: BuildContext) -> dict[str, Any]:
             else {"bits": entry.activation.bits, "static": entry.act_scale is not None},
             "input_transform": entry.input_transform,
         }
-        for path, entry in ctx.plan.linears().items()
+        for path, entry in calibrated.plan.linears().items()
     }
-    for role, entries in (("lm_head", ctx.lm_head), ("embedding", ctx.embedding)):
+    for role, entries in (("lm_head", calibrated.lm_head), ("embedding", calibrated.embedding)):
         for path, entry in entries.items():
             schemes[path] = {"weight": _scheme(entry.scheme), "activation": None, "role": role}
     return schemes
 
 
-Stage = Callable[[BuildContext], None]
-STAGES: tuple[tuple[str, Stage], ...] = (
-    ("load", load_stage),
-    ("capture", capture_stage),
-    ("calibrate", calibrate_stage),
-    ("lower", lower_stage),
-    ("write", write_stage),
-    ("verify", verify_stage),
-    ("finalize", finalize_stage),
+@dataclass(frozen=True)
+class Stage:
+    """A named step: ``run(**{name: value for name in needs})`` returns the value(s) named ``makes``."""
+
+    name: str
+    run: Callable[..., Any]
+    needs: tuple[str, ...]
+    makes: tuple[str, ...] = field(default_factory=tuple)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("load", load_stage, ("config", "config_dir"), ("source",)),
+    Stage("capture", capture_stage, ("source", "target"), ("exported_graph", "export_seconds")),
+    Stage("calibrate", calibrate_stage, ("config", "source", "exported_graph", "on_block"), ("calibrated",)),
+    Stage("lower", lower_stage, ("source", "exported_graph", "calibrated", "target"), ("lowered_graph", "lowering")),
+    Stage("write", write_stage, ("lowered_graph", "source", "target", "staging"), ("written",)),
+    Stage("verify", verify_stage, ("config", "source", "target", "staging", "written"), ("verification",)),
+    Stage(
+        "finalize",
+        finalize_stage,
+        (
+            "config",
+            "target",
+            "staging",
+            "source",
+            "export_seconds",
+            "calibrated",
+            "lowering",
+            "written",
+            "verification",
+            "timings",
+        ),
+    ),
 )
+
+
+def _run_stages(stages: tuple[Stage, ...], values: dict[str, Any], on_stage: Callable[[str], None]) -> None:
+    last_use = {name: index for index, stage in enumerate(stages) for name in stage.needs}
+    timings: dict[str, float] = values["timings"]
+    for index, stage in enumerate(stages):
+        on_stage(stage.name)
+        start = time.perf_counter()
+        made = stage.run(**{name: values[name] for name in stage.needs})
+        if len(stage.makes) == 1:
+            made = (made,)
+        values.update(zip(stage.makes, made or (), strict=True))
+        timings[stage.name] = round(time.perf_counter() - start, 3)
+        logger.info("stage %s: %.1f s", stage.name, timings[stage.name])
+        for name in [name for name, last in last_use.items() if last == index and name != "timings"]:
+            values.pop(name, None)  # no later stage needs it: let it go (graphs, the float copy)
 
 
 def build(
@@ -342,15 +382,17 @@ def build(
     on_stage: Callable[[str], None] = lambda name: None,
     on_block: Callable[[int, int], None] = lambda done, total: None,
 ) -> Path:
-    """Run every stage; return the artifact directory (only created if all stages succeed)."""
-    require_buildable(config)
+    """Run every stage; return the artifact directory (only created if all stages succeed).
+    ``config`` is already valid: ``BuildConfig`` checks every rule when it is made."""
     final = Path(output_dir) if output_dir is not None else config.output.dir
     with atomic_directory(final) as staging:
-        ctx = BuildContext(config=config, config_dir=config_dir, staging=staging, on_block=on_block)
-        for name, stage in STAGES:
-            on_stage(name)
-            start = time.perf_counter()
-            stage(ctx)
-            ctx.timings[name] = round(time.perf_counter() - start, 3)
-            logger.info("stage %s: %.1f s", name, ctx.timings[name])
+        values: dict[str, Any] = {
+            "config": config,
+            "config_dir": config_dir,
+            "staging": staging,
+            "target": Target.from_spec(config.target),
+            "on_block": on_block,
+            "timings": {},
+        }
+        _run_stages(STAGES, values, on_stage)
     return final

@@ -12,7 +12,6 @@ an interrupted run continues), and the table goes into BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
@@ -24,21 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _fake_quant import FakeQuantBench  # noqa: E402
 from _report import commit_id, write_section  # noqa: E402
 
-from aqexport.calibrate.data import calibration_windows  # noqa: E402
 from aqexport.calibrate.engine import calibrate  # noqa: E402
 from aqexport.calibrate.plan import QuantPlan  # noqa: E402
-from aqexport.calibrate.recipe import make_recipe  # noqa: E402
 from aqexport.calibration_run import plan_identity  # noqa: E402
-from aqexport.capture import cache_layout  # noqa: E402
-from aqexport.config import CalibrationSpec, ModelSpec  # noqa: E402
-from aqexport.reference import torch_logits_of  # noqa: E402
-from aqexport.runtime import perplexity, split_windows  # noqa: E402
-from aqexport.sources import load_model  # noqa: E402
-from aqexport.verify import tokenize_text  # noqa: E402
+from aqexport.recipes import make_recipe  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "benchmarks" / "out" / "calibration.json"
 PLANS = ROOT / "benchmarks" / "out" / "plans"  # kept so benchmarks/lowering.py lowers the same plans
 TARGETS = {"w4a16": 1.08, "w4a16g128": 1.04, "w3a16g128": 1.20, "w4a8": 1.10, "w4a4": 1.60}
@@ -51,31 +43,26 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--init", default=None, help="override the recipe's init (a side row, key method/preset/init)")
     args = parser.parse_args()
-    defaults = CalibrationSpec(data=DATA / "valid.txt")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    loaded = load_model(ModelSpec(source="default"))
-    model = loaded.model
-    layout = cache_layout(model)
-    fp_state = copy.deepcopy(model.state_dict())
-    windows = split_windows(tokenize_text(loaded.tokenizer, DATA / "test.txt"), 512, 40)
-    calib = calibration_windows(loaded.tokenizer, DATA / "valid.txt", defaults.samples, defaults.seqlen, defaults.seed)
+    bench = FakeQuantBench.smollm2()
+    defaults, loaded, layout = bench.defaults, bench.loaded, bench.layout
     if "fp" not in results:
-        results["fp"] = perplexity(torch_logits_of(model), windows).perplexity
+        results["fp"] = bench.perplexity()
     for preset in args.presets.split(","):
         for method in args.methods.split(","):
             key = f"{method}/{preset}" + (f"/init={args.init}" if args.init else "")
             if key in results:
                 continue
-            model.load_state_dict(fp_state)
+            model = bench.reset()
             recipe = make_recipe(method, preset, defaults.epochs, defaults.seed, init=args.init)
             start = time.perf_counter()
             plan_dir = PLANS / key.replace("/", "-")
             if plan_dir.exists():
                 shutil.rmtree(plan_dir)  # this row is being re-measured: never resume a stale plan
             plan = QuantPlan.open(plan_dir, recipe.as_dict(), plan_identity(loaded, defaults))
-            calibrate(model, calib, recipe, plan, layout.head_dims[0], layout.kv_heads[0])
+            calibrate(model, bench.calibration, recipe, plan, layout.head_dims[0], layout.kv_heads[0])
             seconds = time.perf_counter() - start
-            ppl = perplexity(torch_logits_of(model), windows).perplexity
+            ppl = bench.perplexity()
             results[key] = {"perplexity": ppl, "seconds": seconds}
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=1))

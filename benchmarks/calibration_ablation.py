@@ -26,9 +26,9 @@ from _report import commit_id, write_section  # noqa: E402
 from aqexport.calibrate.data import calibration_windows  # noqa: E402
 from aqexport.calibrate.engine import calibrate  # noqa: E402
 from aqexport.calibrate.plan import QuantPlan  # noqa: E402
-from aqexport.calibrate.recipe import make_recipe  # noqa: E402
 from aqexport.capture import cache_layout  # noqa: E402
 from aqexport.config import CalibrationSpec, ModelSpec  # noqa: E402
+from aqexport.recipes import make_recipe  # noqa: E402
 from aqexport.sources import load_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"

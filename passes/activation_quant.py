@@ -18,20 +18,27 @@ Rewrite rules, per linear whose plan entry quantizes activations:
    rule 1 (symmetric int8). A static split's float columns are added by ``QuantizeWeightsPass``.
 4. Linears sharing one input (q, k, v) and one quantizer configuration share one quantizer.
 
-Precondition: runs after ``FoldAffinePass`` (the input is already ``(x − δ) A⁻¹``) and before
-``QuantizeWeightsPass`` (linears are found by their float weights).
+Precondition (``requires``): runs after ``FoldAffinePass`` (the input is already
+``(x − δ) A⁻¹``) and before ``QuantizeWeightsPass``: every linear whose plan quantizes its input
+is found by its float weight's module-path name. Postcondition (``ensures``): each of those
+linears reads the output of an inserted quantizer (``…/ActivationQuant/…``).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.quantizer import DELTA_FLOOR
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed, PreconditionFailed
 from aqexport.passes._linear_sites import find_linear, new_initializer
+from aqexport.passes._result import StatsPassResult
+
+if TYPE_CHECKING:
+    from aqexport.calibrate.plan import LinearPlan, QuantPlan
 
 __all__ = ["ActivationQuantPass"]
 
@@ -57,26 +64,42 @@ class ActivationQuantPass(ir.passes.InPlacePass):
     def __init__(self, plan: QuantPlan) -> None:
         super().__init__()
         self.plan = plan
-        self.inserted = 0
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def _quantized(self) -> dict[str, LinearPlan]:
+        return {path: entry for path, entry in self.plan.linears().items() if entry.activation is not None}
+
+    def requires(self, model: ir.Model) -> None:
+        for path in self._quantized():
+            if find_linear(model.graph, f"{path}.weight") is None:
+                raise PreconditionFailed(
+                    f"the planned linear '{path}' is not a MatMul/Gemm on '{path}.weight' in the graph",
+                    "run StableNamesPass first and ActivationQuantPass before QuantizeWeightsPass",
+                )
+
+    def ensures(self, model: ir.Model) -> None:
+        for path in self._quantized():
+            site = find_linear(model.graph, f"{path}.weight")
+            producer = site.input.producer() if site is not None else None
+            if producer is None or "/ActivationQuant/" not in (producer.name or ""):
+                raise PostconditionFailed(f"the input of '{path}' is not quantized", BUG_FIX)
+
+    def call(self, model: ir.Model) -> StatsPassResult:
         graph = model.graph
         done: dict[tuple, ir.Value] = {}
-        for path, entry in self.plan.linears().items():
-            if entry.activation is None:
-                continue
+        linears = self._quantized()
+        for path, entry in linears.items():
             site = find_linear(graph, f"{path}.weight")
             key = (id(site.input), *_quantizer_key(entry))
             if key not in done:
                 done[key] = self._quantizer(graph, site.node, site.input, entry, path)
             site.node.replace_input_with(0, done[key])
-        logger.info("activation_quant: %d quantizers", self.inserted)
-        return ir.passes.PassResult(model, modified=self.inserted > 0)
+        logger.info("activation_quant: %d quantizers", len(done))
+        stats = {"quantizers": len(done), "linears": len(linears)}
+        return StatsPassResult(model, modified=bool(done), stats=stats)
 
     def _quantizer(self, graph: ir.Graph, before: ir.Node, x: ir.Value, entry: LinearPlan, path: str) -> ir.Value:
         base = before.name.rsplit("/", 1)[0] + "/ActivationQuant"
         scheme = entry.activation
-        self.inserted += 1
         if entry.outlier is not None:
             return self._outlier_split(graph, before, x, entry, path, base + "/OutlierSplit")
         if entry.act_scale is not None and scheme.bits in (4, 8) and not scheme.symmetric:

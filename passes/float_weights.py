@@ -13,45 +13,61 @@ Rewrite rules, per linear (weight found by its stable name):
 2. A changed bias replaces the graph's bias input (a new initializer: biases may be shared);
    a linear without one gets an ``Add``.
 
-Precondition: ``StableNamesPass`` ran. Postcondition: every given linear multiplies by ``W'``.
+Precondition (``requires``): ``StableNamesPass`` ran: every given linear is a ``MatMul``/``Gemm``
+on its module-path weight. Postcondition (``ensures``): no ``MatMul``/``Gemm`` reads a given
+linear's original weight any more (each multiplies by ``W'``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
-import torch
 
-from aqexport.errors import AqexportError
+from aqexport.passes._contract import PreconditionFailed, float_weights_replaced
 from aqexport.passes._linear_sites import find_linear, new_initializer
+from aqexport.passes._result import StatsPassResult
 
 __all__ = ["FloatWeightsPass"]
 
 
 class FloatWeightsPass(ir.passes.InPlacePass):
-    def __init__(self, weights: Mapping[str, torch.Tensor], biases: Mapping[str, torch.Tensor]) -> None:
+    """``weights`` / ``biases``: the transformed float tensors by module path, anything
+    ``np.asarray`` reads (the plan side holds CPU torch tensors), stored as float32."""
+
+    def __init__(self, weights: Mapping[str, Any], biases: Mapping[str, Any]) -> None:
         super().__init__()
         self.weights = dict(weights)
         self.biases = dict(biases)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def requires(self, model: ir.Model) -> None:
+        for path in self.weights:
+            if find_linear(model.graph, f"{path}.weight") is None:
+                raise PreconditionFailed(f"no MatMul/Gemm on '{path}.weight' in the graph", "run StableNamesPass first")
+
+    def ensures(self, model: ir.Model) -> None:
+        float_weights_replaced(model.graph, self.weights)
+
+    def call(self, model: ir.Model) -> StatsPassResult:
         graph = model.graph
+        biases = 0
         for path, weight in self.weights.items():
             site = find_linear(graph, f"{path}.weight")
-            if site is None:
-                raise AqexportError(f"no MatMul/Gemm on '{path}.weight' in the graph", "run StableNamesPass first")
             transposed = site.node.op_type == "MatMul" or not _transb(site.node)
-            array = weight.float().numpy()
+            array = np.asarray(weight, dtype=np.float32)
             folded = new_initializer(graph, f"{path}.weight_folded", array.T if transposed else array)
             site.node.replace_input_with(1, folded)
             if path in self.biases:
-                bias = new_initializer(graph, f"{path}.bias_folded", self.biases[path].float().numpy())
+                bias = new_initializer(graph, f"{path}.bias_folded", np.asarray(self.biases[path], dtype=np.float32))
                 if site.bias_node is not None:
                     site.bias_node.replace_input_with(site.bias_index, bias)
                 else:
                     _add_after(graph, site.node, bias)
-        return ir.passes.PassResult(model, modified=bool(self.weights))
+                biases += 1
+        stats = {"linears": len(self.weights), "biases": biases}
+        return StatsPassResult(model, modified=bool(self.weights), stats=stats)
 
 
 def _transb(node: ir.Node) -> bool:

@@ -41,9 +41,13 @@ against 225–252 without, in alternating runs. So the contract's ``position_ids
 Measured on SmolLM2 (fp32 graph 1608 → 553 nodes; int4 example config at accuracy level 4,
 2 threads): decode 109.7 → 151.7 tok/s, prefill 128 1625 → 1625 tok/s, 512 1418 → 1475 tok/s.
 
-Precondition: ``OrtFusionsPass`` ran; graph inputs ``input_ids`` and ``attention_mask``.
-Postcondition: same inputs and outputs; attention nodes that do not match are left as they were
-(reported in ``skipped``).
+Precondition (``requires``): graph inputs ``input_ids`` and ``attention_mask`` (the sequence
+lengths are read from them); ``OrtFusionsPass`` ran (otherwise there is no
+``MultiHeadAttention`` and nothing changes). Postcondition (``ensures``): each fused layer has
+exactly one ``GroupQueryAttention``, which writes its ``present.i.key`` / ``present.i.value``,
+and no ``MultiHeadAttention`` still in use reads that layer's cache; every graph output is still
+computed. Attention nodes that do not match are left as they were (``attention_left_unfused`` in
+the manifest's ``fusions``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ import re
 import numpy as np
 import onnx_ir as ir
 
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed, PreconditionFailed, outputs_computed
 from aqexport.passes._linear_sites import new_initializer, take_over
+from aqexport.passes._result import StatsPassResult
 from aqexport.passes._rotary import Rotary, match_rotary
 
 __all__ = ["GroupQueryAttentionPass"]
@@ -128,6 +134,17 @@ def _unexpanded(bias: ir.Value | None) -> ir.Value | None:
     return bias
 
 
+def _cache_layer(value: ir.Value | None) -> int | None:
+    """The layer whose ``past_key_values.i.*`` a value is concatenated from, through layout ops
+    (whether or not that concat still produces a graph output)."""
+    node = value.producer() if value is not None else None
+    while node is not None and node.op_type in _LAYOUT_OPS and node.domain == "":
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    past = node.inputs[0] if node is not None and node.op_type == "Concat" and node.inputs else None
+    match = _PAST.match(past.name or "") if past is not None and past.is_graph_input() else None
+    return int(match.group(1)) if match else None
+
+
 class GroupQueryAttentionPass(ir.passes.InPlacePass):
     """``max_positions``: rows of the rotary cos/sin tables (the model's context length). With it,
     a recognised rotary embedding becomes ``com.microsoft.RotaryEmbedding`` on [B, S, H·D];
@@ -136,24 +153,82 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
     def __init__(self, max_positions: int | None = None) -> None:
         super().__init__()
         self.max_positions = max_positions
+
+    def requires(self, model: ir.Model) -> None:
+        names = {value.name for value in model.graph.inputs}
+        if not {"input_ids", "attention_mask"} <= names:
+            raise PreconditionFailed(
+                "GroupQueryAttentionPass needs input_ids and attention_mask inputs",
+                "run it on a graph with the artifact's dynamic-cache inputs (not the mobile step graph)",
+            )
+
+    def ensures(self, model: ir.Model) -> None:
+        graph = model.graph
+        outputs_computed(graph, type(self).__name__)
+        outputs = set(graph.outputs)
+        fused: dict[int, int] = {}
+        for node in graph:
+            if node.op_type == "GroupQueryAttention" and node.domain == _MS:
+                past = node.inputs[3] if len(node.inputs) > 3 else None
+                match = _PAST.match(past.name or "") if past is not None else None
+                if match is not None:
+                    layer = int(match.group(1))
+                    fused[layer] = fused.get(layer, 0) + 1
+                    if not all(value in outputs for value in node.outputs[1:]):
+                        raise PostconditionFailed(
+                            f"layer {layer}'s GroupQueryAttention does not write present", BUG_FIX
+                        )
+        if any(count != 1 for count in fused.values()):
+            raise PostconditionFailed(f"GroupQueryAttention nodes per layer: {fused}", BUG_FIX)
+        for node in graph:
+            if node.op_type != "MultiHeadAttention" or node.domain != _MS or not len(node.outputs[0].uses()):
+                continue
+            layers = {_cache_layer(node.inputs[i]) for i in (1, 2) if len(node.inputs) > i}
+            if layers & fused.keys():
+                raise PostconditionFailed(f"'{node.name}' still reads a fused layer's cache", BUG_FIX)
+
+    def call(self, model: ir.Model) -> StatsPassResult:
+        rewriter = _Rewriter(model.graph, self.max_positions)
+        rewriter.run()
+        logger.info(
+            "group_query_attention: %d fused (%d with rotary), %d skipped",
+            len(rewriter.fused),
+            len(rewriter.rotary_fused),
+            len(rewriter.skipped),
+        )
+        return StatsPassResult(
+            model,
+            modified=bool(rewriter.fused),
+            stats={
+                "fused": len(rewriter.fused),
+                "rotary_fused": len(rewriter.rotary_fused),
+                "skipped": len(rewriter.skipped),
+            },
+            manifest={
+                "fusions": {
+                    "group_query_attention_layers": rewriter.fused,
+                    "rotary_embedding_layers": rewriter.rotary_fused,
+                    "attention_left_unfused": rewriter.skipped,
+                }
+            },
+        )
+
+
+class _Rewriter:
+    """One run of the rewrite over one graph: what it fused, skipped and created (the shared
+    rotary tables and BSD shape constant) lives here, never on the pass."""
+
+    def __init__(self, graph: ir.Graph, max_positions: int | None) -> None:
+        self.graph, self.max_positions = graph, max_positions
         self.fused: list[int] = []
         self.rotary_fused: list[int] = []
         self.skipped: list[str] = []
         self._caches: list[tuple[Rotary, ir.Value, ir.Value]] = []
         self._bsd_shape: ir.Value | None = None
 
-    def requires(self, model: ir.Model) -> None:
-        names = {value.name for value in model.graph.inputs}
-        if not {"input_ids", "attention_mask"} <= names:
-            raise ir.passes.PreconditionError("GroupQueryAttentionPass needs input_ids and attention_mask inputs")
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        self.fused, self.rotary_fused, self.skipped, self._caches = [], [], [], []
-        self._bsd_shape = None
+    def run(self) -> None:
+        graph = self.graph
         sites = [node for node in graph if node.op_type == "MultiHeadAttention" and node.domain == _MS]
-        if not sites:
-            return ir.passes.PassResult(model, modified=False)
         lengths: tuple[ir.Value, ir.Value] | None = None
         for node in sites:
             rewrite = self._match(node, graph)
@@ -162,13 +237,6 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
             if lengths is None:
                 lengths = self._sequence_lengths(graph, sites[0])
             self._rewrite(graph, node, *rewrite, *lengths)
-        logger.info(
-            "group_query_attention: %d fused (%d with rotary), %d skipped",
-            len(self.fused),
-            len(self.rotary_fused),
-            len(self.skipped),
-        )
-        return ir.passes.PassResult(model, modified=bool(self.fused))
 
     def _match(self, node: ir.Node, graph: ir.Graph):
         inputs = list(node.inputs) + [None] * (8 - len(node.inputs))

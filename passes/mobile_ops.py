@@ -16,22 +16,36 @@ Each replacement computes the same values (``ReduceMean`` as a matmul may round 
 another order: ~1e-7 relative). Nodes whose shapes are not static, or an ``Expand`` that
 broadcasts more than one axis, are left as they are.
 
-Precondition: static shapes (inferred). Postcondition: same function, fewer unsupported ops.
+Precondition (``requires``): the graph's inputs and outputs have static shapes (the mobile step
+graph; shapes inside are inferred by the ``ShapeInferencePass`` before this one).
+Postcondition (``ensures``): same function; none of the ops above is left where its rule
+applies (what remains had no static shape or grows more than one axis); every graph output is
+still computed.
+
+Each rule is split into a pure match (``_RULES``: node → builder or None), which ``ensures``
+reuses, and the builder, which takes the call's shared-constant table.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed, PreconditionFailed, outputs_computed
 from aqexport.passes._linear_sites import new_initializer
+from aqexport.passes._result import StatsPassResult
 
 __all__ = ["MobileOpsPass"]
 
 logger = logging.getLogger(__name__)
+
+#: ``constant(name, array) -> value``: one initializer per distinct value in a call.
+Constant = Callable[[str, np.ndarray], ir.Value]
+Builder = Callable[[Constant], tuple[ir.tape.Tape, ir.Value]]
 
 
 def _static(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -52,80 +66,118 @@ def _float_dtype(value: ir.Value) -> np.dtype | None:
     return value.dtype.numpy()
 
 
-class MobileOpsPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rewritten: Counter[str] = Counter()
-        self._graph: ir.Graph | None = None
-        self._constants: dict[tuple, ir.Value] = {}
+def _with_scalar(node: ir.Node, op_type: str, scalar: float, scalar_first: bool) -> Builder | None:
+    dtype = _float_dtype(node.inputs[0])
+    if dtype is None:
+        return None
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self._graph, self._constants, self.rewritten = model.graph, {}, Counter()
-        rules = {
-            "Reciprocal": self._reciprocal,
-            "Neg": self._neg,
-            "Unsqueeze": self._unsqueeze,
-            "ReduceMean": self._reduce_mean,
-            "Expand": self._expand,
-        }
-        for node in list(model.graph):
-            rule = rules.get(node.op_type) if node.domain == "" else None
-            replacement = rule(node) if rule is not None else None
-            if replacement is None:
-                continue
-            tape, output = replacement
-            ir.convenience.replace_nodes_and_values(model.graph, node, [node], tape.nodes, [node.outputs[0]], [output])
-            self.rewritten[node.op_type] += 1
-        logger.info("mobile ops rewritten: %s", dict(self.rewritten))
-        return ir.passes.PassResult(model, modified=bool(self.rewritten))
-
-    def _constant(self, name: str, array: np.ndarray) -> ir.Value:
-        """One initializer per distinct value, shared by every rewritten node that needs it."""
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._constants:
-            self._constants[key] = new_initializer(self._graph, name, array)
-        return self._constants[key]
-
-    def _with_scalar(self, node: ir.Node, op_type: str, scalar: float, scalar_first: bool):
-        dtype = _float_dtype(node.inputs[0])
-        if dtype is None:
-            return None
+    def build(constant: Constant):
         tape = ir.tape.Tape()
-        constant = self._constant(f"mobile_scalar_{scalar:g}", np.array(scalar, dtype))
-        operands = [constant, node.inputs[0]] if scalar_first else [node.inputs[0], constant]
+        value = constant(f"mobile_scalar_{scalar:g}", np.array(scalar, dtype))
+        operands = [value, node.inputs[0]] if scalar_first else [node.inputs[0], value]
         return tape, tape.op(op_type, operands)
 
-    def _reciprocal(self, node: ir.Node):
-        return self._with_scalar(node, "Div", 1.0, scalar_first=True)
+    return build
 
-    def _neg(self, node: ir.Node):
-        return self._with_scalar(node, "Mul", -1.0, scalar_first=False)
 
-    def _unsqueeze(self, node: ir.Node):
-        shape = _static(node.outputs[0])
-        if shape is None or _static(node.inputs[0]) is None:
-            return None
+def _reciprocal(node: ir.Node) -> Builder | None:
+    return _with_scalar(node, "Div", 1.0, scalar_first=True)
+
+
+def _neg(node: ir.Node) -> Builder | None:
+    return _with_scalar(node, "Mul", -1.0, scalar_first=False)
+
+
+def _unsqueeze(node: ir.Node) -> Builder | None:
+    shape = _static(node.outputs[0])
+    if shape is None or _static(node.inputs[0]) is None:
+        return None
+
+    def build(constant: Constant):
         tape = ir.tape.Tape()
-        return tape, tape.op("Reshape", [node.inputs[0], self._constant("mobile_shape", np.array(shape, np.int64))])
+        return tape, tape.op("Reshape", [node.inputs[0], constant("mobile_shape", np.array(shape, np.int64))])
 
-    def _reduce_mean(self, node: ir.Node):
-        shape, dtype = _static(node.inputs[0]), _float_dtype(node.inputs[0])
-        axes = _constant_ints(node.inputs[1]) if len(node.inputs) > 1 else None
-        if shape is None or dtype is None or axes is None or len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1:
-            return None
-        if node.attributes.get_int("keepdims", 1) != 1:
-            return None
+    return build
+
+
+def _reduce_mean(node: ir.Node) -> Builder | None:
+    shape, dtype = _static(node.inputs[0]), _float_dtype(node.inputs[0])
+    axes = _constant_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    if shape is None or dtype is None or axes is None or len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1:
+        return None
+    if node.attributes.get_int("keepdims", 1) != 1:
+        return None
+
+    def build(constant: Constant):
         tape = ir.tape.Tape()
-        mean = self._constant(f"mobile_mean_{shape[-1]}", np.full((shape[-1], 1), 1 / shape[-1], dtype))
+        mean = constant(f"mobile_mean_{shape[-1]}", np.full((shape[-1], 1), 1 / shape[-1], dtype))
         return tape, tape.op("MatMul", [node.inputs[0], mean])
 
-    @staticmethod
-    def _expand(node: ir.Node):
-        source, target = _static(node.inputs[0]), _static(node.outputs[0])
-        if source is None or target is None or len(source) != len(target):
-            return None
-        grown = [axis for axis, (a, b) in enumerate(zip(source, target)) if a != b]
-        if len(grown) != 1 or source[grown[0]] != 1:
-            return None
+    return build
+
+
+def _expand(node: ir.Node) -> Builder | None:
+    source, target = _static(node.inputs[0]), _static(node.outputs[0])
+    if source is None or target is None or len(source) != len(target):
+        return None
+    grown = [axis for axis, (a, b) in enumerate(zip(source, target)) if a != b]
+    if len(grown) != 1 or source[grown[0]] != 1:
+        return None
+
+    def build(constant: Constant):
         tape = ir.tape.Tape()
         return tape, tape.op("Concat", [node.inputs[0]] * target[grown[0]], attributes={"axis": grown[0]})
+
+    return build
+
+
+_RULES: dict[str, Callable[[ir.Node], Builder | None]] = {
+    "Reciprocal": _reciprocal,
+    "Neg": _neg,
+    "Unsqueeze": _unsqueeze,
+    "ReduceMean": _reduce_mean,
+    "Expand": _expand,
+}
+
+
+def _match(node: ir.Node) -> Builder | None:
+    rule = _RULES.get(node.op_type) if node.domain == "" else None
+    return rule(node) if rule is not None else None
+
+
+class MobileOpsPass(ir.passes.InPlacePass):
+    def requires(self, model: ir.Model) -> None:
+        dynamic = [v.name for v in [*model.graph.inputs, *model.graph.outputs] if _static(v) is None]
+        if dynamic:
+            raise PreconditionFailed(
+                f"MobileOpsPass rewrites static-shape graphs; {dynamic[:3]} have dynamic shapes",
+                "run it on the mobile step graph (target.profile: mobile)",
+            )
+
+    def ensures(self, model: ir.Model) -> None:
+        outputs_computed(model.graph, type(self).__name__)
+        left = [node.name or node.op_type for node in model.graph if _match(node) is not None]
+        if left:
+            raise PostconditionFailed(f"rewritable ops are left in the graph: {left[:5]}", BUG_FIX)
+
+    def call(self, model: ir.Model) -> StatsPassResult:
+        graph = model.graph
+        constants: dict[tuple, ir.Value] = {}
+
+        def constant(name: str, array: np.ndarray) -> ir.Value:
+            """One initializer per distinct value, shared by every rewritten node that needs it."""
+            key = (array.dtype.str, array.shape, array.tobytes())
+            if key not in constants:
+                constants[key] = new_initializer(graph, name, array)
+            return constants[key]
+
+        rewritten: Counter[str] = Counter()
+        for node in list(graph):
+            build = _match(node)
+            if build is None:
+                continue
+            tape, output = build(constant)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], tape.nodes, [node.outputs[0]], [output])
+            rewritten[node.op_type] += 1
+        logger.info("mobile ops rewritten: %s", dict(rewritten))
+        return StatsPassResult(model, modified=bool(rewritten), stats={"rewritten": dict(sorted(rewritten.items()))})

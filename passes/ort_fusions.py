@@ -12,8 +12,9 @@ Attention then goes further in ``GroupQueryAttentionPass`` (``passes/group_query
 which replaces ``MultiHeadAttention`` and the exported KV plumbing; onnxscript's own GQA rule does
 not match our exports (it expects a causal-mask subgraph of an older ``transformers``).
 
-Precondition: float graph in opset ≥ 18. Postcondition: same inputs, outputs and function;
-``com.microsoft`` ops appear.
+Precondition (``requires``): default-domain opset ≥ 18 (onnxscript's rules are written for it).
+Postcondition (``ensures``): every graph output is still computed, and every op domain in the
+graph is imported (``com.microsoft`` once a rule fired), or ONNX Runtime would refuse the model.
 """
 
 from __future__ import annotations
@@ -23,18 +24,35 @@ import logging
 import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed, PreconditionFailed, outputs_computed
+from aqexport.passes._result import StatsPassResult
+
 __all__ = ["OrtFusionsPass"]
 
 logger = logging.getLogger(__name__)
 
+MIN_OPSET = 18
+
 
 class OrtFusionsPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fusions: dict[str, int] = {}
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 0)
+        if opset < MIN_OPSET:
+            raise PreconditionFailed(
+                f"ORT fusions need opset ≥ {MIN_OPSET}; the graph is opset {opset}",
+                f"export with target.opset ≥ {MIN_OPSET}, or set target.fuse: false",
+            )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def ensures(self, model: ir.Model) -> None:
+        outputs_computed(model.graph, type(self).__name__)
+        missing = {node.domain for node in model.graph} - {"ai.onnx"} - set(model.opset_imports)
+        if missing:
+            raise PostconditionFailed(f"ops of undeclared domains {sorted(missing)} in the graph", BUG_FIX)
+
+    def call(self, model: ir.Model) -> StatsPassResult:
         _, counts = optimize_for_ort(model)
-        self.fusions = {name: count for name, count in counts.items() if count}
-        logger.info("ort_fusions: %s", self.fusions)
-        return ir.passes.PassResult(model, modified=bool(self.fusions))
+        fusions = {name: count for name, count in counts.items() if count}
+        logger.info("ort_fusions: %s", fusions)
+        return StatsPassResult(
+            model, modified=bool(fusions), stats=dict(fusions), manifest={"fusions": {"onnxscript": fusions}}
+        )

@@ -17,8 +17,11 @@ default zero point), and constant weights:
 output axis, so the concatenation is along axis 0 and each column keeps its own codes, scale and
 zero point: the function is unchanged bit for bit (each output column is the same dot product).
 
-Precondition: the weights are initializers (``QuantizeWeightsPass`` ran). Postcondition: same
-outputs; the merged nodes' weights are no longer used (``RemoveUnusedNodesPass`` drops them).
+Precondition: none to check; nodes whose weights are not constants (``QuantizeWeightsPass``
+makes them initializers) are left as they are. Postcondition (``ensures``): no two unpacked
+``MatMulNBits`` that the rule could merge remain (same input, same attributes, constant
+weights); every graph output is still computed. The merged nodes' weights are no longer used
+(``RemoveUnusedNodesPass`` drops them).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed, outputs_computed
 from aqexport.passes._linear_sites import new_initializer, take_over
+from aqexport.passes._result import StatsPassResult
 
 __all__ = ["PackMatMulNBitsPass"]
 
@@ -51,25 +56,38 @@ def _key(node: ir.Node) -> tuple:
     return (id(node.inputs[0]), len(node.inputs), *shared)
 
 
+def _groups(graph: ir.Graph) -> list[list[ir.Node]]:
+    """Packable nodes by shared input and attributes, in graph order."""
+    groups: dict[tuple, list[ir.Node]] = defaultdict(list)
+    for node in graph:
+        if _packable(node):
+            groups[_key(node)].append(node)
+    return list(groups.values())
+
+
 class PackMatMulNBitsPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.packed: list[list[str]] = []
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> StatsPassResult:
         graph = model.graph
-        self.packed = []
-        groups: dict[tuple, list[ir.Node]] = defaultdict(list)
-        for node in graph:
-            if _packable(node):
-                groups[_key(node)].append(node)
-        for nodes in groups.values():
-            if len(nodes) > 1:
-                self._pack(graph, nodes)
-        logger.info("packed %d MatMulNBits groups", len(self.packed))
-        return ir.passes.PassResult(model, modified=bool(self.packed))
+        packed = [self._pack(graph, nodes) for nodes in _groups(graph) if len(nodes) > 1]
+        logger.info("packed %d MatMulNBits groups", len(packed))
+        return StatsPassResult(
+            model,
+            modified=bool(packed),
+            stats={"groups": len(packed), "nodes_merged": sum(len(names) for names in packed)},
+            manifest={"fusions": {"packed_matmul_nbits": packed}},
+        )
 
-    def _pack(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    def ensures(self, model: ir.Model) -> None:
+        outputs_computed(model.graph, type(self).__name__)
+        for nodes in _groups(model.graph):
+            if len(nodes) > 1:
+                raise PostconditionFailed(
+                    f"{[node.name for node in nodes]} read one input and were not packed", BUG_FIX
+                )
+
+    @staticmethod
+    def _pack(graph: ir.Graph, nodes: list[ir.Node]) -> list[str]:
+        """Merge ``nodes``; returns their names (the manifest lists each packed group)."""
         first = nodes[0]
         widths = [node.attributes.get_int("N") for node in nodes]
         base = first.name.rsplit("/", 2)[0] if first.name else "packed"
@@ -94,6 +112,6 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         graph.insert_before(first, tape.nodes)
         for node, part in zip(nodes, parts):
             take_over(node.outputs[0], part)
-        self.packed.append([node.name for node in nodes])
         for node in nodes:
             graph.remove(node, safe=True)
+        return [node.name for node in nodes]

@@ -14,22 +14,27 @@ Rewrite rules, per embedding (weight found by its stable name ``<path>.weight``)
 2. Codes, scales and zero points are the plan's (``aqexport.calibrate.edges``): the rows it
    returns are exactly the fake-quant model's embedding rows.
 
-Precondition: ``StableNamesPass`` ran; the weight is used only by such Gathers (the LM head was
-untied). Postcondition: the float table is no longer used.
+Precondition (``requires``): ``StableNamesPass`` ran; each table is used only by such Gathers
+(the LM head was untied) and is planned as asymmetric 4/8-bit groups (an even width at 4 bits).
+Postcondition (``ensures``): the float tables are no longer used.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from aqexport.calibrate.plan import LinearPlan
-from aqexport.errors import AqexportError
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed, PreconditionFailed
 from aqexport.passes._linear_sites import new_initializer, take_over
 from aqexport.passes._packing import pack_nibbles
+from aqexport.passes._result import StatsPassResult
+
+if TYPE_CHECKING:
+    from aqexport.calibrate.plan import LinearPlan
 
 __all__ = ["QuantizeEmbeddingPass"]
 
@@ -41,17 +46,31 @@ def _gather_axis(node: ir.Node) -> int:
     return 0 if attribute is None else attribute.value
 
 
-def _pack(entry: LinearPlan, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _check_scheme(entry: LinearPlan, path: str) -> None:
     scheme = entry.scheme
     if scheme.symmetric or scheme.group_size is None or scheme.bits not in (4, 8):
-        raise AqexportError(
+        raise PreconditionFailed(
             f"the embedding '{path}' is planned as {scheme}; GatherBlockQuantized takes asymmetric 4/8-bit groups",
             "quantize the embedding with quantization.embedding: int4 or int8",
         )
+    if scheme.bits == 4 and entry.codes.shape[1] % 2:
+        raise PreconditionFailed(f"the embedding '{path}' has an odd hidden size", "keep it in float")
+
+
+def _gathers(graph: ir.Graph, path: str) -> list[ir.Node] | None:
+    """The ``Gather(W, ids, axis=0)`` nodes reading ``<path>.weight``; None unless they are all
+    of its uses."""
+    weight = graph.initializers.get(f"{path}.weight")
+    uses = [] if weight is None else list(weight.uses())
+    gathers = [node for node, index in uses if node.op_type == "Gather" and index == 0]
+    if not gathers or len(gathers) != len(uses) or any(_gather_axis(node) != 0 for node in gathers):
+        return None
+    return gathers
+
+
+def _pack(entry: LinearPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     codes, zero = entry.codes.numpy(), entry.zero.numpy().astype(np.uint8)
-    if scheme.bits == 4:
-        if codes.shape[1] % 2:
-            raise AqexportError(f"the embedding '{path}' has an odd hidden size", "keep it in float")
+    if entry.scheme.bits == 4:
         return pack_nibbles(codes), entry.scale.float().numpy(), pack_nibbles(zero), 4
     return codes.astype(np.uint8), entry.scale.float().numpy(), zero, 8
 
@@ -60,27 +79,36 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
     def __init__(self, embeddings: Mapping[str, LinearPlan]) -> None:
         super().__init__()
         self.embeddings = dict(embeddings)
-        self.replaced = 0
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+    def requires(self, model: ir.Model) -> None:
         for path, entry in self.embeddings.items():
-            weight = graph.initializers.get(f"{path}.weight")
-            uses = [] if weight is None else list(weight.uses())
-            gathers = [node for node, index in uses if node.op_type == "Gather" and index == 0]
-            if not gathers or len(gathers) != len(uses) or any(_gather_axis(node) != 0 for node in gathers):
-                raise AqexportError(
+            if _gathers(model.graph, path) is None:
+                raise PreconditionFailed(
                     f"'{path}.weight' is not used only as a Gather table in the graph",
                     "run StableNamesPass first and untie the LM head from the embedding",
                 )
-            self._replace(graph, path, entry, gathers)
-        if self.replaced and "com.microsoft" not in model.opset_imports:
-            model.opset_imports["com.microsoft"] = 1
-        logger.info("quantize_embedding: %d lookups to GatherBlockQuantized", self.replaced)
-        return ir.passes.PassResult(model, modified=self.replaced > 0)
+            _check_scheme(entry, path)
 
-    def _replace(self, graph: ir.Graph, path: str, entry: LinearPlan, gathers: list[ir.Node]) -> None:
-        data, scales, zero_points, bits = _pack(entry, path)
+    def ensures(self, model: ir.Model) -> None:
+        for path in self.embeddings:
+            weight = model.graph.initializers.get(f"{path}.weight")
+            if weight is not None and len(weight.uses()) > 0:
+                raise PostconditionFailed(f"the float table '{path}.weight' is still used", BUG_FIX)
+
+    def call(self, model: ir.Model) -> StatsPassResult:
+        graph = model.graph
+        lookups = 0
+        for path, entry in self.embeddings.items():
+            lookups += self._replace(graph, path, entry, _gathers(graph, path))
+        if lookups and "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
+        logger.info("quantize_embedding: %d lookups to GatherBlockQuantized", lookups)
+        stats = {"embeddings": len(self.embeddings), "lookups": lookups}
+        return StatsPassResult(model, modified=lookups > 0, stats=stats)
+
+    @staticmethod
+    def _replace(graph: ir.Graph, path: str, entry: LinearPlan, gathers: list[ir.Node]) -> int:
+        data, scales, zero_points, bits = _pack(entry)
         inputs = [
             new_initializer(graph, f"{path}.weight_Q{bits}", data),
             None,
@@ -101,4 +129,4 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
             graph.insert_before(gather, [node])
             take_over(gather.outputs[0], node.outputs[0])
             graph.remove(gather, safe=True)
-            self.replaced += 1
+        return len(gathers)

@@ -22,13 +22,13 @@ Rewrite rules, per linear in the plan (weight found by its stable name):
 4. A bias the plan changed (out / q·k transforms, shifts) replaces the graph's bias with a new
    initializer (biases can be shared between linears after the exporter's deduplication); a
    linear that had no bias in the graph gets an ``Add``.
-5. ``accuracy_level=None`` (auto): 4 for 8-bit weights, 0 otherwise. ONNX Runtime 1.32's CPU EP
-   has a fast kernel for 8-bit MatMulNBits only at level 4 (int8 activations per block): at 0 it
-   dequantizes the whole matrix on every call (SmolLM2's LM head: 50 ms per decode step against
-   0.24 ms at level 4 and 2.2 ms in float32). 4-bit weights are fast at level 0.
+5. ``accuracy_level`` is the target's (``Target.accuracy_level_for(bits)``: configured, or auto,
+   4 for 8-bit weights and 0 otherwise; the rule and its reason live there). Linears that get
+   a level > 0 quantize their input to int8 per block at run time; they are listed in the
+   manifest's ``quantization.integer_activation_linears``.
 6. A static LLM.int8 split adds its float part: ``Gather(x̂, O, axis=−1) · W_Oᵀ`` (the plan's
    original columns; the codes there are zero), summed onto the MatMulNBits output.
-7. ``weight_format="qdq"``: the portable form, ``DequantizeLinear → MatMul`` with int4/uint4
+7. ``target.weight_format == "qdq"``: the portable form, ``DequantizeLinear → MatMul`` with int4/uint4
    (2–4-bit codes) or int8/uint8 codes in the ONNX layout ``[in, out]``, blocked along ``in``
    (``block_size``, opset 21) or per output column. Standard ops only, for EPs without the
    contrib op. ONNX Runtime's CPU EP fuses the pair back into MatMulNBits with its session's
@@ -38,22 +38,29 @@ Rewrite rules, per linear in the plan (weight found by its stable name):
    no 4-bit tensor type in 1.32, so the mobile profile trades twice the weight bytes for a
    loadable ``.ort`` (same codes, same numerics).
 
-Precondition: ``StableNamesPass`` ran (weights carry module paths); every planned linear is
-found, otherwise the pass raises naming it. Postcondition: no planned float weight is used.
+Precondition (``requires``): ``StableNamesPass`` ran (weights carry module paths) and every
+planned linear's float weight is a ``MatMul``/``Gemm`` input in the graph; for ``MatMulNBits``,
+every group size is a power of two ≥ 16. Postcondition (``ensures``): no planned float weight
+is a ``MatMul``/``Gemm`` input any more.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from aqexport.calibrate.plan import LinearPlan
-from aqexport.errors import AqexportError
+from aqexport.passes._contract import PreconditionFailed, float_weights_replaced
 from aqexport.passes._linear_sites import LinearSite, find_linear, new_initializer, take_over
 from aqexport.passes._packing import pack_nibbles
+from aqexport.passes._result import StatsPassResult
+from aqexport.target import Target
+
+if TYPE_CHECKING:
+    from aqexport.calibrate.plan import LinearPlan
 
 __all__ = ["QuantizeWeightsPass", "pack_matmul_nbits"]
 
@@ -68,7 +75,7 @@ def _block_size(entry: LinearPlan, name: str) -> int:
     if group is None:
         return PER_CHANNEL_BLOCK
     if group < 16 or group & (group - 1):
-        raise AqexportError(
+        raise PreconditionFailed(
             f"'{name}' is quantized in groups of {group}; MatMulNBits needs a power of two ≥ 16",
             "use a group size of 16, 32, 64, 128 or 256",
         )
@@ -133,43 +140,60 @@ def _dequantize_linear_matmul(
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    def __init__(
-        self,
-        linears: Mapping[str, LinearPlan],
-        accuracy_level: int | None = 0,
-        weight_format: str = "matmul_nbits",
-    ) -> None:
-        super().__init__()
-        if weight_format not in WEIGHT_FORMATS:
-            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-        self.linears = dict(linears)
-        self.accuracy_level = accuracy_level
-        self.weight_format = weight_format
-        self.integer_activations: list[str] = []  # linears whose MatMulNBits runs at accuracy_level > 0
-        self.replaced = 0
+    """``linears``: planned linears by module path. ``target``: the weight format and the
+    accuracy-level rule (default: ``Target()``, MatMulNBits at the auto level)."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
+    def __init__(self, linears: Mapping[str, LinearPlan], target: Target | None = None) -> None:
+        super().__init__()
+        self.linears = dict(linears)
+        self.target = target or Target()
+        if self.target.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.target.weight_format!r}")
+
+    def requires(self, model: ir.Model) -> None:
         for path, entry in self.linears.items():
-            site = find_linear(graph, f"{path}.weight")
-            if site is None:
-                raise AqexportError(
+            if find_linear(model.graph, f"{path}.weight") is None:
+                raise PreconditionFailed(
                     f"the planned linear '{path}' is not a MatMul/Gemm on '{path}.weight' in the graph",
                     "run StableNamesPass first, and lower a plan made for this model",
                 )
-            self._replace(graph, path, entry, site)
-        if self.replaced and self.weight_format == "matmul_nbits" and "com.microsoft" not in model.opset_imports:
-            model.opset_imports["com.microsoft"] = 1
-        logger.info("quantize_weights: %d linears as %s", self.replaced, self.weight_format)
-        return ir.passes.PassResult(model, modified=self.replaced > 0)
+            if self.target.weight_format == "matmul_nbits":
+                _block_size(entry, path)
 
-    def _replace(self, graph: ir.Graph, path: str, entry: LinearPlan, site: LinearSite) -> None:
+    def ensures(self, model: ir.Model) -> None:
+        float_weights_replaced(model.graph, self.linears)
+
+    def call(self, model: ir.Model) -> StatsPassResult:
+        graph = model.graph
+        integer_activations: list[str] = []  # linears whose MatMulNBits runs at accuracy_level > 0
+        for path, entry in self.linears.items():
+            if self._replace(graph, path, entry, find_linear(graph, f"{path}.weight")):
+                integer_activations.append(path)
+        weight_format = self.target.weight_format
+        if self.linears and weight_format == "matmul_nbits" and "com.microsoft" not in model.opset_imports:
+            model.opset_imports["com.microsoft"] = 1
+        logger.info("quantize_weights: %d linears as %s", len(self.linears), weight_format)
+        return StatsPassResult(
+            model,
+            modified=bool(self.linears),
+            stats={
+                "linears": len(self.linears),
+                "weight_format": weight_format,
+                "integer_activations": len(integer_activations),
+            },
+            manifest={"quantization": {"integer_activation_linears": integer_activations}},
+        )
+
+    def _replace(self, graph: ir.Graph, path: str, entry: LinearPlan, site: LinearSite) -> bool:
+        """Lower one linear; returns whether its MatMulNBits quantizes activations (level > 0)."""
         base = site.node.name.rsplit("/", 1)[0]
-        if self.weight_format in ("qdq", "qdq8"):
-            container = 8 if self.weight_format == "qdq8" else 4
+        integer_activations = False
+        if self.target.weight_format in ("qdq", "qdq8"):
+            container = 8 if self.target.weight_format == "qdq8" else 4
             nodes = _dequantize_linear_matmul(graph, path, entry, site.input, base, container)
         else:
             nodes = [self._matmul_nbits(graph, path, entry, site.input, base)]
+            integer_activations = nodes[0].attributes.get_int("accuracy_level", 0) > 0
         output = nodes[-1].outputs[0]
         if entry.outlier_weight is not None and len(entry.outlier.channels):
             output = self._outlier_columns(graph, path, entry, site.input, output, base, nodes)
@@ -185,17 +209,16 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         final = site.output if site.node.op_type == "Gemm" or site.bias_node is None else site.node.outputs[0]
         take_over(final, output)  # it may be a graph output (the LM head)
         graph.remove(site.node, safe=True)
-        self.replaced += 1
+        return integer_activations
 
     def _matmul_nbits(self, graph: ir.Graph, path: str, entry: LinearPlan, x: ir.Value, base: str) -> ir.Node:
         block_size = _block_size(entry, path)
         packed, scales, zero_points, bits = pack_matmul_nbits(entry, block_size)
         n, k = entry.codes.shape
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
-        level = self.accuracy_level if self.accuracy_level is not None else (4 if bits == 8 else 0)
+        level = self.target.accuracy_level_for(bits)
         if level:
             attributes["accuracy_level"] = level
-            self.integer_activations.append(path)
         inputs = [
             x,
             new_initializer(graph, f"{path}.weight_Q{bits}", packed),

@@ -16,8 +16,9 @@ matches.
 Measured on SmolLM2 (RTN int4, head int4, level 4): 523 → 462 nodes; decode speed unchanged
 within this machine's run-to-run spread (alternating runs: 191–239 against 133–226 tok/s).
 
-Postcondition: same function; the skipped ``Reshape`` nodes are left unused for
-``RemoveUnusedNodesPass``. Graph outputs are never rewired.
+Postcondition (``ensures``): same function; no used ``Reshape`` the rule would remove is left
+(the skipped ones are left unused for ``RemoveUnusedNodesPass``); every graph output is still
+computed (graph outputs are never rewired).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from __future__ import annotations
 import logging
 
 import onnx_ir as ir
+
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed, outputs_computed
+from aqexport.passes._result import StatsPassResult
 
 __all__ = ["RemoveNoOpReshapesPass"]
 
@@ -46,13 +50,23 @@ def _same(a: ir.Shape, b: ir.Shape | None) -> bool:
 
 
 class RemoveNoOpReshapesPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.removed = 0
+    def call(self, model: ir.Model) -> StatsPassResult:
+        removed = 0
+        for node, source in self._no_ops(model.graph):
+            node.outputs[0].replace_all_uses_with(source)
+            removed += 1
+        logger.info("remove_noop_reshapes: %d", removed)
+        return StatsPassResult(model, modified=removed > 0, stats={"removed": removed})
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        self.removed = 0
+    def ensures(self, model: ir.Model) -> None:
+        outputs_computed(model.graph, type(self).__name__)
+        for node, _ in self._no_ops(model.graph):
+            if len(node.outputs[0].uses()) > 0:
+                raise PostconditionFailed(f"the no-op '{node.name}' is still used", BUG_FIX)
+
+    def _no_ops(self, graph: ir.Graph):
+        """``(Reshape, same-shaped ancestor)`` in graph order, evaluated lazily: the caller may
+        rewire each one before the next is matched."""
         outputs = set(graph.outputs)
         for node in list(graph):
             if node.op_type != "Reshape" or node.domain != "" or node.outputs[0] in outputs:
@@ -62,10 +76,7 @@ class RemoveNoOpReshapesPass(ir.passes.InPlacePass):
                 continue
             source = self._same_shaped_ancestor(node, result.shape)
             if source is not None:
-                result.replace_all_uses_with(source)
-                self.removed += 1
-        logger.info("remove_noop_reshapes: %d", self.removed)
-        return ir.passes.PassResult(model, modified=self.removed > 0)
+                yield node, source
 
     @staticmethod
     def _same_shaped_ancestor(node: ir.Node, shape: ir.Shape) -> ir.Value | None:

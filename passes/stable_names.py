@@ -22,8 +22,11 @@ Rewrite rules:
 4. Nodes without that metadata (shape arithmetic the exporter adds), and nodes of the
    top-level model object itself, keep their names.
 
-Precondition: a graph produced by ``torch.onnx.export(dynamo=True)``.
-Postcondition: same computation; names unique; values and outputs untouched.
+Precondition: a graph produced by ``torch.onnx.export(dynamo=True)`` (nothing to check cheaply:
+a graph without the exporter's metadata keeps its names). Postcondition (``ensures``): every
+folded weight is named (an initializer derived from exactly one parameter, rule 2, has that
+parameter's stripped name, or its name is taken by the parameter itself); the module-path node
+names (``/…``) are unique. Values and outputs are untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ import collections
 import logging
 
 import onnx_ir as ir
+
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed
+from aqexport.passes._result import StatsPassResult
 
 __all__ = ["DERIVED_FROM_KEY", "StableNamesPass"]
 
@@ -48,15 +54,26 @@ class StableNamesPass(ir.passes.InPlacePass):
         super().__init__()
         self.strip_prefix = strip_prefix
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> StatsPassResult:
         initializers = list(model.graph.initializers.values())
-        renamed = sum(self._try_rename_initializer(v, model.graph) for v in initializers)
+        renamed_initializers = sum(self._try_rename_initializer(v, model.graph) for v in initializers)
         counters: collections.Counter[tuple[str, str]] = collections.Counter()
         taken = {node.name for node in model.graph}
-        for node in model.graph:
-            renamed += self._try_rename_node(node, counters, taken)
-        logger.info("stable names: %d renamed", renamed)
-        return ir.passes.PassResult(model, modified=renamed > 0)
+        renamed_nodes = sum(self._try_rename_node(node, counters, taken) for node in model.graph)
+        logger.info("stable names: %d initializers, %d nodes renamed", renamed_initializers, renamed_nodes)
+        stats = {"initializers": renamed_initializers, "nodes": renamed_nodes}
+        return StatsPassResult(model, modified=renamed_initializers + renamed_nodes > 0, stats=stats)
+
+    def ensures(self, model: ir.Model) -> None:
+        graph = model.graph
+        for value in graph.initializers.values():
+            source = self._single_source(value)
+            if source is not None and source[len(self.strip_prefix) :] not in graph.initializers:
+                raise PostconditionFailed(f"the weight folded from '{source}' is still named '{value.name}'", BUG_FIX)
+        names = [node.name for node in graph if node.name and node.name.startswith("/")]
+        if len(names) != len(set(names)):
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            raise PostconditionFailed(f"node names not unique: {duplicates[:5]}", BUG_FIX)
 
     def _try_rename_initializer(self, value: ir.Value, graph: ir.Graph) -> bool:
         name = value.name or ""

@@ -12,11 +12,11 @@ from aqexport.calibrate.data import calibration_windows
 from aqexport.calibrate.engine import apply_plan, calibrate, smoothquant_scales
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
 from aqexport.calibrate.plan import QuantPlan
-from aqexport.calibrate.recipe import make_recipe
 from aqexport.calibrate.statistics import StatisticsCollector
 from aqexport.calibrate.structure import decoder_blocks, discover_block, rotary_pair_matrix
 from aqexport.calibrate.transforms import enforce_rotary_dominance_
 from aqexport.capture import cache_layout
+from aqexport.recipes import make_recipe
 from tests.conftest import ARCHITECTURES
 from tests.tiny_models import data_file
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from aqexport import pipeline
@@ -9,8 +11,8 @@ from aqexport.config import load_config
 from tests.conftest import tiny_build_config
 
 
-def _fail(ctx):
-    assert (ctx.staging / "model.onnx").is_file(), "the failing stage runs after the model was written"
+def _fail(staging, **_):
+    assert (staging / "model.onnx").is_file(), "the failing stage runs after the model was written"
     raise RuntimeError("verification exploded")
 
 
@@ -21,7 +23,9 @@ def test_failure_leaves_previous_artifact_and_no_temp_dirs(tiny_model_dir, tmp_p
     config = load_config(
         tiny_build_config(tmp_path, tiny_model_dir("llama"), evaluation={"text": None, "generate_tokens": 0})
     )
-    stages = tuple((name, _fail if name == "verify" else stage) for name, stage in pipeline.STAGES)
+    stages = tuple(
+        dataclasses.replace(stage, run=_fail) if stage.name == "verify" else stage for stage in pipeline.STAGES
+    )
     monkeypatch.setattr(pipeline, "STAGES", stages)
     with pytest.raises(RuntimeError, match="exploded"):
         pipeline.build(config, tmp_path)

@@ -24,6 +24,7 @@ CASES = [
     ("qwen2", "omniquant", "w4a4", {}),  # q/k/v biases moved by the out and q·k transforms
     ("llama", "smoothquant", "w8a8", {"activations": "static", "target": {"weight_format": "qdq"}}),  # all QDQ
     ("qwen2", "rtn", "w4a16", {"lm_head": "int8", "embedding": "int8"}),  # auto: the int8 head at level 4
+    ("qwen2", "affinequant", "w3a16g128", {"rounding": "gptq"}),  # GPTQ codes after the learned transforms
     # LLM.int8; random tiny weights rarely reach τ = 6, so a lower τ exercises the split
     # accuracy_level 0: 8-bit MatMulNBits in float, so the split is checked exactly
     ("opt", "llm_int8", None, {"outlier_threshold": 1.5, "target": {"accuracy_level": 0}}),  # dynamic (bnb)

@@ -13,10 +13,10 @@ from aqexport.calibrate.engine import apply_plan, calibrate
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks
 from aqexport.calibrate.plan import QuantPlan
-from aqexport.calibrate.recipe import make_recipe
 from aqexport.calibrate.structure import decoder_blocks, discover_block
 from aqexport.calibrate.transforms import enforce_dominance_
 from aqexport.capture import cache_layout
+from aqexport.recipes import make_recipe
 from tests.conftest import ARCHITECTURES
 from tests.tiny_models import data_file
 

@@ -198,20 +198,21 @@ def _freeze(
     index: int,
     stats: dict[str, ChannelStats],
     prefix: str,
-) -> BlockPlan:
-    """Final transforms (last-epoch mask) in float64, codes/scales/zeros per linear; for
-    ``llm_int8`` the outlier split of each linear (``prefix``: the block's module path)."""
+) -> tuple[BlockPlan, dict[str, torch.Tensor]]:
+    """Final transforms (last-epoch mask) in float64, round-to-nearest codes/scales/zeros per
+    linear; with an outlier split (LLM.int8) the split of each linear (``prefix``: the block's
+    module path). Also the transformed float weights the codes quantize, for the rounding step."""
     masks = _Masks(params, recipe, max(recipe.epochs - 1, 0))
     with torch.no_grad():
         transforms = _block_transforms(structure, params, masks, recipe).to(torch.float64)
         weights, biases = transformed_weights(block, structure, transforms, torch.float64)
-        linears = {}
+        linears, quantized_weights = {}, {}
         for name, weight in weights.items():
             key = _key(name)
             gamma, beta = params.gamma.get(key), params.beta.get(key)
             weight = weight.float()
             outlier, outlier_weight = None, None
-            if recipe.method == "llm_int8":
+            if recipe.outlier_split is not None:
                 mode = outlier_mode(f"{prefix}.{name}", recipe.outlier_split, recipe.outlier_layers)
                 weight, channels, outlier_weight = split_outlier_columns(weight, stats[name], mode)
                 outlier = OutlierSplit(mode, recipe.outlier_threshold, channels)
@@ -222,6 +223,7 @@ def _freeze(
                 None if beta is None else beta.detach(),
             )
             group = structure.group_of(name)
+            quantized_weights[name] = weight
             linears[name] = LinearPlan(
                 scheme=recipe.weight,
                 codes=quantize_codes(weight, recipe.weight, scale, zero),
@@ -245,7 +247,7 @@ def _freeze(
         if transforms.qk is not None:
             qk_matrix = rotary_pair_matrix(transforms.qk)
             reports["qk"] = matrix_report(qk_matrix)
-    return BlockPlan(
+    plan = BlockPlan(
         index=index,
         linears=linears,
         norm_transforms=transforms.norm,
@@ -256,6 +258,32 @@ def _freeze(
         norm_shifts=transforms.shift,
         static_activations=recipe.static_activations,
     )
+    return plan, quantized_weights
+
+
+@torch.no_grad()
+def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
+    """``XᵀX / n`` (float64) of every planned linear's input as the fake-quant block of ``plan``
+    sees it: after ``Qa((x − δ) A⁻¹)`` (the accumulating hooks run after the input hooks)."""
+    apply_block_plan(block, plan)
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(_module: nn.Module, args: tuple, name: str) -> None:
+        rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        totals[name] = totals.get(name, 0) + rows.T @ rows
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: accumulate(m, a, name))
+        for name in plan.linears
+    ]
+    try:
+        _run_block(block, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total / counts[name] for name, total in totals.items()}
 
 
 def _input_state(plan: BlockPlan) -> InputState:
@@ -418,8 +446,12 @@ def calibrate(
             structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
             params = BlockParameters(block, structure, recipe, collector.stats)
             losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index)
-            block_plan = _freeze(block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}")
+            block_plan, weights = _freeze(
+                block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}"
+            )
             block_plan.loss_curve = losses
+            if recipe.rounding.needs_hessians:
+                recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, x_q, kwargs))
             if recipe.static_activations and recipe.activation is not None:
                 _calibrate_static_ranges(block, block_plan, x_q, kwargs)
         apply_block_plan(block, block_plan)

@@ -6,17 +6,34 @@ re-derives them), which norm-group transform feeds it, and a transformed bias wh
 transform changed it. Per block: the transforms in float64, their dominance margin / condition
 number / inverse error, the loss curve and the block's output error.
 
-On disk: ``plan.json`` (recipe, model identity, per-block metadata) and one
-``block_NNN.safetensors`` per finished block, each written to a temp file and renamed, and
-``plan.json`` rewritten after each block. A calibration killed mid-model resumes from the last
-block whose file landed.
+On disk (format ``PLAN_FORMAT`` = 4): ``plan.json`` holds ``format``, ``recipe``, ``model``,
+``blocks_path`` and ``blocks`` (per block index, the block's scalar fields: structure, reports,
+loss curve, and per linear its schemes, input transform / shift, ``has_bias``, stats tokens / τ,
+outlier mode / threshold / channel count; per ``dict[str, Tensor]`` field its keys). One
+``block_NNN.safetensors`` per finished block holds every tensor, named by its field path:
+``linears.<linear>.codes|scale|zero|bias|act_scale|act_zero|outlier_weight``,
+``linears.<linear>.stats.absmax|shift|outliers``, ``linears.<linear>.outlier.channels``,
+``norm_transforms.<norm>``, ``norm_shifts.<norm>``, ``out_transform``, ``qk_transform``.
+Each block file is written to a temp file and renamed, and ``plan.json`` rewritten after each
+block, so a calibration killed mid-model resumes from the last block whose file landed.
+
+The schema is declared once, by the dataclass fields below: :mod:`plan_schema` walks them to
+split a block into tensors and JSON and to rebuild it, and each field's ``stored(...)`` metadata
+declares the dtype a tensor is saved in. Writing, indexing and loading can therefore not drift
+apart, and a loaded block holds exactly the dtypes and values the engine applied, which keeps a
+resumed calibration bit-identical to an uninterrupted one.
+
+The format version is checked on load: a ``plan.json`` of another (or no) format is refused
+with one line instead of being misread, since the tensor names and metadata layout change
+with it. Bump ``PLAN_FORMAT`` whenever a field of these dataclasses (or of the nested
+``QuantScheme``, ``ChannelStats``, ``OutlierSplit``, ``BlockStructure``) changes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +41,50 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aqexport.calibrate.outliers import OutlierSplit
+from aqexport.calibrate.plan_schema import FieldSpec, SchemaError, from_record, stored, to_record
 from aqexport.calibrate.quantizer import QuantScheme, dequantize_codes
 from aqexport.calibrate.statistics import ChannelStats
-from aqexport.calibrate.structure import BlockStructure, NormGroup, OutPair, QkPair
+from aqexport.calibrate.structure import BlockStructure
 from aqexport.errors import AqexportError
 
-__all__ = ["BlockPlan", "LinearPlan", "QuantPlan"]
+__all__ = ["PLAN_FORMAT", "BlockPlan", "LinearPlan", "QuantPlan"]
 
-PLAN_FORMAT = 3
+PLAN_FORMAT = 4
+
+_F32, _F64 = stored(torch.float32), stored(torch.float64)
 
 
 @dataclass
 class LinearPlan:
     scheme: QuantScheme
     codes: torch.Tensor  # [out, in] uint8 / int8, of the transformed weight (PyTorch layout)
-    scale: torch.Tensor  # [out, groups]
-    zero: torch.Tensor  # [out, groups]
+    scale: torch.Tensor = field(metadata=_F32)  # [out, groups]
+    zero: torch.Tensor = field(metadata=_F32)  # [out, groups]
     input_transform: str | None = None  # norm path whose transform A feeds this linear (x A⁻¹)
-    bias: torch.Tensor | None = None  # transformed bias, where the out or q·k transform changed it
+    # transformed bias, where the out or q·k transform changed it
+    bias: torch.Tensor | None = field(default=None, metadata=stored(torch.float64, flag="has_bias"))
     activation: QuantScheme | None = None  # per-token activation quantization of (x A⁻¹); None: float
-    stats: ChannelStats | None = None  # fp input statistics (SmoothQuant, LLM.int8 outlier channels)
+    # fp input statistics (SmoothQuant, LLM.int8 outlier channels)
+    stats: ChannelStats | None = field(
+        default=None,
+        metadata=stored(
+            fields={
+                "absmax": FieldSpec(torch.float32),
+                "shift": FieldSpec(torch.float32),
+                "outliers": FieldSpec(torch.int64),
+            }
+        ),
+    )
     input_shift: str | None = None  # norm path whose shift δ is subtracted from the input
-    act_scale: torch.Tensor | None = None  # static per-tensor activation Δ (scalar), where calibrated
-    act_zero: torch.Tensor | None = None
-    outlier: OutlierSplit | None = None  # LLM.int8 input split
-    outlier_weight: torch.Tensor | None = None  # [out, |O|] float columns of a static split
+    # static per-tensor activation Δ and zero point (scalars), where calibrated
+    act_scale: torch.Tensor | None = field(default=None, metadata=stored(torch.float32, shape=()))
+    act_zero: torch.Tensor | None = field(default=None, metadata=stored(torch.float32, shape=()))
+    # LLM.int8 input split; plan.json records the number of static channels
+    outlier: OutlierSplit | None = field(
+        default=None, metadata=stored(fields={"channels": FieldSpec(torch.int64, count=True)})
+    )
+    # [out, |O|] float columns of a static split
+    outlier_weight: torch.Tensor | None = field(default=None, metadata=_F32)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_codes(self.codes, self.scheme, self.scale, self.zero)
@@ -66,144 +102,53 @@ class LinearPlan:
 class BlockPlan:
     index: int
     linears: dict[str, LinearPlan]
-    norm_transforms: dict[str, torch.Tensor]  # norm path -> A (float64)
-    out_transform: torch.Tensor | None  # [kv_heads, d, d] float64
+    norm_transforms: dict[str, torch.Tensor] = field(metadata=_F64)  # norm path -> A (float64)
+    out_transform: torch.Tensor | None = field(metadata=_F64)  # [kv_heads, d, d] float64
     structure: BlockStructure
     matrix_reports: dict[str, dict[str, float]] = field(default_factory=dict)
     loss_curve: list[float] = field(default_factory=list)
     output_mse: float = 0.0
     seconds: float = 0.0
-    qk_transform: torch.Tensor | None = None  # [kv_heads, d, d] float64, already folded into q/k codes
-    norm_shifts: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> δ (float64)
+    # [kv_heads, d, d] float64, already folded into q/k codes
+    qk_transform: torch.Tensor | None = field(default=None, metadata=_F64)
+    # norm path -> δ (float64)
+    norm_shifts: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_F64)
     static_activations: bool = False
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for name, entry in self.linears.items():
-            out[f"linear.{name}.codes"] = entry.codes
-            out[f"linear.{name}.scale"] = entry.scale.float()
-            out[f"linear.{name}.zero"] = entry.zero.float()
-            if entry.bias is not None:
-                out[f"linear.{name}.bias"] = entry.bias.double()
-            if entry.act_scale is not None:
-                out[f"linear.{name}.act_scale"] = entry.act_scale.float().reshape(())
-                out[f"linear.{name}.act_zero"] = entry.act_zero.float().reshape(())
-            if entry.outlier is not None and entry.outlier.channels is not None:
-                out[f"linear.{name}.outlier_channels"] = entry.outlier.channels.long()
-                out[f"linear.{name}.outlier_weight"] = entry.outlier_weight.float()
-            if entry.stats is not None:
-                out[f"linear.{name}.act_absmax"] = entry.stats.absmax.float()
-                out[f"linear.{name}.act_shift"] = entry.stats.shift.float()
-                out[f"linear.{name}.act_outliers"] = entry.stats.outliers.long()
-        for norm, matrix in self.norm_transforms.items():
-            out[f"norm.{norm}.transform"] = matrix.double()
-        for norm, shift in self.norm_shifts.items():
-            out[f"norm.{norm}.shift"] = shift.double()
-        if self.out_transform is not None:
-            out["out.transform"] = self.out_transform.double()
-        if self.qk_transform is not None:
-            out["qk.transform"] = self.qk_transform.double()
-        return {k: v.contiguous() for k, v in out.items()}
+        """What goes to ``block_NNN.safetensors``."""
+        return to_record(self)[0]
 
     def metadata(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "linears": {
-                name: {
-                    "scheme": asdict(e.scheme),
-                    "activation": None if e.activation is None else asdict(e.activation),
-                    "input_transform": e.input_transform,
-                    "input_shift": e.input_shift,
-                    "has_bias": e.bias is not None,
-                    "stats": None if e.stats is None else {"tokens": e.stats.tokens, "threshold": e.stats.threshold},
-                    "outlier": None
-                    if e.outlier is None
-                    else {
-                        "mode": e.outlier.mode,
-                        "threshold": e.outlier.threshold,
-                        "channels": None if e.outlier.channels is None else len(e.outlier.channels),
-                    },
-                }
-                for name, e in self.linears.items()
-            },
-            "structure": asdict(self.structure),
-            "matrix_reports": self.matrix_reports,
-            "loss_curve": self.loss_curve,
-            "output_mse": self.output_mse,
-            "seconds": self.seconds,
-            "static_activations": self.static_activations,
-        }
+        """What goes to ``plan.json`` under ``blocks.<index>``."""
+        return to_record(self)[1]
 
     @classmethod
     def from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockPlan:
-        s = meta["structure"]
-        structure = BlockStructure(
-            tuple(
-                NormGroup(g["norm"], tuple(g["linears"]), g["weight_offset"], g["has_bias"]) for g in s["norm_groups"]
-            ),
-            OutPair(**s["out_pair"]) if s["out_pair"] else None,
-            tuple(s["linears"]),
-            QkPair(**s["qk_pair"]) if s.get("qk_pair") else None,
-        )
+        return from_record(cls, "", meta, tensors)
 
-        def stats(name: str, info: dict) -> ChannelStats | None:
-            if not info.get("stats"):
-                return None
-            return ChannelStats(
-                tensors[f"linear.{name}.act_absmax"],
-                tensors[f"linear.{name}.act_shift"],
-                tensors[f"linear.{name}.act_outliers"],
-                info["stats"]["tokens"],
-                info["stats"]["threshold"],
-            )
 
-        def outlier(name: str, info: dict) -> OutlierSplit | None:
-            if not info.get("outlier"):
-                return None
-            return OutlierSplit(
-                info["outlier"]["mode"], info["outlier"]["threshold"], tensors.get(f"linear.{name}.outlier_channels")
-            )
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
-        linears = {
-            name: LinearPlan(
-                QuantScheme(**info["scheme"]),
-                tensors[f"linear.{name}.codes"],
-                tensors[f"linear.{name}.scale"],
-                tensors[f"linear.{name}.zero"],
-                info["input_transform"],
-                tensors.get(f"linear.{name}.bias"),
-                QuantScheme(**info["activation"]) if info.get("activation") else None,
-                stats(name, info),
-                info.get("input_shift"),
-                tensors.get(f"linear.{name}.act_scale"),
-                tensors.get(f"linear.{name}.act_zero"),
-                outlier(name, info),
-                tensors.get(f"linear.{name}.outlier_weight"),
-            )
-            for name, info in meta["linears"].items()
-        }
 
-        def by_norm(suffix: str) -> dict[str, torch.Tensor]:
-            return {
-                k[len("norm.") : -len(suffix)]: v
-                for k, v in tensors.items()
-                if k.startswith("norm.") and k.endswith(suffix)
-            }
+_MISSING = object()
 
-        return cls(
-            meta["index"],
-            linears,
-            by_norm(".transform"),
-            tensors.get("out.transform"),
-            structure,
-            meta["matrix_reports"],
-            meta["loss_curve"],
-            meta["output_mse"],
-            meta["seconds"],
-            tensors.get("qk.transform"),
-            by_norm(".shift"),
-            meta.get("static_activations", False),
-        )
+
+def _differences(path: str, saved: Any, wanted: Any) -> list[str]:
+    """``path.key: saved != wanted`` for each differing leaf (long values: the key alone)."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        keys = [*saved, *(k for k in wanted if k not in saved)]
+        return [d for k in keys for d in _differences(f"{path}.{k}", saved.get(k, _MISSING), wanted.get(k, _MISSING))]
+    if saved == wanted:
+        return []
+    shown = ["(missing)" if v is _MISSING else _show(v) for v in (saved, wanted)]
+    if max(len(s) for s in shown) > 40:
+        return [path]
+    return [f"{path}: {shown[0]} != {shown[1]}"]
 
 
 @dataclass
@@ -262,15 +207,30 @@ class QuantPlan:
         if not index.exists():
             directory.mkdir(parents=True, exist_ok=True)
             return cls(recipe, model, directory)
-        saved = json.loads(index.read_text())
+        fresh = f"recalibrate into a fresh plan_dir, or remove '{directory}'"
+        try:
+            saved = json.loads(index.read_text())
+        except ValueError as error:
+            raise AqexportError(f"'{index}' is not valid JSON ({error})", fresh) from error
+        found = saved.get("format") if isinstance(saved, dict) else None
+        if found != PLAN_FORMAT:
+            version = "has no plan format" if found is None else f"is plan format {_show(found)}"
+            raise AqexportError(f"'{index}' {version}, this aqexport reads plan format {PLAN_FORMAT}", fresh)
         if saved.get("recipe") != recipe or saved.get("model") != model:
+            differences = _differences("recipe", saved.get("recipe"), recipe) + _differences(
+                "model", saved.get("model"), model
+            )
+            shown = ", ".join(differences[:6]) + (f" and {len(differences) - 6} more" if len(differences) > 6 else "")
             raise AqexportError(
-                f"'{directory}' holds a plan for another recipe or model",
+                f"'{directory}' holds a plan for another recipe or model (plan.json vs this build: {shown})",
                 "remove it, or point the build at a fresh directory",
             )
         plan = cls(recipe, model, directory, saved.get("blocks_path", ""))
         for key, meta in saved["blocks"].items():
             file = directory / f"block_{int(key):03d}.safetensors"
             if file.exists():
-                plan.blocks[int(key)] = BlockPlan.from_saved(meta, load_file(str(file)))
+                try:
+                    plan.blocks[int(key)] = BlockPlan.from_saved(meta, load_file(str(file)))
+                except SchemaError as error:
+                    raise AqexportError(f"'{file}' does not match '{index}' ({error})", fresh) from error
         return plan

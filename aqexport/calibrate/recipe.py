@@ -1,6 +1,9 @@
-"""The *what* of a calibration: a small frozen recipe, built from a method name and a preset.
+"""The engine's settings: a small frozen ``CalibrationRecipe`` every method is expressed in.
 
-Methods are recipes of one engine (``aqexport.calibrate.engine``), not separate code paths:
+Users never write one: a method's config (``aqexport.recipes``) is turned into one by that
+method's registered handler, and the engine reads only these fields, never a method's name
+(``method`` is a label for the plan's identity and reports). Methods are recipes of one engine
+(``aqexport.calibrate.engine``), not separate code paths:
 
 * ``rtn``: no training, no transforms: round to nearest.
 * ``smoothquant``: no training; a diagonal transform per norm group from calibration statistics,
@@ -39,11 +42,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from aqexport.calibrate.quantizer import QuantScheme
-from aqexport.errors import ConfigError
+from aqexport.calibrate.rounding import NearestRounding, Rounding
 
-__all__ = ["CalibrationRecipe", "METHODS", "PRESETS", "Preset", "make_recipe"]
+__all__ = ["CalibrationRecipe", "LLM_INT8_SCHEME", "PRESETS", "Preset"]
 
-METHODS = ("rtn", "smoothquant", "omniquant", "affinequant", "llm_int8")
 LLM_INT8_SCHEME = QuantScheme(8, None, symmetric=True)
 
 
@@ -87,6 +89,7 @@ class CalibrationRecipe:
     outlier_threshold: float = 6.0  # LLM.int8's τ; also the statistics' outlier count threshold
     outlier_split: str | None = None  # llm_int8: dynamic | static, the default for every linear
     outlier_layers: dict[str, str] = field(default_factory=dict)  # module-path glob -> mode
+    rounding: Rounding = field(default_factory=NearestRounding)  # codes of the frozen, transformed weights
 
     @property
     def trains(self) -> bool:
@@ -97,85 +100,10 @@ class CalibrationRecipe:
         (τ only counts outliers in their statistics), so plans made before those fields existed
         stay reusable."""
         data = asdict(self)
-        if self.method != "llm_int8":
+        if self.outlier_split is None:
             data.pop("outlier_split"), data.pop("outlier_layers")
             if self.outlier_threshold == 6.0:
                 data.pop("outlier_threshold")
         data["weight"] = asdict(self.weight)
         data["activation"] = None if self.activation is None else asdict(self.activation)
         return data
-
-
-def make_recipe(method: str, preset: str, epochs: int = 20, seed: int = 2, **training) -> CalibrationRecipe:
-    """``training`` overrides the recipe's tuning fields (``stability_factor``, ``lr_transform``,
-    ``lr_lwc``, ``alpha``, ``aug_loss``, ``init``, ``static_activations``, ``train_dtype``);
-    ``None`` values keep the method's default."""
-    if method == "llm_int8":
-        return _llm_int8_recipe(preset, seed, **training)
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}'", f"use one of: {', '.join(PRESETS)}")
-    chosen = PRESETS[preset]
-    quantizes_activations = chosen.activation is not None
-    training = {
-        "init": "smoothquant" if quantizes_activations else "identity",
-        "stability_factor": 0.03 if quantizes_activations else 0.02,
-        **{key: value for key, value in training.items() if value is not None},
-    }
-    common = {
-        "weight": chosen.weight,
-        "activation": chosen.activation,
-        "seed": seed,
-        "static_activations": training.pop("static_activations", False),
-    }
-    for key in ("outlier_split", "outlier_layers"):
-        if training.pop(key, None):
-            raise ConfigError(f"'{key}' applies to recipe llm_int8 only", f"remove '{key}' or use recipe: llm_int8")
-    if method == "rtn":
-        return CalibrationRecipe("rtn", **common, epochs=0, lwc=False, transform="none", qk_transform=False)
-    if method == "smoothquant":
-        alpha = training.get("alpha", 0.5)
-        return CalibrationRecipe(
-            "smoothquant",
-            **common,
-            epochs=0,
-            lwc=False,
-            transform="diagonal",
-            init="smoothquant",
-            qk_transform=False,
-            alpha=alpha,
-        )
-    if method == "omniquant":
-        return CalibrationRecipe("omniquant", **common, epochs=epochs, transform="diagonal", **training)
-    if method == "affinequant":
-        return CalibrationRecipe("affinequant", **common, epochs=epochs, transform="dense", **training)
-    raise ConfigError(f"calibration method '{method}' is not available", f"use one of: {', '.join(METHODS)}")
-
-
-def _llm_int8_recipe(
-    preset: str | None,
-    seed: int,
-    outlier_threshold: float | None = None,
-    outlier_split: str | None = None,
-    outlier_layers: dict[str, str] | None = None,
-    static_activations: bool = False,
-    **ignored,
-) -> CalibrationRecipe:
-    """W8A8 with the outlier split; the method fixes its own schemes, so ``preset`` may only
-    restate them."""
-    if preset not in (None, "w8a8"):
-        raise ConfigError(f"recipe llm_int8 is W8A8, not '{preset}'", "drop quantization.preset or set it to w8a8")
-    if static_activations:
-        raise ConfigError("recipe llm_int8 quantizes activations per token", "drop quantization.activations: static")
-    return CalibrationRecipe(
-        "llm_int8",
-        LLM_INT8_SCHEME,
-        LLM_INT8_SCHEME,
-        epochs=0,
-        lwc=False,
-        transform="none",
-        qk_transform=False,
-        seed=seed,
-        outlier_threshold=6.0 if outlier_threshold is None else outlier_threshold,
-        outlier_split=outlier_split or "dynamic",
-        outlier_layers=dict(outlier_layers or {}),
-    )

@@ -26,12 +26,17 @@ def model_of(nodes, inputs, outputs, initializers) -> ir.Model:
 
 
 def run(model: ir.Model, **feeds: np.ndarray) -> np.ndarray:
+    return run_all(model, **feeds)[0]
+
+
+def run_all(model: ir.Model, **feeds: np.ndarray) -> list[np.ndarray]:
+    """Every graph output, in order, from an ONNX Runtime CPU session on the model."""
     proto = ir.serde.serialize_model(model)
     options = ort.SessionOptions()
     # ORT fuses DequantizeLinear → MatMul into MatMulNBits with int8 activations unless told not to
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
+    return session.run(None, feeds)
 
 
 def linear_plan(weight: torch.Tensor, scheme: QuantScheme, **extra) -> LinearPlan:

@@ -39,7 +39,8 @@ X = (np.random.default_rng(4).standard_normal((1, 5, 16)) * np.linspace(0.1, 8, 
 @pytest.mark.parametrize("scheme", [QuantScheme(4, None), QuantScheme(8, None), QuantScheme(4, None, symmetric=True)])
 def test_rule_1_dynamic_per_token_matches_the_fake_quantizer(scheme):
     model = _graph()
-    ActivationQuantPass(_plan(scheme))(model)
+    result = ActivationQuantPass(_plan(scheme))(model)
+    assert result.stats == {"quantizers": 1, "linears": 2}  # rule 4: a and b share x
     quantized = fake_quantize(torch.from_numpy(X), scheme).numpy()
     np.testing.assert_allclose(run(model, x=X), 2 * quantized @ W.T, rtol=1e-5, atol=1e-4)
     assert sum(node.op_type == "ReduceMax" for node in model.graph) == 1  # rule 3: one shared quantizer

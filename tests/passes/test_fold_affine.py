@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 import torch
 
 from aqexport.calibrate.quantizer import QuantScheme
+from aqexport.errors import AqexportError
 from aqexport.passes.fold_affine import FoldAffinePass
 from tests.passes._plans import float_input, initializer, linear_plan, model_of, one_block_plan, run
 
@@ -94,14 +96,14 @@ def _transformed(matrix: torch.Tensor, shift: torch.Tensor | None) -> tuple[dict
     return weights, biases
 
 
-def _check(norm: str, matrix: torch.Tensor, shift: torch.Tensor | None, extra_consumer: bool = False) -> FoldAffinePass:
+def _check(norm: str, matrix: torch.Tensor, shift: torch.Tensor | None, extra_consumer: bool = False) -> dict:
+    """Fold, check the function; returns the pass's stats."""
     x = RNG.standard_normal((1, 3, H)).astype(np.float32)
     expected = run(_graph(norm, extra_consumer=extra_consumer), x=x)
     folded = _graph(norm, _transformed(matrix, shift), extra_consumer=extra_consumer)
-    fold = FoldAffinePass(_plan(matrix, shift))
-    fold(folded)
+    result = FoldAffinePass(_plan(matrix, shift))(folded)
     np.testing.assert_allclose(run(folded, x=x), expected, rtol=1e-4, atol=1e-4)
-    return fold
+    return result.stats
 
 
 def _diagonal() -> torch.Tensor:
@@ -109,13 +111,13 @@ def _diagonal() -> torch.Tensor:
 
 
 def test_rule_1_diagonal_and_shift_fold_into_layer_norm():
-    fold = _check("layer_norm", _diagonal(), torch.linspace(-0.5, 0.5, H, dtype=torch.float64))
-    assert fold.placements == {"layer_norm": 1}
+    stats = _check("layer_norm", _diagonal(), torch.linspace(-0.5, 0.5, H, dtype=torch.float64))
+    assert stats["placements"] == {"layer_norm": 1}
 
 
 def test_rule_2_diagonal_folds_into_the_rms_norm_weight():
-    fold = _check("rms_norm", _diagonal(), None)
-    assert fold.placements == {"norm_weight": 1}
+    stats = _check("rms_norm", _diagonal(), None)
+    assert stats["placements"] == {"norm_weight": 1}
 
 
 def test_rule_3_dense_transform_is_an_explicit_matmul():
@@ -124,10 +126,37 @@ def test_rule_3_dense_transform_is_an_explicit_matmul():
     model = _graph("layer_norm", _transformed(dense, None))
     FoldAffinePass(_plan(dense, None))(model)
     assert "/layers.0/norm/AffineInverse/MatMul" in {node.name for node in model.graph}
-    fold = _check("layer_norm", dense, torch.linspace(-0.5, 0.5, H, dtype=torch.float64))
-    assert fold.placements == {"explicit_matmul": 1}
+    stats = _check("layer_norm", dense, torch.linspace(-0.5, 0.5, H, dtype=torch.float64))
+    assert stats["placements"] == {"explicit_matmul": 1}
 
 
 def test_rule_3_shared_norm_output_is_not_folded_into_the_norm():
-    fold = _check("rms_norm", _diagonal(), None, extra_consumer=True)
-    assert fold.placements == {"explicit_mul": 1}
+    stats = _check("rms_norm", _diagonal(), None, extra_consumer=True)
+    assert stats["placements"] == {"explicit_mul": 1}
+
+
+def test_a_reused_pass_reports_each_call_alone():
+    fold = FoldAffinePass(_plan(_diagonal(), None))
+    first = fold(_graph("rms_norm", _transformed(_diagonal(), None)))
+    second = fold(_graph("rms_norm", _transformed(_diagonal(), None)))
+    assert first.stats == second.stats == {"placements": {"norm_weight": 1}}
+
+
+def test_a_plan_for_another_model_is_a_precondition_error():
+    plan = _plan(_diagonal(), None)
+    model = _graph("rms_norm")
+    model.graph.initializers["layers.0.fc2.weight"].name = "renamed"  # a graph without module-path names
+    with pytest.raises(ir.passes.PreconditionError, match="do not share one input") as error:
+        FoldAffinePass(plan)(model)
+    assert isinstance(error.value, AqexportError) and "StableNamesPass" in error.value.fix
+
+
+def test_numpy_inverse_matches_the_float32_of_torch():
+    """The explicit inverse is computed in numpy (no torch in graph passes): same float32 values
+    as ``torch.linalg.inv(A).float()``, which the pass computed before."""
+    torch.manual_seed(0)
+    dense = torch.eye(H, dtype=torch.float64) * 2 + 0.05 * torch.randn(H, H, dtype=torch.float64)
+    model = _graph("layer_norm")
+    FoldAffinePass(_plan(dense, None))(model)
+    stored = model.graph.initializers["layers.0.norm.inverse"].const_value.numpy()
+    np.testing.assert_array_equal(stored, torch.linalg.inv(dense).float().numpy())

@@ -31,7 +31,8 @@ def test_rule_1_2_rows_equal_the_dequantized_plan(fmt, hidden):
     table = torch.randn(64, hidden)
     entry = linear_plan(table, EMBEDDING_SCHEMES[fmt])
     model = _gather_graph(table)
-    assert QuantizeEmbeddingPass({"embed": entry})(model).modified
+    result = QuantizeEmbeddingPass({"embed": entry})(model)
+    assert result.modified and result.stats == {"embeddings": 1, "lookups": 1}
     assert [node.op_type for node in model.graph] == ["GatherBlockQuantized"]
     ids = np.array([[0, 5, 63, 5]], dtype=np.int64)
     np.testing.assert_array_equal(run(model, ids=ids), entry.dequantize().numpy()[ids])

@@ -10,7 +10,11 @@ import torch
 from aqexport.calibrate.quantizer import QuantScheme
 from aqexport.errors import AqexportError
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
+from aqexport.target import Target
 from tests.passes._plans import float_input, initializer, linear_plan, model_of, one_block_plan, run
+
+#: Float activations everywhere (the auto level would run 8-bit weights at level 4: int8 inputs).
+FLOAT_ACTIVATIONS = Target(accuracy_level=0)
 
 
 def _matmul_graph(weight: torch.Tensor, bias: np.ndarray | None = None, gemm: bool = False):
@@ -54,8 +58,10 @@ def test_rule_1_to_3_and_6_weights_equal_dequantized_plan(scheme, weight_format)
     weight = torch.randn(24, 80)
     entry = linear_plan(weight, scheme)
     model = _matmul_graph(weight)
-    result = QuantizeWeightsPass(one_block_plan({"fc": entry}).linears(), weight_format=weight_format)(model)
+    target = Target(weight_format=weight_format, accuracy_level=0)
+    result = QuantizeWeightsPass(one_block_plan({"fc": entry}).linears(), target)(model)
     assert result.modified
+    assert result.stats == {"linears": 1, "weight_format": weight_format, "integer_activations": 0}
     ops = [node.op_type for node in model.graph]
     expected_ops = ["MatMulNBits"] if weight_format == "matmul_nbits" else ["DequantizeLinear", "MatMul"]
     assert ops == expected_ops and "layers.0.fc.weight" not in {v.name for n in model.graph for v in n.inputs}
@@ -71,7 +77,7 @@ def test_rule_1_gemm_keeps_its_bias_as_add():
     weight, bias = torch.randn(8, 32), np.arange(8, dtype=np.float32)
     entry = linear_plan(weight, QuantScheme(4, 16))
     model = _matmul_graph(weight, bias, gemm=True)
-    QuantizeWeightsPass(one_block_plan({"fc": entry}).linears())(model)
+    QuantizeWeightsPass(one_block_plan({"fc": entry}).linears(), FLOAT_ACTIVATIONS)(model)
     assert [node.op_type for node in model.graph] == ["MatMulNBits", "Add"]
     x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
     np.testing.assert_allclose(run(model, x=x), x @ entry.dequantize().numpy().T + bias, rtol=1e-5, atol=1e-5)
@@ -83,7 +89,7 @@ def test_rule_4_planned_bias_gets_its_own_initializer():
     planned = torch.arange(8, dtype=torch.float64)
     entry = linear_plan(weight, QuantScheme(4, 16), bias=planned)
     model = _matmul_graph(weight, shared)
-    QuantizeWeightsPass(one_block_plan({"fc": entry}).linears())(model)
+    QuantizeWeightsPass(one_block_plan({"fc": entry}).linears(), FLOAT_ACTIVATIONS)(model)
     assert "shared.bias" in model.graph.initializers  # left alone: another linear may share it
     x = np.random.default_rng(2).standard_normal((1, 4, 32)).astype(np.float32)
     expected = x @ entry.dequantize().numpy().T + planned.numpy()
@@ -100,3 +106,24 @@ def test_missing_linear_and_bad_group_size_are_one_clear_error():
         QuantizeWeightsPass(one_block_plan({"fc": linear_plan(weight, QuantScheme(4, 24))}).linears())(
             _matmul_graph(weight)
         )
+
+
+def test_rule_5_auto_accuracy_level_is_the_targets_and_reaches_the_manifest():
+    torch.manual_seed(3)
+    weight = torch.randn(8, 32)
+    linears = one_block_plan({"fc": linear_plan(weight, QuantScheme(8, 16))}).linears()
+    result = QuantizeWeightsPass(linears, Target())(_matmul_graph(weight))
+    assert next(iter(result.model.graph)).attributes.get_int("accuracy_level") == Target().accuracy_level_for(8) == 4
+    assert result.manifest == {"quantization": {"integer_activation_linears": ["layers.0.fc"]}}
+    result = QuantizeWeightsPass(linears, FLOAT_ACTIVATIONS)(_matmul_graph(weight))
+    assert "accuracy_level" not in next(iter(result.model.graph)).attributes
+    assert result.manifest == {"quantization": {"integer_activation_linears": []}}
+
+
+def test_a_reused_pass_reports_each_call_alone():
+    torch.manual_seed(4)
+    weight = torch.randn(8, 32)
+    quantize = QuantizeWeightsPass(one_block_plan({"fc": linear_plan(weight, QuantScheme(8, 16))}).linears())
+    first, second = quantize(_matmul_graph(weight)), quantize(_matmul_graph(weight))
+    assert first.stats == second.stats == {"linears": 1, "weight_format": "matmul_nbits", "integer_activations": 1}
+    assert first.manifest == second.manifest == {"quantization": {"integer_activation_linears": ["layers.0.fc"]}}

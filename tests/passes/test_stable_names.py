@@ -33,7 +33,7 @@ def test_rules_1_to_4():
 
     result = StableNamesPass()(model)
 
-    assert result.modified
+    assert result.modified and result.stats == {"initializers": 2, "nodes": 2}
     names = set(model.graph.initializers)
     assert names == {"model.layers.0.mlp.up_proj.weight", "model.layers.0.q_proj.weight"}  # rules 1, 2
     assert model.graph.initializers["model.layers.0.q_proj.weight"].metadata_props[DERIVED_FROM_KEY]
