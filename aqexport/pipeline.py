@@ -121,8 +121,12 @@ def calibrate_stage(
         float_blocks = copy.deepcopy(list(decoder_blocks(loaded.model)[1]))
     plan, report = calibrate_loaded(config, loaded, source.layout, on_block)
     report["fp_perplexity"] = fp
-    parity = None if ladder is None else ladder.fold(plan, *folded_float_weights(float_blocks, plan))
-    del float_blocks
+    parity = None
+    if ladder is not None:  # the float block copies go before the folded graph is built and run
+        folded = folded_float_weights(float_blocks, plan)
+        del float_blocks
+        parity = ladder.fold(plan, *folded)
+        del folded
     method = quant.head_method
     hessian = _head_hessian(config, loaded, report) if method == "gptq" else None
     return Calibrated(
