@@ -10,7 +10,8 @@ from pydantic import Field, model_validator
 
 from aqexport.calibrate.recipe import LLM_INT8_SCHEME, CalibrationRecipe
 from aqexport.errors import ConfigError
-from aqexport.recipes.registry import QuantizedRecipeConfig, register_recipe, rounding_entry
+from aqexport.recipes._common import rounding_step
+from aqexport.recipes.registry import QuantizedRecipeConfig, register_recipe
 
 __all__ = ["LlmInt8Config"]
 
@@ -62,5 +63,5 @@ def llm_int8_settings(config: LlmInt8Config, epochs: int, seed: int) -> Calibrat
         outlier_threshold=config.outlier_threshold,
         outlier_split=config.outlier_split,
         outlier_layers=dict(config.outlier_layers),
-        rounding=rounding_entry(config.rounding.method).handler(config.rounding),
+        rounding=rounding_step(config),
     )

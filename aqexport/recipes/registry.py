@@ -189,7 +189,3 @@ def recipe_names() -> tuple[str, ...]:
 
 def rounding_names() -> tuple[str, ...]:
     return tuple(sorted(_ROUNDINGS))
-
-
-def recipe_config_types() -> tuple[type[RecipeConfig], ...]:
-    return tuple(entry.config_type for _, entry in sorted(_RECIPES.items()))
