@@ -41,13 +41,17 @@ def _artifact_dir(value: str) -> Path:
     return path
 
 
-def _genai_head_size(directory: Path) -> int | None:
-    """The head size from genai_config.json: graphs from the genai model builder leave it
-    symbolic in their KV inputs (``kv_cache_dim``), so running them needs it from there."""
+def _genai_facts(directory: Path) -> tuple[int | None, str | None]:
+    """The head size and KV contract from genai_config.json: graphs from the genai model builder
+    leave the head size symbolic in their KV inputs (``kv_cache_dim``) and declare no contract
+    in their metadata, so running them needs both from there. ``None`` where not stated (our
+    artifacts declare both in the graph)."""
     genai_file = directory / "genai_config.json"
     if not genai_file.is_file():
-        return None
-    return json.loads(genai_file.read_text())["model"]["decoder"].get("head_size")
+        return None, None
+    genai = json.loads(genai_file.read_text())
+    shared = genai.get("search", {}).get("past_present_share_buffer")
+    return genai["model"]["decoder"].get("head_size"), "shared_buffer" if shared else None
 
 
 @click.group()
@@ -161,7 +165,7 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     session, info = create_session(directory, providers)
     eos = tokenizer.eos_token_id
     result = generate(
-        decoder_for(session, _genai_head_size(directory)),
+        decoder_for(session, *_genai_facts(directory)),
         tokens,
         max_new_tokens,
         eos_token_ids=frozenset({eos}) if eos is not None else frozenset(),
@@ -219,13 +223,13 @@ def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, thr
     directory = _artifact_dir(artifact)
     config_file = directory / "config.json"
     vocab = json.loads(config_file.read_text()).get("vocab_size") if config_file.is_file() else None
-    head_dim = _genai_head_size(directory)
+    head_dim, kv_cache = _genai_facts(directory)
     rss = current_rss_mib()
     start = time.perf_counter()
     session, info = create_session(directory, providers, intra_op_threads=threads)
     loaded = time.perf_counter() - start
     result = bench_session(
-        session, prefill, decode_tokens, decode_context, repeats, warmup, 0, vocab, rss, loaded, head_dim
+        session, prefill, decode_tokens, decode_context, repeats, warmup, 0, vocab, rss, loaded, head_dim, kv_cache
     )
     data = {"artifact": str(directory), "providers": info.used, "threads": threads, **result.as_dict()}
     if as_json:
@@ -264,7 +268,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
     except ValueError as exc:
         raise AqexportError(str(exc), "use a longer text or a smaller --seqlen") from None
     session, info = create_session(directory, providers)
-    decoder = decoder_for(session, _genai_head_size(directory))
+    decoder = decoder_for(session, *_genai_facts(directory))
     result = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="windows", disable=as_json))
     payload = {**result.as_dict(), "text": str(text_file), "providers": info.used, "tokenizer": tokenizer.name_or_path}
     if as_json:
@@ -306,6 +310,12 @@ def inspect(artifact, as_json):
         click.echo(f"  {op:32s} {count}")
     click.echo(f"weights by dtype: {summary['weight_bytes_by_dtype']}")
     click.echo(f"quantization: {summary['quantization']}")
+    if summary.get("transforms"):
+        cost = summary["transforms"]
+        click.echo(
+            f"norm-side transforms at run time: {cost['transforms']} explicit, {cost['flops_per_token']} FLOPs and "
+            f"{cost['bytes_per_token']} float32 bytes per token; forms {cost['forms']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

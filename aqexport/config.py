@@ -116,6 +116,13 @@ class TargetSpec(_Section):
         le=32768,
         description="mobile: the static KV cache's slots (prompt + generated tokens one artifact can hold)",
     )
+    kv_cache: Literal["auto", "shared_buffer", "growing"] = Field(
+        "auto",
+        description="shared_buffer: the genai model builder's KV contract (GroupQueryAttention writes into a "
+        "preallocated buffer, past_present_share_buffer: true); growing: past and present are separate "
+        "tensors, copied every token; auto: shared_buffer when every attention fused into "
+        "GroupQueryAttention, else growing (the manifest's kv_cache section says why)",
+    )
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
         None,
         description="MatMulNBits accuracy_level; null: 4 for 8-bit weights (ONNX Runtime's CPU EP has no fast "
@@ -182,6 +189,12 @@ class BuildConfig(_Section):
             raise ConfigError(
                 "target.formats ort with weight_format qdq: the ORT format has no 4-bit tensor type",
                 "use weight_format: qdq8 (same codes in 8-bit storage) or matmul_nbits",
+            )
+        if self.target.kv_cache == "shared_buffer" and (self.target.profile == "mobile" or not self.target.fuse):
+            raise ConfigError(
+                "target.kv_cache shared_buffer needs the fused GroupQueryAttention graph, which "
+                + ("the mobile profile does not build" if self.target.profile == "mobile" else "fuse: false turns off"),
+                "use target.kv_cache: auto or growing",
             )
         return self
 

@@ -2,8 +2,10 @@
 
 Measured here: onnxruntime-genai runs a plain (unfused) export with the contract's I/O names as
 long as ``search.past_present_share_buffer`` is false; sharing the buffer needs present tensors
-pre-allocated at full length, which only GroupQueryAttention graphs provide. So plain graphs set
-it false, and the fused-attention profiles of later versions will set it true.
+written in place into past buffers preallocated at full length, which only GroupQueryAttention
+graphs whose cache inputs feed nothing else do (``passes/shared_kv_buffer.py``). Those set it
+true (the model builder's contract); plain graphs, and any whose attention did not all fuse,
+keep it false.
 """
 
 from __future__ import annotations

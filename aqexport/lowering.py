@@ -35,6 +35,7 @@ from aqexport.passes import (
     QuantizeEmbeddingPass,
     QuantizeWeightsPass,
     RemoveNoOpReshapesPass,
+    SharedKvBufferPass,
     StableNamesPass,
     StatsPassResult,
 )
@@ -89,18 +90,21 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-def fusion_passes(max_positions: int | None = None) -> list[ir.passes.PassBase]:
+def fusion_passes(target: Target, max_positions: int | None = None) -> list[ir.passes.PassBase]:
     """ORT contrib-op fusions, after ``onnx.checker`` (full check) has seen the graph: fused
     graphs hold ``SimplifiedLayerNormalization``, which ONNX Runtime registers in the ONNX
     domain but the ONNX checker does not know. ONNX Runtime's own session creation (verify
     stage) checks the fused graph. onnxscript's rules first (norms, attention as
     ``MultiHeadAttention``), then ours: ``GroupQueryAttention`` with the KV cache and, given the
-    context length ``max_positions`` for its tables, a fused ``RotaryEmbedding``; last, the
-    ``MatMulNBits`` of q/k/v and of gate/up merged into one each."""
+    context length ``max_positions`` for its tables, a fused ``RotaryEmbedding``; the shared KV
+    buffer contract unless ``target.kv_cache`` is ``growing``; last, the ``MatMulNBits`` of q/k/v
+    and of gate/up merged into one each."""
+    shared = [] if target.kv_cache == "growing" else [SharedKvBufferPass(required=target.kv_cache == "shared_buffer")]
     return [
         common_passes.CheckerPass(full_check=True),
         OrtFusionsPass(),
         GroupQueryAttentionPass(max_positions),
+        *shared,
         RemoveNoOpReshapesPass(),
         PackMatMulNBitsPass(),
         common_passes.RemoveUnusedNodesPass(),
@@ -111,7 +115,7 @@ def fusion_passes(max_positions: int | None = None) -> list[ir.passes.PassBase]:
 def fp_passes(target: Target, max_positions: int | None = None) -> list[ir.passes.PassBase]:
     """Passes for an unquantized artifact: stable names, the common cleanup, fusions
     (``target.fuse``, off for the mobile profile)."""
-    return [StableNamesPass(), *cleanup_passes(), *(fusion_passes(max_positions) if target.fuse else [])]
+    return [StableNamesPass(), *cleanup_passes(), *(fusion_passes(target, max_positions) if target.fuse else [])]
 
 
 def quantized_passes(
@@ -133,7 +137,7 @@ def quantized_passes(
         QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, target),
         QuantizeEmbeddingPass(embedding or {}),
         *cleanup_passes(),
-        *(fusion_passes(max_positions) if target.fuse else []),
+        *(fusion_passes(target, max_positions) if target.fuse else []),
     ]
 
 

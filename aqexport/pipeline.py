@@ -50,6 +50,7 @@ from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import LoweringResult, fp_passes, profile_passes, quantized_passes, run_passes
 from aqexport.mobile import ep_usability, write_ort_format
+from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
 from aqexport.reference import torch_step
 from aqexport.sources import LoadedModel, load_model
 from aqexport.target import Target
@@ -187,6 +188,7 @@ def write_stage(lowered_graph: ir.Model, source: Source, target: Target, staging
             loaded.model.generation_config,
             source.layout,
             loaded.architecture.genai_type,
+            share_buffer=lowered_graph.metadata_props.get(KV_CACHE_METADATA_KEY) == "shared_buffer",
             provider="cuda" if target.profile == "cuda" else None,
         )
         write_json(staging / "genai_config.json", genai)
@@ -269,9 +271,16 @@ def finalize_stage(
         "quantization": {**quantization, "linears": _linear_schemes(calibrated)},
         "passes": lowering.records,
         "fusions": lowering.sections.get("fusions", {}),
+        "kv_cache": lowering.sections.get("kv_cache", {"contract": "growing", "reason": _growing_reason(target)}),
         "files": file_hashes(staging),
     }
     write_json(staging / "manifest.json", manifest)
+
+
+def _growing_reason(target: Target) -> str:
+    if target.static_graph:
+        return "the mobile static step graph keeps its own fixed cache"
+    return "target.fuse is off" if not target.fuse else "target.kv_cache: growing"
 
 
 def _quantization_summary(

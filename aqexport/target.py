@@ -24,6 +24,8 @@ class Target:
     #: The configured MatMulNBits accuracy_level; ``None`` is "auto" (``accuracy_level_for``).
     accuracy_level: int | None = None
     fuse: bool = True
+    #: ``auto`` | ``shared_buffer`` | ``growing``; the static mobile graph has its own cache contract.
+    kv_cache: str = "auto"
     providers: tuple[str, ...] = ("cpu",)
     formats: tuple[str, ...] = ("onnx",)
     opset: int = 21
@@ -40,6 +42,7 @@ class Target:
             weight_format="qdq8" if mobile else spec.weight_format,
             accuracy_level=spec.accuracy_level,
             fuse=spec.fuse and not mobile,
+            kv_cache="growing" if mobile or not spec.fuse else spec.kv_cache,
             providers=tuple(spec.providers),
             formats=tuple(spec.formats),
             opset=spec.opset,

@@ -33,6 +33,7 @@ from aqexport.passes.pack_matmul_nbits import PackMatMulNBitsPass
 from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
 from aqexport.passes.remove_noop_reshapes import RemoveNoOpReshapesPass
+from aqexport.passes.shared_kv_buffer import SharedKvBufferPass
 from aqexport.passes.stable_names import StableNamesPass
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "QuantizeEmbeddingPass",
     "QuantizeWeightsPass",
     "RemoveNoOpReshapesPass",
+    "SharedKvBufferPass",
     "StableNamesPass",
     "StatsPassResult",
 ]

@@ -22,6 +22,11 @@ back through layout ops (Reshape, Transpose, Expand, Unsqueeze) to
                         past_key_values.i.value, seqlens_k, total_sequence_length,
                         attention_bias=m)  →  out, present.i.key, present.i.value
 
+The same rewrite applies where ORT's fusion already took the cache into the attention (OPT):
+``MultiHeadAttention(q, k_new, v_new, attention_bias=m, past_key=past_key_values.i.key,
+past_value=past_key_values.i.value) → out, present.i.key, present.i.value`` with ``k_new`` /
+``v_new`` already in [B, S, H·D]; its present outputs become GQA's.
+
 where ``BSD(x)`` is the projection's own [B, S, H·D] output when ``x`` is just its split into
 heads (else ``Reshape(Transpose(x))``, on the new tokens only), and ``num_heads`` /
 ``kv_num_heads`` / ``scale`` come from the matched nodes. An ``Expand`` of the mask that does not
@@ -54,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -214,6 +220,24 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
         )
 
 
+@dataclass
+class _Site:
+    """One attention to rewrite: the new tokens' key/value (in [B, H, S, D] unless
+    ``new_in_bsd``), the layer's cache inputs and the values that become GQA's ``present``."""
+
+    layer: int
+    key_new: ir.Value
+    value_new: ir.Value
+    new_in_bsd: bool
+    past_key: ir.Value
+    past_value: ir.Value
+    present_key: ir.Value
+    present_value: ir.Value
+    attention_bias: ir.Value | None = None
+    num_heads: int = 0
+    kv_heads: int = 0
+
+
 class _Rewriter:
     """One run of the rewrite over one graph: what it fused, skipped and created (the shared
     rotary tables and BSD shape constant) lives here, never on the pass."""
@@ -231,35 +255,100 @@ class _Rewriter:
         sites = [node for node in graph if node.op_type == "MultiHeadAttention" and node.domain == _MS]
         lengths: tuple[ir.Value, ir.Value] | None = None
         for node in sites:
-            rewrite = self._match(node, graph)
-            if rewrite is None:
+            site = self._match(node, graph)
+            if site is None:
                 continue
             if lengths is None:
                 lengths = self._sequence_lengths(graph, sites[0])
-            self._rewrite(graph, node, *rewrite, *lengths)
+            self._rewrite(graph, node, site, *lengths)
 
-    def _match(self, node: ir.Node, graph: ir.Graph):
+    def _match(self, node: ir.Node, graph: ir.Graph) -> _Site | None:
         inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
         query, key, value, bias, padding, attention_bias, past_key, past_value = inputs[:8]
-        key_cat = _cache_concat(key, graph) if key is not None else None
-        value_cat = _cache_concat(value, graph) if value is not None else None
-        if key_cat is None or value_cat is None or any(x is not None for x in (bias, padding, past_key, past_value)):
-            self.skipped.append(f"{node.name}: key/value are not the exported cache concat")
+        if bias is not None or padding is not None:
+            self.skipped.append(f"{node.name}: packed q/k/v bias or key padding mask")
             return None
-        layer_k, layer_v = (_PAST.match(cat.inputs[0].name) for cat in (key_cat, value_cat))
-        if layer_k.group(1) != layer_v.group(1) or (layer_k.group(2), layer_v.group(2)) != ("key", "value"):
-            self.skipped.append(f"{node.name}: key and value caches of different layers")
+        if past_key is not None or past_value is not None:
+            site = self._match_past_inputs(node, key, value, past_key, past_value)
+        else:
+            site = self._match_concat(node, key, value, graph)
+        if site is None:
             return None
-        head_dim = key_cat.outputs[0].shape[-1] if key_cat.outputs[0].shape is not None else None
+        head_dim = site.past_key.shape[-1] if site.past_key.shape is not None else None
         num_heads = node.attributes.get_int("num_heads", 0)
-        kv_heads = key_cat.inputs[0].shape[1] if key_cat.inputs[0].shape is not None else None
+        kv_heads = site.past_key.shape[1] if site.past_key.shape is not None else None
         if not (isinstance(head_dim, int) and isinstance(kv_heads, int) and num_heads and num_heads % kv_heads == 0):
             self.skipped.append(f"{node.name}: head counts not static")
             return None
         if query is None or _heads(query, head_dim) not in (None, num_heads):
             self.skipped.append(f"{node.name}: query width is not num_heads × head_dim")
             return None
-        return key_cat, value_cat, _unexpanded(attention_bias), num_heads, kv_heads, int(layer_k.group(1))
+        site.attention_bias, site.num_heads, site.kv_heads = _unexpanded(attention_bias), num_heads, kv_heads
+        return site
+
+    def _match_concat(self, node: ir.Node, key, value, graph: ir.Graph) -> _Site | None:
+        """Key and value are the exported ``Concat(past, new)`` seen through layout ops."""
+        key_cat = _cache_concat(key, graph) if key is not None else None
+        value_cat = _cache_concat(value, graph) if value is not None else None
+        if key_cat is None or value_cat is None:
+            self.skipped.append(f"{node.name}: key/value are not the exported cache concat")
+            return None
+        layer = self._layer_of(node, key_cat.inputs[0], value_cat.inputs[0])
+        if layer is None:
+            return None
+        return _Site(
+            layer=layer,
+            key_new=key_cat.inputs[1],
+            value_new=value_cat.inputs[1],
+            new_in_bsd=False,
+            past_key=key_cat.inputs[0],
+            past_value=value_cat.inputs[0],
+            present_key=key_cat.outputs[0],
+            present_value=value_cat.outputs[0],
+        )
+
+    def _match_past_inputs(self, node: ir.Node, key, value, past_key, past_value) -> _Site | None:
+        """ORT's fusion already moved the cache into the attention (OPT): new key/value in
+        [B, S, H·D], ``past_key`` / ``past_value`` the graph inputs, ``present`` its outputs."""
+        outputs = self.graph.outputs
+        if (
+            key is None
+            or value is None
+            or key.shape is None
+            or len(key.shape) != 3
+            or past_key is None
+            or past_value is None
+            or not (past_key.is_graph_input() and past_value.is_graph_input())
+            or len(node.outputs) < 3
+            or not all(out in outputs for out in node.outputs[1:3])
+        ):
+            self.skipped.append(f"{node.name}: past inputs are not the graph's cache with present outputs")
+            return None
+        layer = self._layer_of(node, past_key, past_value)
+        if layer is None:
+            return None
+        return _Site(
+            layer=layer,
+            key_new=key,
+            value_new=value,
+            new_in_bsd=True,
+            past_key=past_key,
+            past_value=past_value,
+            present_key=node.outputs[1],
+            present_value=node.outputs[2],
+        )
+
+    def _layer_of(self, node: ir.Node, past_key: ir.Value, past_value: ir.Value) -> int | None:
+        layer_k, layer_v = (_PAST.match(value.name or "") for value in (past_key, past_value))
+        if (
+            layer_k is None
+            or layer_v is None
+            or layer_k.group(1) != layer_v.group(1)
+            or (layer_k.group(2), layer_v.group(2)) != ("key", "value")
+        ):
+            self.skipped.append(f"{node.name}: key and value caches of different layers")
+            return None
+        return int(layer_k.group(1))
 
     @staticmethod
     def _sequence_lengths(graph: ir.Graph, before: ir.Node) -> tuple[ir.Value, ir.Value]:
@@ -300,12 +389,15 @@ class _Rewriter:
         self._caches.append((rotary, cos, sin))
         return cos, sin
 
-    def _rewrite(self, graph, node, key_cat, value_cat, attention_bias, num_heads, kv_heads, layer, seqlens, total):
+    def _rewrite(self, graph: ir.Graph, node: ir.Node, site: _Site, seqlens: ir.Value, total: ir.Value) -> None:
+        num_heads, kv_heads, layer = site.num_heads, site.kv_heads, site.layer
         tape = ir.tape.Tape()
 
         def bsd(x: ir.Value) -> ir.Value:
             """[B, H, S, D] → [B, S, H·D]: the projection's own output when ``x`` is just its
             split into heads, else an explicit transpose + reshape (only the new tokens)."""
+            if site.new_in_bsd:
+                return x
             source = _split_from(x)
             if source is not None:
                 return source
@@ -317,8 +409,8 @@ class _Rewriter:
         scale = node.attributes.get("scale")
         if scale is not None:
             attributes["scale"] = scale.value
-        query, key_new = node.inputs[0], key_cat.inputs[1]
-        rotary = self._rotary(query, key_new, graph)
+        query, key_new = node.inputs[0], site.key_new
+        rotary = None if site.new_in_bsd else self._rotary(query, key_new, graph)
         if rotary is not None:
             cos, sin = self._cache_values(graph, rotary[0])
 
@@ -339,15 +431,15 @@ class _Rewriter:
             [
                 query,
                 key_new,
-                bsd(value_cat.inputs[1]),
-                key_cat.inputs[0],
-                value_cat.inputs[0],
+                bsd(site.value_new),
+                site.past_key,
+                site.past_value,
                 seqlens,
                 total,
                 None,
                 None,
                 None,
-                attention_bias,
+                site.attention_bias,
             ],
             attributes=attributes,
             domain=_MS,
@@ -358,6 +450,6 @@ class _Rewriter:
         take_over(node.outputs[0], out)
         # GQA's output has its query's shape; recorded, RemoveNoOpReshapesPass can drop the head merge after it
         out.shape = out.shape or node.inputs[0].shape
-        take_over(key_cat.outputs[0], present_key)
-        take_over(value_cat.outputs[0], present_value)
+        take_over(site.present_key, present_key)
+        take_over(site.present_value, present_value)
         self.fused.append(layer)

@@ -5,10 +5,13 @@ token, peak memory, each over repeated runs (median, min, max).
   batch 1, logits included (they are part of what a caller waits for).
 * **Time to first token**: prefill of the first requested length plus choosing the token.
 * **Decode**: after a prefill of ``decode_context`` tokens, ``decode_tokens`` greedy steps of one
-  token. Steps use IO binding: each step's ``present.*`` OrtValues are bound as the next step's
-  ``past_key_values.*``, so the KV cache is never copied through numpy; only the last
-  position's logits are read back. The tokens are returned so tests can check the bound loop
-  decodes exactly what ``runtime.generate`` does.
+  token, with IO binding, driving the KV cache the way the artifact's contract says
+  (``runtime/decoder.py``): for ``shared_buffer`` (the default of fused cpu/cuda artifacts and
+  the genai builder's), one buffer per tensor preallocated for the whole run and bound as both
+  past and present, as onnxruntime-genai does; for ``growing``, each step's ``present.*``
+  OrtValues are bound as the next step's ``past_key_values.*`` (the session allocates and copies
+  the cache every step). Only the last position's logits are read back. The tokens are returned
+  so tests can check the bound loop decodes exactly what ``runtime.generate`` does.
 * **Peak RSS**: the process's high-water mark (``getrusage``) after the runs, next to the RSS
   before the session was created, so a caller that imported other libraries can tell them apart.
 
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from aqexport.runtime.decoder import OnnxDecoder
+from aqexport.runtime.decoder import OnnxDecoder, bind_buffer
 from aqexport.runtime.static_decoder import is_static_session
 
 __all__ = ["BenchResult", "Spread", "bench_session", "current_rss_mib"]
@@ -56,6 +59,7 @@ class BenchResult:
     peak_rss_mib: float
     session_seconds: float
     decoded_token_ids: list[int]
+    kv_cache: str = "growing"
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -80,8 +84,16 @@ class _BoundDecoder:
     def __init__(self, decoder: OnnxDecoder) -> None:
         self.decoder = decoder
         self.session = decoder.session
-        self.past_names = [spec[kind].name for spec in decoder.past_specs for kind in ("key", "value")]
-        self.present_names = [f"present.{i}.{kind}" for i in range(decoder.num_layers) for kind in ("key", "value")]
+        self.past_names, self.present_names = decoder.past_names, decoder.present_names
+        self.shared = decoder.kv_cache == "shared_buffer"
+
+    def _buffers(self, capacity: int) -> list[np.ndarray]:
+        """Zeroed past buffers with room for ``capacity`` positions (shared-buffer contract)."""
+        return [
+            np.zeros((1, spec[kind].heads, capacity, spec[kind].head_dim), spec[kind].dtype)
+            for spec in self.decoder.past_specs
+            for kind in ("key", "value")
+        ]
 
     def _run(self, ids: np.ndarray, length: int, past: list) -> tuple[np.ndarray, list]:
         binding = self.session.io_binding()
@@ -90,20 +102,26 @@ class _BoundDecoder:
         if self.decoder.has_position_ids:
             positions = np.arange(length - ids.shape[1], length, dtype=np.int64)[None]
             binding.bind_cpu_input("position_ids", positions)
-        for name, value in zip(self.past_names, past):
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, value)
         binding.bind_output("logits")
-        for name in self.present_names:
-            binding.bind_output(name)
+        if self.shared:
+            for past_name, present_name, buffer in zip(self.past_names, self.present_names, past):
+                bind_buffer(binding, past_name, present_name, buffer)
+        else:
+            for name, value in zip(self.past_names, past):
+                if isinstance(value, ort.OrtValue):
+                    binding.bind_ortvalue_input(name, value)
+                else:
+                    binding.bind_cpu_input(name, value)
+            for name in self.present_names:
+                binding.bind_output(name)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy()[0, -1], outputs[1:]
+        return outputs[0].numpy()[0, -1], past if self.shared else outputs[1:]
 
-    def prefill(self, tokens: np.ndarray) -> tuple[int, list]:
-        logits, present = self._run(tokens[None], tokens.size, self.decoder.empty_past(1))
+    def prefill(self, tokens: np.ndarray, capacity: int | None = None) -> tuple[int, list]:
+        """``capacity``: positions the shared buffers must hold for the steps that follow."""
+        past = self._buffers(capacity or tokens.size) if self.shared else self.decoder.empty_past(1)
+        logits, present = self._run(tokens[None], tokens.size, past)
         return int(np.argmax(logits)), present
 
     def decode(self, first: int, present: list, context: int, steps: int) -> list[int]:
@@ -128,13 +146,14 @@ def bench_session(
     rss_before_session_mib: float = 0.0,
     session_seconds: float = 0.0,
     head_dim: int | None = None,
+    kv_cache: str | None = None,
 ) -> BenchResult:
     if is_static_session(session):
         raise ValueError(
             "bench measures the dynamic KV contract (prefill lengths, IO-bound decode); a static mobile "
             "artifact runs one token per call: time it with 'aqexport run'"
         )
-    decoder = OnnxDecoder(session, head_dim)
+    decoder = OnnxDecoder(session, head_dim, kv_cache)
     bound = _BoundDecoder(decoder)
     vocab = vocab_size or 1000
     rng = np.random.default_rng(seed)
@@ -156,7 +175,7 @@ def bench_session(
     rates: list[float] = []
     decoded: list[int] = []
     for run in range(warmup + repeats):
-        token, present = bound.prefill(context)
+        token, present = bound.prefill(context, decode_context + decode_tokens + 1)
         start = time.perf_counter()
         decoded = bound.decode(token, present, decode_context, decode_tokens)
         seconds = time.perf_counter() - start
@@ -172,4 +191,5 @@ def bench_session(
         peak_rss_mib=_peak_rss_mib(),
         session_seconds=session_seconds,
         decoded_token_ids=decoded,
+        kv_cache=decoder.kv_cache,
     )

@@ -2,6 +2,14 @@
 
 Reads the KV layout (layers, KV heads, head size, dtype) from the session's own input
 metadata, so it runs any artifact that follows the contract, whatever produced it.
+
+Two KV contracts share one graph interface (``passes/shared_kv_buffer.py``): **growing**, where
+``past`` holds exactly the past tokens and ``present`` comes back as a new, longer tensor; and
+**shared_buffer** (the genai model builder's), where past and present are bound to the same
+preallocated buffer and ``GroupQueryAttention`` writes the new tokens into it in place. The
+artifact says which it supports in its metadata (``aqexport.kv_cache``); a builder model says so
+in ``genai_config.json`` (``past_present_share_buffer``), which the caller passes as ``kv_cache``.
+Both give the same logits; shared_buffer never copies the cache.
 """
 
 from __future__ import annotations
@@ -12,7 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["OnnxDecoder", "positions_from_mask"]
+from aqexport.runtime.kv_buffer import KvSlots
+
+__all__ = ["KV_CACHE_METADATA_KEY", "OnnxDecoder", "kv_contract", "positions_from_mask"]
+
+#: Written by ``passes/shared_kv_buffer.py`` (the runtime does not import the passes).
+KV_CACHE_METADATA_KEY = "aqexport.kv_cache"
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -26,12 +39,21 @@ class _PastSpec:
     dtype: type
 
 
+def kv_contract(session: ort.InferenceSession) -> str:
+    """``shared_buffer`` or ``growing``: what the artifact's metadata declares (growing if none)."""
+    declared = session.get_modelmeta().custom_metadata_map.get(KV_CACHE_METADATA_KEY)
+    return "shared_buffer" if declared == "shared_buffer" else "growing"
+
+
 class OnnxDecoder:
     """``head_dim`` is needed only for graphs whose KV inputs leave it symbolic (the genai model
-    builder's ``kv_cache_dim``); it is read from the metadata otherwise."""
+    builder's ``kv_cache_dim``); it is read from the metadata otherwise. ``kv_cache``:
+    ``shared_buffer`` / ``growing``, by default what the model's metadata declares."""
 
-    def __init__(self, session: ort.InferenceSession, head_dim: int | None = None) -> None:
+    def __init__(self, session: ort.InferenceSession, head_dim: int | None = None, kv_cache: str | None = None) -> None:
         self.session = session
+        self.kv_cache = kv_cache or kv_contract(session)
+        self._slots = KvSlots()
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         past: dict[int, dict[str, _PastSpec]] = {}
@@ -75,12 +97,41 @@ class OnnxDecoder:
             feeds["position_ids"] = position_ids.astype(np.int64, copy=False)
         return self._run(feeds, past)
 
+    @property
+    def past_names(self) -> list[str]:
+        return [layer[kind].name for layer in self.past_specs for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
     def _run(self, feeds: dict[str, np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run with ``past`` (key, value per layer, in order) added to ``feeds``; logits and present."""
-        names = [layer[kind].name for layer in self.past_specs for kind in ("key", "value")]
-        named = dict(zip(self.output_names, self.session.run(None, {**feeds, **dict(zip(names, past))})))
-        present = [named[f"present.{i}.{kind}"] for i in range(self.num_layers) for kind in ("key", "value")]
-        return named["logits"], present
+        if self.kv_cache == "shared_buffer":
+            return self._run_shared(feeds, past)
+        named = dict(zip(self.output_names, self.session.run(None, {**feeds, **dict(zip(self.past_names, past))})))
+        return named["logits"], [named[name] for name in self.present_names]
+
+    def _run_shared(self, feeds: dict[str, np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Past and present bound to one buffer per tensor: the kernel appends in place."""
+        total = feeds["attention_mask"].shape[1]
+        buffers = self._slots.buffers_for(past, total)
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("logits")
+        for past_name, present_name, buffer in zip(self.past_names, self.present_names, buffers):
+            bind_buffer(binding, past_name, present_name, buffer)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits, self._slots.hand_back(buffers, total)
+
+
+def bind_buffer(binding: ort.IOBinding, past_name: str, present_name: str, buffer: np.ndarray) -> None:
+    """Bind one preallocated ``buffer`` as both ``past_name`` and ``present_name`` (in place)."""
+    shape, address = list(buffer.shape), buffer.ctypes.data
+    binding.bind_input(past_name, "cpu", 0, buffer.dtype.type, shape, address)
+    binding.bind_output(present_name, "cpu", 0, buffer.dtype.type, shape, address)
 
 
 def positions_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:

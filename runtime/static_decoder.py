@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from aqexport.runtime.decoder import OnnxDecoder
+from aqexport.runtime.kv_buffer import KvSlots
 
 __all__ = ["StaticDecoder", "decoder_for", "is_static_session"]
 
@@ -25,12 +26,11 @@ def is_static_session(session: ort.InferenceSession) -> bool:
 
 class StaticDecoder(OnnxDecoder):
     def __init__(self, session: ort.InferenceSession) -> None:
-        super().__init__(session)
+        super().__init__(session, kv_cache="growing")  # its own slots; the step graph returns new keys only
         bias = next(meta for meta in session.get_inputs() if meta.name == "attention_bias")
         self.context = int(bias.shape[-1]) - 1
         self._bias_dtype = np.float32 if bias.type == "tensor(float)" else np.float16
-        self._slots_in_use: list[np.ndarray] = []  # the buffers behind the past last returned
-        self._returned_length = -1
+        self._slots = KvSlots(capacity=self.context)
 
     def step(
         self,
@@ -49,7 +49,7 @@ class StaticDecoder(OnnxDecoder):
             )
         if position_ids is None:
             position_ids = np.arange(filled, filled + input_ids.shape[1])[None]
-        cache = self._cache_for(past)
+        cache = self._slots.buffers_for(past, filled + input_ids.shape[1])
         logits = []
         for offset in range(input_ids.shape[1]):
             length = filled + offset
@@ -64,28 +64,10 @@ class StaticDecoder(OnnxDecoder):
             logits.append(step_logits)
             for slots, new in zip(cache, present):
                 slots[:, :, length : length + 1] = new
-        self._slots_in_use, self._returned_length = cache, filled + input_ids.shape[1]
-        return np.concatenate(logits, axis=1), [slots[:, :, : self._returned_length] for slots in cache]
-
-    def _cache_for(self, past: list[np.ndarray]) -> list[np.ndarray]:
-        """The full-size buffers for ``past``: the ones behind the past this decoder last returned
-        when that is what came back (a decode loop: no copy per token), else fresh copies (any
-        other past, e.g. an earlier one reused, stays untouched)."""
-        if (
-            len(past) == len(self._slots_in_use)
-            and past[0].shape[2] == self._returned_length
-            and all(array.base is slots for array, slots in zip(past, self._slots_in_use))
-        ):
-            return self._slots_in_use
-        cache = []
-        for filled in past:
-            slots = np.zeros((*filled.shape[:2], self.context, filled.shape[3]), filled.dtype)
-            slots[:, :, : filled.shape[2]] = filled
-            cache.append(slots)
-        return cache
+        return np.concatenate(logits, axis=1), self._slots.hand_back(cache, filled + input_ids.shape[1])
 
 
-def decoder_for(session: ort.InferenceSession, head_dim: int | None = None) -> OnnxDecoder:
-    """The decoder that follows ``session``'s contract: static (mobile) or dynamic. ``head_dim``:
-    for graphs that leave it symbolic (``OnnxDecoder``)."""
-    return StaticDecoder(session) if is_static_session(session) else OnnxDecoder(session, head_dim)
+def decoder_for(session: ort.InferenceSession, head_dim: int | None = None, kv_cache: str | None = None) -> OnnxDecoder:
+    """The decoder that follows ``session``'s contract: static (mobile) or dynamic. ``head_dim`` /
+    ``kv_cache``: for graphs that do not declare them (``OnnxDecoder``)."""
+    return StaticDecoder(session) if is_static_session(session) else OnnxDecoder(session, head_dim, kv_cache)

@@ -38,3 +38,19 @@ def genai_greedy(artifact, prompt_tokens: list[int], max_new_tokens: int) -> lis
     while not generator.is_done():
         generator.generate_next_token()
     return [int(t) for t in generator.get_sequence(0)][len(prompt_tokens) :]
+
+
+def genai_greedy_batch(artifact, padded_ids, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of a batch of already padded prompts (``[B, S]``)."""
+    import numpy as np
+
+    og = require_genai()
+    model = og.Model(str(artifact))
+    params = og.GeneratorParams(model)
+    batch, width = padded_ids.shape
+    params.set_search_options(max_length=width + max_new_tokens, do_sample=False, batch_size=batch)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(padded_ids, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [[int(t) for t in generator.get_sequence(row)][width:] for row in range(batch)]

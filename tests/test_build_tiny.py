@@ -68,7 +68,8 @@ def test_artifact_contract(tiny_artifact, kind):
     assert {"torch", "transformers", "onnxruntime"} <= set(manifest["versions"])
     genai = json.loads((artifact / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["num_hidden_layers"] == 2
-    assert genai["search"]["past_present_share_buffer"] is False
+    # the fused graph takes the genai builder's in-place KV contract (tests/test_shared_kv_buffer.py)
+    assert genai["search"]["past_present_share_buffer"] is (manifest["kv_cache"]["contract"] == "shared_buffer")
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)

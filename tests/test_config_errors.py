@@ -44,6 +44,11 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
             "missing key 'calibration.data'",
         ),
         ({"quantization": {"recipe": "affinequant"}, "output": {"dir": "out"}}, "missing key 'quantization.preset'"),
+        (
+            {"target": {"kv_cache": "shared_buffer", "fuse": False}, "output": {"dir": "out"}},
+            "target.kv_cache shared_buffer",
+        ),
+        ({"target": {"kv_cache": "in_place"}, "output": {"dir": "out"}}, "target.kv_cache"),
     ],
 )
 def test_config_errors_are_one_line_with_fix(tmp_path, capsys, sections, expected):
