@@ -75,4 +75,16 @@ def inspect_artifact(directory: Path) -> dict[str, Any]:
             "recipe": manifest.get("quantization", {}).get("recipe", "unknown"),
             "quant_ops": {op: n for op, n in ops.items() if op.split("::")[-1] in QUANT_OPS},
         },
+        "transforms": _transform_cost(manifest),
     }
+
+
+def _transform_cost(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What the norm-side transforms cost per token at run time (``FoldAffinePass``'s record:
+    total FLOPs and float32 bytes, how many are explicit, their forms); ``None`` without one."""
+    for record in manifest.get("passes", []):
+        stats = record.get("stats", {})
+        if record.get("pass") == "FoldAffinePass" and "run_time_cost" in stats:
+            forms = collections.Counter(t["form"] for t in stats.get("transforms", {}).values())
+            return {**stats["run_time_cost"], "forms": dict(forms), "placements": stats.get("placements", {})}
+    return None

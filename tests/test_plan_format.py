@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from aqexport.calibrate.norm_forms import NormStructure
 from aqexport.calibrate.outliers import OutlierSplit
 from aqexport.calibrate.plan import PLAN_FORMAT, BlockPlan, LinearPlan, QuantPlan
 from aqexport.calibrate.plan_schema import from_record, to_record
@@ -76,6 +77,19 @@ def _full_block(index: int = 0) -> BlockPlan:
         qk_transform=torch.randn(1, 2, 2, generator=g, dtype=torch.float64),
         norm_shifts={"input_layernorm": torch.randn(8, generator=g, dtype=torch.float64)},
         static_activations=True,
+        norm_structures={
+            "input_layernorm": NormStructure(
+                "kronecker",
+                torch.rand(8, generator=g, dtype=torch.float64),
+                [torch.randn(n, n, generator=g, dtype=torch.float64) for n in (2, 4)],
+            ),
+            "post_attention_layernorm": NormStructure(
+                "block_diagonal",
+                torch.rand(8, generator=g, dtype=torch.float64),
+                [torch.randn(2, 4, 4, generator=g, dtype=torch.float64)],
+            ),
+            "final": NormStructure("dense", torch.ones(8, dtype=torch.float64)),
+        },
     )
 
 
@@ -132,7 +146,12 @@ def test_layout_of_the_files(tmp_path):
         tensors.keys()
     )
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert saved["format"] == PLAN_FORMAT == 4
+    assert saved["format"] == PLAN_FORMAT == 5
+    structures = saved["blocks"]["0"]["norm_structures"]
+    assert structures["input_layernorm"] == {"form": "kronecker", "factors": [None, None]}
+    assert structures["final"] == {"form": "dense", "factors": []}
+    assert tensors["norm_structures.input_layernorm.factors.1"].shape == (4, 4)
+    assert tensors["norm_structures.post_attention_layernorm.factors.0"].dtype == torch.float64
     linears = saved["blocks"]["0"]["linears"]
     assert linears["self_attn.q_proj"]["has_bias"] and not linears["self_attn.k_proj"]["has_bias"]
     assert linears["self_attn.q_proj"]["outlier"] == {"mode": "static", "threshold": 6.0, "channels": 2}
@@ -168,9 +187,28 @@ def test_plan_of_another_format_is_refused(tmp_path, found):
         QuantPlan.open(tmp_path, RECIPE, MODEL)
     message = str(raised.value)
     assert "\n" not in message
-    assert f"plan format {PLAN_FORMAT}" in message
+    assert f"plan formats 4 and {PLAN_FORMAT}" in message
     assert (f"plan format {found}," if found is not None else "has no plan format") in message
     assert "recalibrate into a fresh plan_dir" in raised.value.fix
+
+
+def test_format_4_plan_loads_with_plain_matrices_and_is_rewritten_as_current(tmp_path):
+    """Plans written before norm-side forms existed (format 4) hold dense or diagonal matrices
+    only: they load with no structures, and a resumed run rewrites the index in the new format."""
+    _saved(tmp_path)
+    index = tmp_path / "plan.json"
+    saved = json.loads(index.read_text())
+    saved["format"] = 4
+    del saved["blocks"]["0"]["norm_structures"]
+    file = tmp_path / "block_000.safetensors"
+    save_file({k: v for k, v in load_file(str(file)).items() if not k.startswith("norm_structures.")}, str(file))
+    index.write_text(json.dumps(saved))
+    plan = QuantPlan.open(tmp_path, RECIPE, MODEL)
+    assert plan.blocks[0].norm_structures == {}
+    _assert_same(_full_block().norm_transforms, plan.blocks[0].norm_transforms)
+    plan.add_block(_full_block(1))
+    assert json.loads(index.read_text())["format"] == PLAN_FORMAT
+    assert sorted(QuantPlan.open(tmp_path, RECIPE, MODEL).blocks) == [0, 1]
 
 
 def test_resume_loads_only_blocks_whose_file_landed(tmp_path):

@@ -10,8 +10,9 @@ exact: a resumed run rebuilds earlier blocks from the same plan entries, bit for
 
 The algebra of where transforms go is in ``fold.py``; what happens to a linear's input
 (``Qa((x − δ) A⁻¹)``) in ``input_hooks.py``. A dense norm-side ``A`` stays an explicit
-``MatMul`` after the norm at lowering, a diagonal one folds into the norm; out and q·k
-transforms are already inside the codes.
+``MatMul`` after the norm at lowering (block-diagonal and Kronecker ones structured
+``MatMul``s, ``norm_forms.py``), a diagonal one folds into the norm; out and q·k transforms are
+already inside the codes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.func import functional_call
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remove_input_hooks
+from aqexport.calibrate.norm_forms import NormTransform, factor_shapes
 from aqexport.calibrate.outliers import OutlierSplit, outlier_mode, split_outlier_columns
 from aqexport.calibrate.plan import BlockPlan, LinearPlan, QuantPlan
 from aqexport.calibrate.quantizer import fake_quantize, quantize_codes, quantize_params
@@ -76,8 +78,9 @@ class BlockParameters(nn.Module):
     A norm-group transform is ``A = (S ∘ M) · diag(s₀)``: ``s₀`` fixed scales (SmoothQuant's with
     ``init: smoothquant``, ones with ``init: identity``), ``S`` the learned matrix, starting at
     ``I``. So ``x A⁻¹ = (x / s₀) S⁻¹``: the learned part mixes channels *after* smoothing, and
-    every entry of ``S`` is O(1) whatever its channel's range. The dominance guard acts on ``S``;
-    ``A`` is invertible because ``S`` is and ``s₀ > 0``.
+    every entry of ``S`` is O(1) whatever its channel's range. The dominance guard acts on ``S``'s
+    factors (``NormTransform``: one dense matrix, blocks, or Kronecker factors, per the recipe's
+    ``norm_side_form``); ``A`` is invertible because ``S`` is and ``s₀ > 0``.
     """
 
     def __init__(
@@ -90,7 +93,7 @@ class BlockParameters(nn.Module):
         super().__init__()
         self.gamma = nn.ParameterDict()
         self.beta = nn.ParameterDict()
-        self.norm = nn.ParameterDict()
+        self.norm = nn.ModuleDict()
         self.shift = nn.ParameterDict()
         self.norm_base: dict[str, torch.Tensor] = {}
         self.out: nn.Parameter | None = None
@@ -110,7 +113,8 @@ class BlockParameters(nn.Module):
             else:
                 base = torch.ones(width)
             self.norm_base[_key(group.norm)] = base
-            self.norm[_key(group.norm)] = nn.Parameter(torch.eye(width))
+            shapes = factor_shapes(recipe.norm_side_form, width, recipe.norm_block, recipe.norm_factors, group.norm)
+            self.norm[_key(group.norm)] = NormTransform(recipe.norm_side_form, shapes)
             if _shiftable(block, group, recipe):
                 self.shift[_key(group.norm)] = nn.Parameter(stats[group.linears[0]].shift.clone())
         if not recipe.trains:
@@ -125,7 +129,8 @@ class BlockParameters(nn.Module):
 
     def transform_parameters(self) -> list[nn.Parameter]:
         extra = [p for p in (self.out, self.qk) if p is not None]
-        return list(self.norm.values()) + list(self.shift.values()) + extra
+        norm = [p for transform in self.norm.values() for p in transform.parameters()]
+        return norm + list(self.shift.values()) + extra
 
     def lwc_parameters(self) -> list[nn.Parameter]:
         return list(self.gamma.values()) + list(self.beta.values())
@@ -133,15 +138,16 @@ class BlockParameters(nn.Module):
 
 class _Masks:
     """``M_e`` for every matrix at one epoch. Diagonal recipes keep the band at width 1 for good;
-    dense ones widen it each epoch."""
+    dense ones widen it each epoch (per norm-side factor: inside each block, in each Kronecker
+    factor)."""
 
     def __init__(self, params: BlockParameters, recipe: CalibrationRecipe, epoch: int) -> None:
-        def mask(n: int) -> torch.Tensor:
-            width = 1 if recipe.transform == "diagonal" else band_width(epoch, recipe.epochs, n)
-            return gradual_mask(n, width, recipe.stability_factor)
-
-        self.norm = {key: mask(matrix.shape[-1]) for key, matrix in params.norm.items()}
-        self.out = None if params.out is None else mask(params.out.shape[-1])
+        sf = recipe.stability_factor
+        self.norm = {key: transform.masks(epoch, recipe.epochs, sf) for key, transform in params.norm.items()}
+        self.out = None
+        if params.out is not None:
+            n = params.out.shape[-1]
+            self.out = gradual_mask(n, 1 if recipe.transform == "diagonal" else band_width(epoch, recipe.epochs, n), sf)
 
 
 def _block_transforms(
@@ -153,7 +159,7 @@ def _block_transforms(
     for group in structure.norm_groups:
         key = _key(group.norm)
         if key in params.norm:
-            transforms.norm[group.norm] = (params.norm[key] * masks.norm[key]) * params.norm_base[key][None, :]
+            transforms.norm[group.norm] = params.norm[key].matrix(masks.norm[key], params.norm_base[key])
         if key in params.shift:
             transforms.shift[group.norm] = params.shift[key]
     if params.out is not None:
@@ -205,6 +211,13 @@ def _freeze(
     masks = _Masks(params, recipe, max(recipe.epochs - 1, 0))
     with torch.no_grad():
         transforms = _block_transforms(structure, params, masks, recipe).to(torch.float64)
+        structures = {
+            norm: params.norm[_key(norm)].structure(masks.norm[_key(norm)], params.norm_base[_key(norm)])
+            for norm in transforms.norm
+        }
+        for norm, record in structures.items():
+            if record.factors:  # the frozen A is the one the lowering composes from the same factors
+                transforms.norm[norm] = record.matrix()
         weights, biases = transformed_weights(block, structure, transforms, torch.float64)
         linears, quantized_weights = {}, {}
         for name, weight in weights.items():
@@ -238,7 +251,7 @@ def _freeze(
                 outlier_weight=outlier_weight,
             )
         reports = {
-            norm: matrix_report(matrix, learned=params.norm[_key(norm)] * masks.norm[_key(norm)])
+            norm: matrix_report(matrix, learned=params.norm[_key(norm)].learned(masks.norm[_key(norm)]))
             for norm, matrix in transforms.norm.items()
         }
         if transforms.out is not None:
@@ -257,6 +270,7 @@ def _freeze(
         qk_transform=qk_matrix,
         norm_shifts=transforms.shift,
         static_activations=recipe.static_activations,
+        norm_structures=structures,
     )
     return plan, quantized_weights
 
@@ -335,8 +349,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
 
 def _guard_(params: BlockParameters, masks: _Masks, recipe: CalibrationRecipe) -> None:
     """Levy–Desplanques after every step: every matrix used stays strictly diagonally dominant."""
-    for key, matrix in params.norm.items():
-        enforce_dominance_(matrix.data, masks.norm[key].to(matrix.dtype), recipe.dominance_margin)
+    for key, transform in params.norm.items():
+        transform.guard_(masks.norm[key], recipe.dominance_margin)
     if params.out is not None:
         enforce_dominance_(params.out.data, masks.out.to(params.out.dtype), recipe.dominance_margin)
     if params.qk is not None:

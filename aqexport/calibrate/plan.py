@@ -6,14 +6,17 @@ re-derives them), which norm-group transform feeds it, and a transformed bias wh
 transform changed it. Per block: the transforms in float64, their dominance margin / condition
 number / inverse error, the loss curve and the block's output error.
 
-On disk (format ``PLAN_FORMAT`` = 4): ``plan.json`` holds ``format``, ``recipe``, ``model``,
+On disk (format ``PLAN_FORMAT`` = 5): ``plan.json`` holds ``format``, ``recipe``, ``model``,
 ``blocks_path`` and ``blocks`` (per block index, the block's scalar fields: structure, reports,
 loss curve, and per linear its schemes, input transform / shift, ``has_bias``, stats tokens / τ,
 outlier mode / threshold / channel count; per ``dict[str, Tensor]`` field its keys). One
 ``block_NNN.safetensors`` per finished block holds every tensor, named by its field path:
 ``linears.<linear>.codes|scale|zero|bias|act_scale|act_zero|outlier_weight``,
 ``linears.<linear>.stats.absmax|shift|outliers``, ``linears.<linear>.outlier.channels``,
-``norm_transforms.<norm>``, ``norm_shifts.<norm>``, ``out_transform``, ``qk_transform``.
+``norm_transforms.<norm>``, ``norm_shifts.<norm>``, ``out_transform``, ``qk_transform``,
+``norm_structures.<norm>.scales|factors.<i>`` (format 5: the form of each norm-side transform,
+``aqexport.calibrate.norm_forms.NormStructure``; a format-4 plan, written before forms existed,
+is read with no structures, i.e. every transform what its matrix is: dense or diagonal).
 Each block file is written to a temp file and renamed, and ``plan.json`` rewritten after each
 block, so a calibration killed mid-model resumes from the last block whose file landed.
 
@@ -40,6 +43,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from aqexport.calibrate.norm_forms import NormStructure
 from aqexport.calibrate.outliers import OutlierSplit
 from aqexport.calibrate.plan_schema import FieldSpec, SchemaError, from_record, stored, to_record
 from aqexport.calibrate.quantizer import QuantScheme, dequantize_codes
@@ -49,7 +53,17 @@ from aqexport.errors import AqexportError
 
 __all__ = ["PLAN_FORMAT", "BlockPlan", "LinearPlan", "QuantPlan"]
 
-PLAN_FORMAT = 4
+PLAN_FORMAT = 5
+
+
+def _from_format_4(block_meta: dict[str, Any]) -> dict[str, Any]:
+    """Format 4 predates ``BlockPlan.norm_structures``: its transforms are plain matrices."""
+    return {**block_meta, "norm_structures": {}}
+
+
+#: Older formats this aqexport still reads, each with the upgrade of one block's metadata; a
+#: resumed plan is rewritten in ``PLAN_FORMAT`` as its next block lands.
+_UPGRADES = {4: _from_format_4, PLAN_FORMAT: lambda block_meta: block_meta}
 
 _F32, _F64 = stored(torch.float32), stored(torch.float64)
 
@@ -114,6 +128,8 @@ class BlockPlan:
     # norm path -> δ (float64)
     norm_shifts: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_F64)
     static_activations: bool = False
+    # norm path -> form, s₀ and learned factors of the norm-side transform (lowering reads these)
+    norm_structures: dict[str, NormStructure] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What goes to ``block_NNN.safetensors``."""
@@ -213,9 +229,10 @@ class QuantPlan:
         except ValueError as error:
             raise AqexportError(f"'{index}' is not valid JSON ({error})", fresh) from error
         found = saved.get("format") if isinstance(saved, dict) else None
-        if found != PLAN_FORMAT:
+        if found not in _UPGRADES:
             version = "has no plan format" if found is None else f"is plan format {_show(found)}"
-            raise AqexportError(f"'{index}' {version}, this aqexport reads plan format {PLAN_FORMAT}", fresh)
+            readable = " and ".join(str(f) for f in sorted(_UPGRADES))
+            raise AqexportError(f"'{index}' {version}, this aqexport reads plan formats {readable}", fresh)
         if saved.get("recipe") != recipe or saved.get("model") != model:
             differences = _differences("recipe", saved.get("recipe"), recipe) + _differences(
                 "model", saved.get("model"), model
@@ -230,7 +247,7 @@ class QuantPlan:
             file = directory / f"block_{int(key):03d}.safetensors"
             if file.exists():
                 try:
-                    plan.blocks[int(key)] = BlockPlan.from_saved(meta, load_file(str(file)))
+                    plan.blocks[int(key)] = BlockPlan.from_saved(_UPGRADES[found](meta), load_file(str(file)))
                 except SchemaError as error:
                     raise AqexportError(f"'{file}' does not match '{index}' ({error})", fresh) from error
         return plan

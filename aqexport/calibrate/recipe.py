@@ -90,6 +90,16 @@ class CalibrationRecipe:
     outlier_split: str | None = None  # llm_int8: dynamic | static, the default for every linear
     outlier_layers: dict[str, str] = field(default_factory=dict)  # module-path glob -> mode
     rounding: Rounding = field(default_factory=NearestRounding)  # codes of the frozen, transformed weights
+    # norm-side (norm → q/k/v, norm → gate/up) form where ``transform`` is dense:
+    # dense | block_diagonal | kronecker | diagonal (aqexport.calibrate.norm_forms)
+    norm_form: str = "dense"
+    norm_block: int | None = None  # block_diagonal: block size k (None: the largest divisor of d ≤ 64)
+    norm_factors: tuple[int, int] | None = None  # kronecker: (d₁, d₂) (None: d₁ the divisor closest to √d)
+
+    @property
+    def norm_side_form(self) -> str:
+        """The form of the norm-group transforms: diagonal methods are diagonal everywhere."""
+        return "diagonal" if self.transform == "diagonal" else self.norm_form
 
     @property
     def trains(self) -> bool:
@@ -98,8 +108,12 @@ class CalibrationRecipe:
     def as_dict(self) -> dict:
         """The recipe's identity in a plan. The LLM.int8 fields are left out for other methods
         (τ only counts outliers in their statistics), so plans made before those fields existed
-        stay reusable."""
+        stay reusable; likewise the norm-side form fields while they are dense (format-4 plans)."""
         data = asdict(self)
+        if self.norm_form == "dense" and self.norm_block is None and self.norm_factors is None:
+            data.pop("norm_form"), data.pop("norm_block"), data.pop("norm_factors")
+        elif self.norm_factors is not None:
+            data["norm_factors"] = list(self.norm_factors)
         if self.outlier_split is None:
             data.pop("outlier_split"), data.pop("outlier_layers")
             if self.outlier_threshold == 6.0:

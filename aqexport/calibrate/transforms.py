@@ -88,18 +88,19 @@ def enforce_rotary_dominance_(coefficients: torch.Tensor, margin: float = 1e-2) 
 
 
 @torch.no_grad()
-def matrix_report(matrix: torch.Tensor, learned: torch.Tensor | None = None) -> dict[str, float]:
+def matrix_report(matrix: torch.Tensor, learned: torch.Tensor | list[torch.Tensor] | None = None) -> dict[str, float]:
     """Minimum dominance margin, worst condition number and ``‖A A⁻¹ − I‖_max`` (float64).
 
-    ``learned`` is the guarded factor when ``matrix`` is a product with a fixed positive diagonal
-    (norm-group transforms): its margin is the one that guarantees invertibility.
+    ``learned`` is the guarded factor (or factors: blocks, Kronecker factors) when ``matrix`` is a
+    product with a fixed positive diagonal (norm-group transforms): their margin is the one that
+    guarantees invertibility.
     """
     a = matrix.double()
     inverse = torch.linalg.inv(a)
     eye = torch.eye(a.shape[-1], dtype=torch.float64)
-    guarded = a if learned is None else learned.double()
+    guarded = [a] if learned is None else learned if isinstance(learned, list) else [learned]
     return {
-        "min_dominance_margin": float(dominance_margin(guarded).min()),
+        "min_dominance_margin": min(float(dominance_margin(g.double()).min()) for g in guarded),
         "condition_number": float(torch.linalg.cond(a).max()),
         "inverse_error": float((a @ inverse - eye).abs().max()),
     }

@@ -35,7 +35,11 @@ class TrainedRecipeConfig(QuantizedRecipeConfig):
     lr_lwc: float | None = Field(None, gt=0.0)
 
 
-def trained_settings(config: TrainedRecipeConfig, epochs: int, seed: int, transform: str) -> CalibrationRecipe:
+def trained_settings(
+    config: TrainedRecipeConfig, epochs: int, seed: int, transform: str, **engine: Any
+) -> CalibrationRecipe:
+    """The engine's settings: the shared knobs' measured defaults, the config's choices, and the
+    method's own ``engine`` fields (affinequant's norm-side form)."""
     quantizes_activations = preset_of(config).activation is not None
     chosen: dict[str, Any] = {
         "init": "smoothquant" if quantizes_activations else "identity",
@@ -44,4 +48,4 @@ def trained_settings(config: TrainedRecipeConfig, epochs: int, seed: int, transf
     for key in ("alpha", "init", "aug_loss", "train_dtype", "stability_factor", "lr_transform", "lr_lwc"):
         if getattr(config, key) is not None:
             chosen[key] = getattr(config, key)
-    return CalibrationRecipe(**common_settings(config, seed), epochs=epochs, transform=transform, **chosen)
+    return CalibrationRecipe(**common_settings(config, seed), epochs=epochs, transform=transform, **chosen, **engine)

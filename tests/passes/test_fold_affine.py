@@ -128,6 +128,10 @@ def test_rule_3_dense_transform_is_an_explicit_matmul():
     assert "/layers.0/norm/AffineInverse/MatMul" in {node.name for node in model.graph}
     stats = _check("layer_norm", dense, torch.linspace(-0.5, 0.5, H, dtype=torch.float64))
     assert stats["placements"] == {"explicit_matmul": 1}
+    # Sub(δ) then the dense MatMul: H elementwise + 2·H² flops, (H + H²) float32 weights read
+    cost = {"flops_per_token": H + 2 * H * H, "bytes_per_token": 4 * (H + H * H), "transforms": 1}
+    assert stats["run_time_cost"] == cost
+    assert stats["transforms"]["layers.0.norm"]["form"] == "dense"
 
 
 def test_rule_3_shared_norm_output_is_not_folded_into_the_norm():
@@ -139,7 +143,8 @@ def test_a_reused_pass_reports_each_call_alone():
     fold = FoldAffinePass(_plan(_diagonal(), None))
     first = fold(_graph("rms_norm", _transformed(_diagonal(), None)))
     second = fold(_graph("rms_norm", _transformed(_diagonal(), None)))
-    assert first.stats == second.stats == {"placements": {"norm_weight": 1}}
+    assert first.stats == second.stats and first.stats["placements"] == {"norm_weight": 1}
+    assert first.stats["run_time_cost"] == {"flops_per_token": 0, "bytes_per_token": 0, "transforms": 0}
 
 
 def test_a_plan_for_another_model_is_a_precondition_error():
