@@ -126,8 +126,16 @@ class TargetSpec(_Section):
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
         None,
         description="MatMulNBits accuracy_level; null: 4 for 8-bit weights (ONNX Runtime's CPU EP has no fast "
-        "float kernel for them: 50 ms vs 0.24 ms for SmolLM2's LM head) and 0 (float) for 2-4-bit ones. "
-        "4 lets ONNX Runtime quantize activations to int8 per block, which the plan was not calibrated for",
+        "float kernel for them: 50 ms vs 0.24 ms for SmolLM2's LM head); for 2-4-bit ones on the cpu profile, "
+        "measured: 4 (int8 activations per block, the fast path) if the verified perplexity stays within "
+        "accuracy_tolerance of the fake-quant model's, else 0 (float); 0 on other profiles",
+    )
+    accuracy_tolerance: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="auto accuracy_level: the relative perplexity increase over the plan's fake-quant model "
+        "that level 4 may cost before the build falls back to level 0",
     )
 
 

@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from aqexport import __version__
+from aqexport.accuracy_level import choose_accuracy_level, low_bit_matmuls
 from aqexport.artifact import (
     DATA_FILE,
     MODEL_FILE,
@@ -206,15 +207,29 @@ def verify_stage(
             "passed onnx.checker and its structure is tested, run 'aqexport eval --provider cuda' on a GPU"
         }
     loaded = source.loaded
-    verification = verify_artifact(
-        staging,
-        loaded.model,
-        loaded.tokenizer,
-        config.evaluation,
-        target.providers,
-        target.session_accuracy_level,
-        target.weight_format,
-    )
+
+    def verify() -> dict[str, Any]:
+        return verify_artifact(
+            staging,
+            loaded.model,
+            loaded.tokenizer,
+            config.evaluation,
+            target.providers,
+            target.session_accuracy_level,
+            target.weight_format,
+        )
+
+    if target.measures_accuracy_level and low_bit_matmuls(written.path):
+        evaluation = config.evaluation
+        verification, choice = choose_accuracy_level(
+            staging,
+            verify,
+            target.accuracy_tolerance,
+            can_measure=evaluation.text is not None and evaluation.compare_pytorch,
+        )
+        verification["accuracy_level"] = choice
+    else:
+        verification = verify()
     if target.writes_ort:
         verification["ort_format"] = verify_ort_format(
             staging, loaded.tokenizer, config.evaluation, target.weight_format
@@ -236,7 +251,7 @@ def finalize_stage(
 ) -> None:
     loaded = source.loaded
     sizes = {name: (staging / name).stat().st_size for name in (MODEL_FILE, DATA_FILE) if (staging / name).exists()}
-    quantization = _quantization_summary(config, target, calibrated, lowering)
+    quantization = _quantization_summary(config, target, calibrated, lowering, verification.get("accuracy_level"))
     report: dict[str, Any] = {"untied_lm_head": source.untied_lm_head, "export_seconds": export_seconds}
     if calibrated is not None:
         report["calibration"] = calibrated.report
@@ -284,17 +299,25 @@ def _growing_reason(target: Target) -> str:
 
 
 def _quantization_summary(
-    config: BuildConfig, target: Target, calibrated: Calibrated | None, lowering: LoweringResult
+    config: BuildConfig,
+    target: Target,
+    calibrated: Calibrated | None,
+    lowering: LoweringResult,
+    level_choice: dict[str, Any] | None,
 ) -> dict[str, Any]:
     quant = config.quantization
     integer_linears = list(lowering.sections.get("quantization", {}).get("integer_activation_linears", []))
+    chosen_level = (level_choice or {}).get("chosen", target.accuracy_level)
+    if chosen_level == 0:  # measured back to float: only the 8-bit linears still quantize their input
+        schemes = _linear_schemes(calibrated)
+        integer_linears = [path for path in integer_linears if schemes.get(path, {}).get("weight", {}).get("bits") == 8]
     summary: dict[str, Any] = {
         "recipe": quant.recipe,
         "preset": getattr(quant, "preset", None),
         "rounding": getattr(getattr(quant, "rounding", None), "method", None),
         "lm_head": getattr(quant, "lm_head", "float"),
         "embedding": getattr(quant, "embedding", "float"),
-        "accuracy_level": target.accuracy_level,
+        "accuracy_level": chosen_level,
         "integer_activation_linears": integer_linears,
         "weight_format": target.weight_format,
     }

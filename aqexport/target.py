@@ -23,6 +23,9 @@ class Target:
     weight_format: WeightFormat = "matmul_nbits"
     #: The configured MatMulNBits accuracy_level; ``None`` is "auto" (``accuracy_level_for``).
     accuracy_level: int | None = None
+    #: Auto on the cpu profile: the largest relative perplexity increase over the fake-quant
+    #: model that the fast level may cost (``aqexport.accuracy_level``).
+    accuracy_tolerance: float = 0.01
     fuse: bool = True
     #: ``auto`` | ``shared_buffer`` | ``growing``; the static mobile graph has its own cache contract.
     kv_cache: str = "auto"
@@ -41,6 +44,7 @@ class Target:
             profile=spec.profile,
             weight_format="qdq8" if mobile else spec.weight_format,
             accuracy_level=spec.accuracy_level,
+            accuracy_tolerance=spec.accuracy_tolerance,
             fuse=spec.fuse and not mobile,
             kv_cache="growing" if mobile or not spec.fuse else spec.kv_cache,
             providers=tuple(spec.providers),
@@ -68,10 +72,18 @@ class Target:
         """What sessions on the artifact set ``session.qdq_matmulnbits_accuracy_level`` to."""
         return self.accuracy_level or 0
 
+    @property
+    def measures_accuracy_level(self) -> bool:
+        """Auto level on the cpu profile's MatMulNBits: emit the fast level 4 for 2-4-bit weights
+        and let verification keep or lower it (``aqexport.accuracy_level``). The CUDA kernels take
+        no int8-activation path, so elsewhere auto stays at the float level."""
+        return self.accuracy_level is None and self.profile == "cpu" and self.weight_format == "matmul_nbits"
+
     def accuracy_level_for(self, bits: int) -> int:
         """MatMulNBits ``accuracy_level`` of a linear with ``bits``-bit weights. Auto: 4 for 8-bit
         weights (ONNX Runtime 1.32's CPU EP has no fast float kernel for them: 50 ms vs 0.24 ms
-        for SmolLM2's LM head), 0 (float activations, what the plan was calibrated for) otherwise."""
+        for SmolLM2's LM head); for 2-4-bit ones 4 where the build measures it
+        (``measures_accuracy_level``), else 0 (float activations, what the plan was calibrated for)."""
         if self.accuracy_level is not None:
             return self.accuracy_level
-        return 4 if bits == 8 else 0
+        return 4 if bits == 8 or self.measures_accuracy_level else 0

@@ -22,6 +22,7 @@ Adding a pass is its module, its test and one line in a pass list (``aqexport.lo
 """
 
 from aqexport.passes._result import StatsPassResult
+from aqexport.passes.accuracy_level import AccuracyLevelPass
 from aqexport.passes.activation_quant import ActivationQuantPass
 from aqexport.passes.float16 import Float16Pass
 from aqexport.passes.float_weights import FloatWeightsPass
@@ -37,6 +38,7 @@ from aqexport.passes.shared_kv_buffer import SharedKvBufferPass
 from aqexport.passes.stable_names import StableNamesPass
 
 __all__ = [
+    "AccuracyLevelPass",
     "ActivationQuantPass",
     "Float16Pass",
     "FloatWeightsPass",

@@ -41,11 +41,12 @@ def test_records_stats_and_merges_manifest_sections():
         "TopologicalSortPass",
     ]
     quantize, pack, sort = result.records
-    assert quantize["stats"] == {"linears": 2, "weight_format": "matmul_nbits", "integer_activations": 0}
+    # the default cpu target emits 4-bit MatMulNBits at the fast level 4, which the build then measures
+    assert quantize["stats"] == {"linears": 2, "weight_format": "matmul_nbits", "integer_activations": 2}
     assert pack["stats"] == {"groups": 1, "nodes_merged": 2} and pack["nodes_after"] == 2  # MatMulNBits + Split
     assert "stats" not in sort and set(sort) == {"pass", "modified", "nodes_before", "nodes_after", "seconds"}
     assert result.sections == {
-        "quantization": {"integer_activation_linears": []},
+        "quantization": {"integer_activation_linears": ["layers.0.q", "layers.0.k"]},
         "fusions": {"packed_matmul_nbits": [["/layers.0/q/MatMulNBits", "/layers.0/k/MatMulNBits"]]},
     }
 
@@ -86,15 +87,17 @@ def test_pass_lists_follow_the_target():
         "QuantizeWeightsPass",
         "QuantizeEmbeddingPass",
     ]
-    assert fused[-7:] == [
+    assert fused[-8:] == [
         "CheckerPass",
         "OrtFusionsPass",
         "GroupQueryAttentionPass",
+        "SharedKvBufferPass",
         "RemoveNoOpReshapesPass",
         "PackMatMulNBitsPass",
         "RemoveUnusedNodesPass",
         "TopologicalSortPass",
     ]
+    assert "SharedKvBufferPass" not in names(quantized_passes(plan, None, None, Target(kv_cache="growing")))
     assert "OrtFusionsPass" not in names(quantized_passes(plan, None, None, Target(fuse=False)))
     assert "OrtFusionsPass" not in names(fp_passes(Target(profile="mobile", fuse=False)))
     assert names(profile_passes(Target(profile="cuda"))) == ["Float16Pass"]
