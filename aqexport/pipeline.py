@@ -207,6 +207,7 @@ def verify_stage(
             "passed onnx.checker and its structure is tested, run 'aqexport eval --provider cuda' on a GPU"
         }
     loaded = source.loaded
+    torch_results: dict[str, Any] = {}  # the PyTorch side, computed once however often we verify
 
     def verify() -> dict[str, Any]:
         return verify_artifact(
@@ -217,6 +218,7 @@ def verify_stage(
             target.providers,
             target.session_accuracy_level,
             target.weight_format,
+            torch_results,
         )
 
     if target.measures_accuracy_level and low_bit_matmuls(written.path):
@@ -257,6 +259,9 @@ def finalize_stage(
         report["calibration"] = calibrated.report
         if calibrated.parity_ladder is not None:
             report["parity_ladder"] = calibrated.parity_ladder
+        fold = next((r.get("stats", {}) for r in lowering.records if r["pass"] == "FoldAffinePass"), {})
+        if "run_time_cost" in fold:  # per transform: form, placement, FLOPs and bytes per token
+            report["transforms"] = {"run_time_cost": fold["run_time_cost"], "per_transform": fold["transforms"]}
     if written.mobile is not None:
         report["mobile"] = written.mobile
     report.update(

@@ -78,7 +78,11 @@ def verify_artifact(
     providers: tuple[str, ...] = ("cpu",),
     accuracy_level: int = 0,
     weight_format: str | None = None,
+    torch_results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``torch_results``: a dict kept between calls on the same model (the build verifies twice
+    when it measures the accuracy level): the PyTorch side is computed once and reused."""
+    torch_results = {} if torch_results is None else torch_results
     session, info = create_session(artifact_dir, providers, accuracy_level=accuracy_level, weight_format=weight_format)
     decoder = decoder_for(session)
     prompt = _prompt_tokens(tokenizer, spec)
@@ -87,7 +91,11 @@ def verify_artifact(
 
     if spec.generate_tokens:
         ours = generate(decoder, prompt, spec.generate_tokens)
-        theirs = torch_greedy(model, prompt, spec.generate_tokens) if spec.compare_pytorch else None
+        theirs = None
+        if spec.compare_pytorch:
+            if "greedy" not in torch_results:
+                torch_results["greedy"] = torch_greedy(model, prompt, spec.generate_tokens)
+            theirs = torch_results["greedy"]
         same, diverged = None, None
         if theirs is not None:
             pairs = zip(ours.new_tokens, theirs)
@@ -113,9 +121,12 @@ def verify_artifact(
         onnx = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="ppl onnx", leave=False))
         section["onnx"] = {**onnx.as_dict(), "seconds": time.perf_counter() - start}
         if spec.compare_pytorch:
-            start = time.perf_counter()
-            ref = perplexity(torch_logits_of(model), windows, lambda it: tqdm(it, desc="ppl torch", leave=False))
-            section["pytorch"] = {**ref.as_dict(), "seconds": time.perf_counter() - start}
+            if "perplexity" not in torch_results:
+                start = time.perf_counter()
+                ref = perplexity(torch_logits_of(model), windows, lambda it: tqdm(it, desc="ppl torch", leave=False))
+                torch_results["perplexity"] = (ref, time.perf_counter() - start)
+            ref, seconds = torch_results["perplexity"]
+            section["pytorch"] = {**ref.as_dict(), "seconds": seconds}
             section["relative_difference"] = abs(onnx.perplexity - ref.perplexity) / ref.perplexity
         report["perplexity"] = section
     return report

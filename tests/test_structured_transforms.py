@@ -258,6 +258,7 @@ def structured_artifact(tiny_model_dir, tmp_path_factory):
                 tiny_model_dir(kind),
                 quantization={"recipe": "affinequant", "preset": preset, **options},
                 calibration={"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
+                target={"accuracy_level": 0},  # float activations: ORT must reproduce the plan exactly
             )
             built[key] = build(load_config(config), work)
         return built[key]
@@ -300,6 +301,8 @@ def test_structured_build_is_exact_and_runs_its_plan(structured_artifact, kind, 
     (fold,) = [record["stats"] for record in manifest["passes"] if record["pass"] == "FoldAffinePass"]
     groups = sum(len(meta["norm_structures"]) for meta in blocks.values())
     assert {t["form"] for t in fold["transforms"].values()} == {form}
+    report = json.loads((artifact / "report.json").read_text())["transforms"]  # the build report has them too
+    assert report == {"run_time_cost": fold["run_time_cost"], "per_transform": fold["transforms"]}
     summary = inspect_artifact(artifact)["transforms"]
     assert summary["forms"] == {form: groups} and summary["flops_per_token"] == fold["run_time_cost"]["flops_per_token"]
     if form == "diagonal":  # folds into the norm: no run-time op at all

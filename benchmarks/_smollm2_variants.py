@@ -1,0 +1,77 @@
+"""The SmolLM2 artifacts issue 15's tables compare, built from the shipped example config.
+
+Every variant is ``examples/smollm2-affinequant-w4a16g128.yaml`` (the default artifact: same
+calibration budget, LM head int8, embedding int4, 40 × 512 evaluation windows) with only the
+quantization keys below changed, so the tables compare what a user gets from the defaults:
+
+* ``affinequant`` — the example itself (dense norm-side transforms);
+* ``affinequant <form>`` — the same with ``transform: <form>``;
+* ``rtn`` — RTN in the same format (no transforms), at the accuracy level its build measured;
+* ``rtn level4`` — the same plan with ``target.accuracy_level: 4`` forced, the builder's level
+  (the speed ceiling of the format, whatever it costs in perplexity).
+
+Built into ``benchmarks/out/artifacts/<slug>`` (plans beside them, so a rebuild only lowers).
+
+    python benchmarks/_smollm2_variants.py [name ...]     # build the missing ones
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "smollm2-affinequant-w4a16g128.yaml"
+ARTIFACTS = ROOT / "benchmarks" / "out" / "artifacts"
+
+VARIANTS: dict[str, dict] = {
+    "affinequant": {},
+    "rtn": {"recipe": "rtn"},
+    "rtn level4": {"recipe": "rtn", "target": {"accuracy_level": 4}, "plan": "rtn"},
+    "affinequant kronecker": {"transform": "kronecker"},
+    "affinequant block_diagonal": {"transform": "block_diagonal"},
+    "affinequant diagonal": {"transform": "diagonal"},
+}
+
+
+def slug(name: str) -> str:
+    return "smollm2-" + name.replace(" ", "-")
+
+
+def artifact_dir(name: str) -> Path:
+    return ARTIFACTS / slug(name)
+
+
+def write_config(name: str) -> Path:
+    config = yaml.safe_load(EXAMPLE.read_text())
+    variant = dict(VARIANTS[name])
+    config["target"] = {**config.get("target", {}), **variant.pop("target", {})}
+    plan = variant.pop("plan", name)  # variants that differ only in lowering share one plan
+    config["quantization"].update(variant)
+    for section, key in (("calibration", "data"), ("evaluation", "text")):
+        config[section][key] = str((EXAMPLE.parent / config[section][key]).resolve())
+    config["calibration"]["plan_dir"] = str(ARTIFACTS / f"{slug(plan)}.plan")
+    config["output"]["dir"] = str(artifact_dir(name))
+    path = ARTIFACTS / f"{slug(name)}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def build(name: str, rebuild: bool = False) -> Path:
+    directory = artifact_dir(name)
+    if (directory / "model.onnx").exists() and not rebuild:
+        return directory
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "aqexport.cli", "build", str(write_config(name))], check=True, cwd=ROOT)
+    print(f"built {name} in {time.perf_counter() - start:.0f} s", flush=True)
+    return directory
+
+
+if __name__ == "__main__":
+    for variant in sys.argv[1:] or VARIANTS:
+        build(variant)
