@@ -4,8 +4,9 @@ Every variant is ``examples/smollm2-affinequant-w4a16g128.yaml`` (the default ar
 calibration budget, LM head int8, embedding int4, 40 × 512 evaluation windows) with only the
 quantization keys below changed, so the tables compare what a user gets from the defaults:
 
-* ``affinequant`` — the example itself (dense norm-side transforms);
-* ``affinequant <form>`` — the same with ``transform: <form>``;
+* ``affinequant`` — the example itself (the default norm-side form: diagonal for w4a16g128; it
+  lowers the plan of ``affinequant diagonal``, which is the same calibration);
+* ``affinequant <form>`` — the same with ``transform: <form>`` (``dense``: the paper's form);
 * ``rtn`` — RTN in the same format (no transforms), at the accuracy level its build measured;
 * ``rtn level4`` — the same plan with ``target.accuracy_level: 4`` forced, the builder's level
   (the speed ceiling of the format, whatever it costs in perplexity).
@@ -29,7 +30,8 @@ EXAMPLE = ROOT / "examples" / "smollm2-affinequant-w4a16g128.yaml"
 ARTIFACTS = ROOT / "benchmarks" / "out" / "artifacts"
 
 VARIANTS: dict[str, dict] = {
-    "affinequant": {},
+    "affinequant": {"plan": "affinequant diagonal"},
+    "affinequant dense": {"transform": "dense"},
     "rtn": {"recipe": "rtn"},
     "rtn level4": {"recipe": "rtn", "target": {"accuracy_level": 4}, "plan": "rtn"},
     "affinequant kronecker": {"transform": "kronecker"},

@@ -163,6 +163,12 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         if reference in median and "affinequant" in median:
             ratios = " | ".join(f"{median['affinequant'][c] / median[reference][c]:.2f}×" for c in columns)
             lines.append(f"| affinequant ÷ {reference} | | | | {ratios} |")
+    lines += [
+        "",
+        "`affinequant` (diagonal norm-side transforms, folded into the norms) and `rtn level4` run the same graph "
+        "structure (same ops, shapes, level and KV contract; only weight values differ), so their ratio is this "
+        "run's noise: read the ratios to the builder against it.",
+    ]
     write_section("speed", "\n".join(lines))
 
 

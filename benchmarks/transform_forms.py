@@ -33,7 +33,7 @@ from _smollm2_variants import build  # noqa: E402
 from skeleton import machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "out" / "transform_forms.json"
-ROWS = ("affinequant", "affinequant block_diagonal", "affinequant kronecker", "affinequant diagonal", "rtn")
+ROWS = ("affinequant dense", "affinequant block_diagonal", "affinequant kronecker", "affinequant diagonal", "rtn")
 
 
 def bench_once(directory: Path, threads: int, repeats: int) -> dict:

@@ -18,7 +18,8 @@ from tests.conftest import read_report, tiny_build_config
 from tests.tiny_models import data_file
 
 CASES = [
-    ("llama", "affinequant", "w4a16g128", {"lm_head": "int4", "embedding": "int4"}),
+    # dense: the paper's form, an explicit run-time inverse (weight-only presets default to diagonal)
+    ("llama", "affinequant", "w4a16g128", {"lm_head": "int4", "embedding": "int4", "transform": "dense"}),
     ("gemma3_text", "affinequant", "w3a16g128", {}),
     ("opt", "affinequant", "w4a8", {}),  # LayerNorm with bias: shifts, Gemm fc1/fc2
     ("qwen2", "omniquant", "w4a4", {}),  # q/k/v biases moved by the out and q·k transforms

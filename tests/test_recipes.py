@@ -22,6 +22,7 @@ from aqexport.recipes import (
     QuantizedRecipeConfig,
     calibration_recipe,
     make_recipe,
+    recipe_config,
     recipe_entry,
     recipe_names,
     register_recipe,
@@ -129,3 +130,19 @@ def test_gptq_rounding_composes_and_lowers_block_error(tiny_model_dir, method):
     nearest = _block_errors(tiny_model_dir, make_recipe(method, "w3a16g128", epochs=2))
     gptq = _block_errors(tiny_model_dir, make_recipe(method, "w3a16g128", epochs=2, rounding="gptq"))
     assert gptq < nearest, (gptq, nearest)
+
+
+@pytest.mark.parametrize(
+    "preset, configured, expected",
+    [
+        ("w4a16g128", None, "diagonal"),  # measured: no run-time inverse, +0.3 % ppl against dense
+        ("w3a16g128", None, "diagonal"),
+        ("w4a8", None, "dense"),  # activations quantized: the norm-side transform tames their outliers
+        ("w4a4", None, "dense"),
+        ("w4a16g128", "dense", "dense"),
+        ("w4a8", "kronecker", "kronecker"),
+    ],
+)
+def test_affinequant_norm_form_defaults_by_preset(preset, configured, expected):
+    raw = {"recipe": "affinequant", "preset": preset, **({"transform": configured} if configured else {})}
+    assert calibration_recipe(recipe_config(raw), 4, 0).norm_form == expected
