@@ -97,11 +97,11 @@ def test_folding_random_transforms_preserves_fp_outputs(tiny_model_dir, kind):
     assert float((folded - reference).abs().max() / reference.abs().max()) <= 1e-4
 
 
-def _calibrate(tiny_model_dir, method, plan, stop_after=None, kind="llama"):
+def _calibrate(tiny_model_dir, method, plan, stop_after=None, kind="llama", **options):
     model, tokenizer = _load(tiny_model_dir, kind)
     layout = cache_layout(model)
     windows = calibration_windows(tokenizer, data_file("valid"), 6, 48, 2)
-    recipe = make_recipe(method, "w3a16g128", epochs=3)
+    recipe = make_recipe(method, "w3a16g128", epochs=3, **options)
 
     def stop(done, total):
         if stop_after is not None and done == stop_after:
@@ -115,9 +115,10 @@ def _calibrate(tiny_model_dir, method, plan, stop_after=None, kind="llama"):
 def test_methods_order_by_block_error(tiny_model_dir, kind):
     errors = {}
     for method in ("rtn", "omniquant", "affinequant"):
-        recipe = make_recipe(method, "w3a16g128", epochs=3)
+        dense = {"transform": "dense"} if method == "affinequant" else {}  # the paper's form (default: diagonal)
+        recipe = make_recipe(method, "w3a16g128", epochs=3, **dense)
         plan = QuantPlan(recipe.as_dict(), {})
-        _calibrate(tiny_model_dir, method, plan, kind=kind)
+        _calibrate(tiny_model_dir, method, plan, kind=kind, **dense)
         errors[method] = sum(b.output_mse for b in plan.blocks.values())
         for block in plan.blocks.values():
             for report in block.matrix_reports.values():
