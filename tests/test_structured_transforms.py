@@ -213,8 +213,9 @@ def test_transform_option_belongs_to_affinequant():
     recipe = make_recipe("affinequant", "w4a16", transform="kronecker", transform_factors=[4, 16])
     assert (recipe.norm_side_form, recipe.norm_factors) == ("kronecker", (4, 16))
     assert recipe.as_dict()["norm_factors"] == [4, 16]
-    dense = make_recipe("affinequant", "w4a16")
+    dense = make_recipe("affinequant", "w4a16", transform="dense")
     assert dense.norm_side_form == "dense" and "norm_form" not in dense.as_dict()  # format-4 plans still match
+    assert make_recipe("affinequant", "w4a16").norm_side_form == "diagonal"  # the weight-only default
     assert make_recipe("omniquant", "w4a16").norm_side_form == "diagonal"
 
 
