@@ -25,11 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 
 from aqexport.artifact import DATA_FILE, MODEL_FILE, save_model
-from aqexport.passes import AccuracyLevelPass
+from aqexport.passes.accuracy_level import AccuracyLevelPass
+from aqexport.passes.accuracy_level import low_bit_matmuls as low_bit_nodes
 
 __all__ = ["FAST_LEVEL", "SAFE_LEVEL", "choose_accuracy_level", "low_bit_matmuls"]
 
@@ -40,13 +40,9 @@ SAFE_LEVEL = 0  # float activations: what the plan was calibrated for
 
 
 def low_bit_matmuls(model_path: Path) -> int:
-    """How many 2-4-bit MatMulNBits the written graph holds (the ones the level matters for)."""
-    graph = onnx.load(model_path, load_external_data=False).graph
-    return sum(
-        1
-        for node in graph.node
-        if node.op_type == "MatMulNBits" and next((a.i for a in node.attribute if a.name == "bits"), 4) <= 4
-    )
+    """How many 2-4-bit MatMulNBits the written graph holds (the ones the level matters for);
+    ``ir.load`` leaves the external weights unread."""
+    return len(low_bit_nodes(ir.load(model_path).graph))
 
 
 def _relevel(staging: Path, level: int) -> None:

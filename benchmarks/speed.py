@@ -77,7 +77,6 @@ print(json.dumps({"prefill": statistics.median(r[0] for r in runs), "decode": st
 
 
 def builder_dir() -> Path:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from execution import build_builder
 
     return build_builder("builder int4", "int4")

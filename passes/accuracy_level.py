@@ -19,10 +19,11 @@ import onnx_ir as ir
 from aqexport.passes._contract import BUG_FIX, PostconditionFailed
 from aqexport.passes._result import StatsPassResult
 
-__all__ = ["AccuracyLevelPass"]
+__all__ = ["AccuracyLevelPass", "low_bit_matmuls"]
 
 
-def _low_bit_matmuls(graph: ir.Graph, max_bits: int) -> list[ir.Node]:
+def low_bit_matmuls(graph: ir.Graph, max_bits: int = 4) -> list[ir.Node]:
+    """The ``MatMulNBits`` whose weights have at most ``max_bits`` bits: the ones the level decides."""
     matmuls = [node for node in graph if node.op_type == "MatMulNBits" and node.domain == "com.microsoft"]
     return [node for node in matmuls if node.attributes.get_int("bits", 4) <= max_bits]
 
@@ -33,13 +34,13 @@ class AccuracyLevelPass(ir.passes.InPlacePass):
         self.level, self.max_bits = level, max_bits
 
     def ensures(self, model: ir.Model) -> None:
-        for node in _low_bit_matmuls(model.graph, self.max_bits):
+        for node in low_bit_matmuls(model.graph, self.max_bits):
             if node.attributes.get_int("accuracy_level", 0) != self.level:
                 raise PostconditionFailed(f"'{node.name}' is not at accuracy_level {self.level}", BUG_FIX)
 
     def call(self, model: ir.Model) -> StatsPassResult:
         changed = 0
-        for node in _low_bit_matmuls(model.graph, self.max_bits):
+        for node in low_bit_matmuls(model.graph, self.max_bits):
             if node.attributes.get_int("accuracy_level", 0) == self.level:
                 continue
             node.attributes.pop("accuracy_level", None)

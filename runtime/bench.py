@@ -87,14 +87,6 @@ class _BoundDecoder:
         self.past_names, self.present_names = decoder.past_names, decoder.present_names
         self.shared = decoder.kv_cache == "shared_buffer"
 
-    def _buffers(self, capacity: int) -> list[np.ndarray]:
-        """Zeroed past buffers with room for ``capacity`` positions (shared-buffer contract)."""
-        return [
-            np.zeros((1, spec[kind].heads, capacity, spec[kind].head_dim), spec[kind].dtype)
-            for spec in self.decoder.past_specs
-            for kind in ("key", "value")
-        ]
-
     def _run(self, ids: np.ndarray, length: int, past: list) -> tuple[np.ndarray, list]:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
@@ -120,7 +112,7 @@ class _BoundDecoder:
 
     def prefill(self, tokens: np.ndarray, capacity: int | None = None) -> tuple[int, list]:
         """``capacity``: positions the shared buffers must hold for the steps that follow."""
-        past = self._buffers(capacity or tokens.size) if self.shared else self.decoder.empty_past(1)
+        past = self.decoder.empty_past(1, capacity or tokens.size if self.shared else 0)
         logits, present = self._run(tokens[None], tokens.size, past)
         return int(np.argmax(logits)), present
 

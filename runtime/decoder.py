@@ -71,12 +71,14 @@ class OnnxDecoder:
         self.num_layers = len(self.past_specs)
         self.has_position_ids = "position_ids" in self.input_names
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
+    def empty_past(self, batch: int, positions: int = 0) -> list[np.ndarray]:
+        """Zeroed past tensors of ``positions`` slots (0: an empty growing cache; more: shared
+        buffers with room for that many positions)."""
         arrays = []
         for layer in self.past_specs:
             for kind in ("key", "value"):
                 spec = layer[kind]
-                arrays.append(np.zeros((batch, spec.heads, 0, spec.head_dim), dtype=spec.dtype))
+                arrays.append(np.zeros((batch, spec.heads, positions, spec.head_dim), dtype=spec.dtype))
         return arrays
 
     def step(
