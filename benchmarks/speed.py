@@ -13,9 +13,9 @@ comes from ``benchmarks/execution.py``'s recipe, ``-p int4 -e cpu``):
 Measurements, each in its own process, every artifact taking its turn in each of ``--rounds``
 rounds (this machine drifts ±10 % over minutes, so only ratios inside one run mean anything):
 
-* **genai**: ``og.Generator`` with the artifact's own ``genai_config.json``, a 512-token prompt
-  (random ids, fixed seed) and 63 generated tokens (``max_length`` 576): decode tok/s is the 62
-  tokens after the first over their time; the prompt's forward is timed as prefill;
+* **genai C**: ``og.Generator`` with the artifact's own ``genai_config.json``, a C-token prompt
+  (random ids, fixed seed) and 63 generated tokens (``max_length`` C + 64): decode tok/s is the
+  tokens after the first over their time, for C in 128, 512, 2048;
 * **bench C**: ``aqexport bench --decode-context C --decode-tokens 64`` (IO binding, the
   artifact's KV contract) for C in 128, 512, 2048.
 
@@ -82,9 +82,9 @@ def builder_dir() -> Path:
     return build_builder("builder int4", "int4")
 
 
-def genai_run(directory: Path, threads: int, repeats: int) -> dict:
+def genai_run(directory: Path, threads: int, repeats: int, prompt: int) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", GENAI_SNIPPET, str(directory), str(threads), "512", "64", str(repeats)],
+        [sys.executable, "-c", GENAI_SNIPPET, str(directory), str(threads), str(prompt), "64", str(repeats)],
         check=True,
         cwd=ROOT,
         capture_output=True,
@@ -107,10 +107,9 @@ def measure(artifacts: dict[str, Path], rounds: int, repeats: int, threads: int)
     contracts: dict[str, str] = {}
     for round_index in range(rounds):
         for name, directory in artifacts.items():
-            genai = genai_run(directory, threads, repeats)
-            runs[name].setdefault("genai 512", []).append(genai["decode"])
-            runs[name].setdefault("genai prefill 512", []).append(genai["prefill"])
             for context in CONTEXTS:
+                genai = genai_run(directory, threads, repeats, context)
+                runs[name].setdefault(f"genai {context}", []).append(genai["decode"])
                 result = bench_run(directory, context, threads, repeats)
                 runs[name].setdefault(f"bench {context}", []).append(result["decode"])
                 contracts[name] = result["kv_cache"]
@@ -136,7 +135,7 @@ def _cell(values: list[float]) -> str:
 
 def write_report(results: dict, args: argparse.Namespace) -> None:
     runs = results["runs"]
-    columns = ["genai 512", *(f"bench {c}" for c in CONTEXTS)]
+    columns = [*(f"genai {c}" for c in CONTEXTS), *(f"bench {c}" for c in CONTEXTS)]
     median = {name: {col: statistics.median(values[col]) for col in columns} for name, values in runs.items()}
     lines = [
         "## Decode speed at several context lengths: the default artifact, RTN and the genai builder's int4",
@@ -146,7 +145,7 @@ def write_report(results: dict, args: argparse.Namespace) -> None:
         "Artifacts: `affinequant` is `examples/smollm2-affinequant-w4a16g128.yaml` as shipped, `rtn` the same file "
         "with `recipe: rtn` (both at the accuracy level their build measured), `rtn level4` that RTN plan forced to "
         "level 4, `builder int4` the onnxruntime-genai model builder's `-p int4 -e cpu` model of the same weights. "
-        "genai: `og.Generator`, 512-token prompt + 63 generated tokens (decode tok/s after the first). "
+        "genai: `og.Generator`, C-token prompt + 63 generated tokens (decode tok/s after the first). "
         "bench: `aqexport bench --decode-context C --decode-tokens 64`. Each artifact in its own process, "
         f"round-robin over {args.rounds} rounds; median (min–max) decode tok/s.",
         "",
