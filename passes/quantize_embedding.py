@@ -9,8 +9,14 @@ Rewrite rules, per embedding (weight found by its stable name ``<path>.weight``)
 1. Every ``Gather(W, ids, axis=0)`` becomes
    ``GatherBlockQuantized(codes, ids, scales, zero_points)`` with ``gather_axis = 0``,
    ``quantize_axis = 1`` (the hidden axis the codes were grouped along), the plan's group size
-   as ``block_size`` and 4 or 8 ``bits`` (uint8 storage, two codes per byte at 4 bits). A ragged
-   last block is accepted by the kernel as is.
+   as ``block_size`` and 4 or 8 ``bits`` (uint8 storage, two codes per byte at 4 bits).
+   Where the hidden size is not a multiple of the group size (SmolLM2: 576 = 4.5 × 128) or the
+   blocks per row are odd, the same groups are re-laid out losslessly on a smaller power-of-two
+   block that divides the row into an even number of blocks (576 → 18 blocks of 32, each
+   original scale and zero point repeated): ONNX Runtime's CPU kernel accepts a ragged last
+   block, but its CUDA kernel indexes blocks and packed zero points by *flat* element index, so
+   a ragged row shifts every later row's scales (measured: perplexity 1610 instead of 29 on an
+   H100). The dequantized rows are bit-identical either way.
 2. Codes, scales and zero points are the plan's (``aqexport.calibrate.edges``): the rows it
    returns are exactly the fake-quant model's embedding rows.
 
@@ -22,6 +28,7 @@ Postcondition (``ensures``): the float tables are no longer used.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -68,11 +75,30 @@ def _gathers(graph: ir.Graph, path: str) -> list[ir.Node] | None:
     return gathers
 
 
-def _pack(entry: LinearPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def uniform_block_size(width: int, group_size: int) -> int:
+    """The largest power-of-two block (≥ 16) that tiles both the plan's groups and a row of
+    ``width`` into an even number of blocks per row; ``group_size`` itself when it already does."""
+    block = math.gcd(width, group_size)
+    block = block & -block  # largest power of two dividing both
+    while block > 16 and (width // block) % 2:
+        block //= 2
+    if width % block or (width // block) % 2 or block < 16:
+        return group_size  # no such layout (odd or tiny widths): keep the plan's, CPU handles it
+    return block
+
+
+def _pack(entry: LinearPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     codes, zero = entry.codes.numpy(), entry.zero.numpy().astype(np.uint8)
+    scale = entry.scale.float().numpy()
+    group = entry.scheme.group_size
+    block = uniform_block_size(codes.shape[1], group)
+    if block != group:  # each group's scale and zero point repeated over its sub-blocks
+        blocks = codes.shape[1] // block
+        scale = np.repeat(scale, group // block, axis=1)[:, :blocks]
+        zero = np.repeat(zero, group // block, axis=1)[:, :blocks]
     if entry.scheme.bits == 4:
-        return pack_nibbles(codes), entry.scale.float().numpy(), pack_nibbles(zero), 4
-    return codes.astype(np.uint8), entry.scale.float().numpy(), zero, 8
+        return pack_nibbles(codes), scale, pack_nibbles(zero), 4, block
+    return codes.astype(np.uint8), scale, zero, 8, block
 
 
 class QuantizeEmbeddingPass(ir.passes.InPlacePass):
@@ -108,14 +134,14 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _replace(graph: ir.Graph, path: str, entry: LinearPlan, gathers: list[ir.Node]) -> int:
-        data, scales, zero_points, bits = _pack(entry)
+        data, scales, zero_points, bits, block = _pack(entry)
         inputs = [
             new_initializer(graph, f"{path}.weight_Q{bits}", data),
             None,
             new_initializer(graph, f"{path}.weight_scales", scales),
             new_initializer(graph, f"{path}.weight_zero_points", zero_points),
         ]
-        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": entry.scheme.group_size, "bits": bits}
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
         for gather in gathers:
             inputs[1] = gather.inputs[1]
             base = gather.name.rsplit("/", 1)[0]
