@@ -1,4 +1,4 @@
-"""``aqexport`` command line: build, calibrate, run, eval, bench, inspect.
+"""``aqexport`` command line: build, calibrate, run, eval, bench, inspect, diff.
 
 Every failure the user can act on is an ``AqexportError`` and prints as one line
 ``error: <cause> — fix: <fix>`` with exit status 2 for bad input and 1 for runtime failures.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from aqexport.errors import AqexportError
+from aqexport.errors import AqexportError, ConfigError
 
 __all__ = ["main"]
 
@@ -316,6 +316,89 @@ def inspect(artifact, as_json):
             f"norm-side transforms at run time: {cost['transforms']} explicit, {cost['flops_per_token']} FLOPs and "
             f"{cost['bytes_per_token']} float32 bytes per token; forms {cost['forms']}"
         )
+
+
+@cli.command("diff")
+@click.argument("a")
+@click.argument("b", required=False)
+@click.option("--run", "run_models", is_flag=True, help="Run both on the same inputs: first divergent tensor, logits.")
+@click.option(
+    "--text", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Perplexity text (implies --run)."
+)
+@click.option("--windows", type=click.IntRange(1), default=4, show_default=True, help="Perplexity windows of --text.")
+@click.option("--seqlen", type=click.IntRange(8), default=256, show_default=True)
+@click.option("--threshold-db", type=float, default=20.0, show_default=True, help="SQNR below which a tensor diverges.")
+@click.option("--provider", type=PROVIDERS, default="cpu", show_default=True)
+@click.option(
+    "--policy", "policy_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Gate YAML."
+)
+@click.option("--max-ppl-increase", type=float, help="Relative, e.g. 0.01 for +1 %.")
+@click.option("--min-top1-agreement", type=float)
+@click.option("--min-weight-sqnr-db", type=float)
+@click.option("--max-size-increase", type=float, help="Relative, e.g. 0.05 for +5 %.")
+@click.option("--forbid-op", "forbid_ops", multiple=True, help="Op (or domain::op) that B must not contain.")
+@click.option("--allow-new-op", "allow_new_ops", multiple=True, help="Op B may add; any other new op fails.")
+@click.option("--max-changed-linears", type=click.IntRange(0))
+@click.option("--io-must-match", is_flag=True)
+@click.option("--structure-must-match", is_flag=True, help="Pin the graph, let weight bytes move (golden checks).")
+@click.option("--require-identical", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The versioned JSON report (docs/diff-schema.md).")
+@click.option("--markdown", "as_markdown", is_flag=True, help="A pull-request comment.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
+@click.option("--describe", is_flag=True, help="Write A's golden description (structure and hashes, no weights).")
+def diff_command(
+    a,
+    b,
+    run_models,
+    text,
+    windows,
+    seqlen,
+    threshold_db,
+    provider,
+    policy_file,
+    as_json,
+    as_markdown,
+    output,
+    describe,
+    **policy_flags,
+) -> None:
+    """Compare artifact A with B (directories, .onnx files or golden descriptions) and gate on a policy.
+
+    Exit status: 0 no policy or it passed, 1 the policy was violated, 2 bad input.
+    """
+    from aqexport.diff.command import DiffRequest, describe_to, run_diff
+
+    if describe:
+        try:
+            describe_to(a, output)
+        except AqexportError as exc:
+            raise ConfigError(exc.cause, exc.fix) from None
+        return
+    if b is None:
+        raise AqexportError("diff needs two sides, A and B", "pass two artifacts, or --describe to describe one")
+    if as_json and as_markdown:
+        raise AqexportError("--json and --markdown are exclusive", "pick one output format")
+    if policy_flags.get("allow_new_ops") == ():
+        policy_flags["allow_new_ops"] = None
+    request = DiffRequest(
+        a=a,
+        b=b,
+        run=run_models,
+        text=text,
+        windows=windows,
+        seqlen=seqlen,
+        threshold_db=threshold_db,
+        provider=provider,
+        policy_file=policy_file,
+        policy_flags={k: (list(v) if isinstance(v, tuple) else v) for k, v in policy_flags.items()},
+        output_format="json" if as_json else "markdown" if as_markdown else "terminal",
+        output=output,
+    )
+    try:
+        status = run_diff(request)
+    except AqexportError as exc:  # exit status 1 means "policy violated": every failure here is 2
+        raise ConfigError(exc.cause, exc.fix) from None
+    sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:

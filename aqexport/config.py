@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -30,6 +29,7 @@ from pydantic import (
 from aqexport.errors import ConfigError, explain_validation_error
 from aqexport.recipes import RecipeConfig, recipe_config, recipe_entry, recipe_names
 from aqexport.recipes.none import NoQuantizationConfig
+from aqexport.yaml_files import read_yaml_mapping
 
 __all__ = [
     "BuildConfig",
@@ -220,16 +220,7 @@ class BuildConfig(_Section):
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BuildConfig:
     """Read and validate a YAML config; every failure is one ``ConfigError``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found", "pass the path of a model.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"'{path}' is not valid YAML{where}", "fix the YAML syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'{path}' must hold a mapping of sections", "see examples/*.yaml")
+    raw = read_yaml_mapping(path, "config file", "pass the path of a model.yaml", "sections", "examples/*.yaml")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -1,0 +1,220 @@
+"""One side of a diff: an artifact directory, a bare ``.onnx`` file, or a golden description.
+
+Why a class of its own: a diff holds two models at once, and users' models are 0.5–8B
+parameters, so neither side may materialise its weights. The graph is loaded with
+``onnx_ir`` (external tensors stay references); :meth:`GraphSide.read` reads one initializer
+straight from its file by offset and length into a fresh array that the caller drops after
+use, so the diff's memory grows with the largest tensor, not with the model. (``onnx_ir``'s
+own ``ExternalTensor.numpy()`` memory-maps the file and keeps the map alive on the tensor,
+which would leave every page read resident until the end.)
+
+A *golden description* (``aqexport diff --describe``) is the small JSON that CI commits
+instead of a model: the structure and a content hash of every initializer, no weights. A
+side loaded from one answers structural questions and :meth:`GraphSide.digest`, never
+:meth:`GraphSide.read`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from aqexport.errors import AqexportError
+
+__all__ = ["GraphSide", "open_side"]
+
+MODEL_FILE = "model.onnx"
+DESCRIPTION_FORMAT = "aqexport.graph-description"
+
+
+@dataclass
+class GraphSide:
+    """What a diff knows of one side: its graph, where it came from, and its build's records."""
+
+    label: str  # as the user named it on the command line
+    model: ir.Model
+    directory: Path | None  # the artifact directory; None for a bare .onnx or a description
+    onnx_path: Path | None  # None for a description
+    manifest: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    description: dict[str, Any] | None = None  # set when this side is a golden description
+    _digests: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_description(self) -> bool:
+        return self.description is not None
+
+    @cached_property
+    def initializers(self) -> dict[str, ir.Value]:
+        """Every initializer of the main graph and its subgraphs, by name."""
+        found: dict[str, ir.Value] = {}
+        for graph in (self.model.graph, *_subgraphs(self.model.graph)):
+            found.update(graph.initializers)
+        return found
+
+    def read(self, value: ir.Value) -> np.ndarray:
+        """One initializer's contents, read now and owned by the caller (bounded memory)."""
+        tensor = value.const_value
+        if self.is_description and isinstance(tensor, ir.ExternalTensor):  # small ones are stored
+            raise AqexportError(
+                f"'{self.label}' is a graph description: it holds hashes, not weights",
+                "diff against an artifact directory or .onnx file to compare weight values",
+            )
+        if tensor is None:
+            raise AqexportError(f"initializer '{value.name}' in '{self.label}' has no value", "rebuild the artifact")
+        if isinstance(tensor, ir.ExternalTensor):
+            return _read_external(tensor, self.label)
+        return np.array(tensor.numpy(), copy=True)
+
+    def digest(self, value: ir.Value) -> str:
+        """sha256 of an initializer's dtype, shape and bytes: equal digests mean equal tensors."""
+        name = value.name or ""
+        if name in self._digests:
+            return self._digests[name]
+        array = self.read(value)
+        digest = tensor_digest(array, str(value.dtype), tuple(array.shape))
+        self._digests[name] = digest
+        return digest
+
+    def file_sizes(self) -> dict[str, int]:
+        """Bytes of every file that ships (the artifact directory, or the .onnx and its data)."""
+        if self.is_description:
+            return dict(self.description.get("files", {}))
+        if self.directory is not None:
+            return {
+                str(p.relative_to(self.directory)): p.stat().st_size
+                for p in sorted(self.directory.rglob("*"))
+                if p.is_file()
+            }
+        assert self.onnx_path is not None
+        files = {self.onnx_path.name: self.onnx_path.stat().st_size}
+        for location in sorted(_external_locations(self.model)):
+            path = self.onnx_path.parent / location
+            if path.is_file():
+                files[location] = path.stat().st_size
+        return files
+
+
+def tensor_digest(array: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
+    hasher = hashlib.sha256(f"{dtype}{list(shape)}".encode())
+    hasher.update(np.ascontiguousarray(array).tobytes())
+    return hasher.hexdigest()[:16]
+
+
+def open_side(spec: str | Path) -> GraphSide:
+    """Open what the user named: an artifact directory, a ``.onnx`` file, or a ``.json``
+    graph description. Every way this can fail is one ``AqexportError`` (exit status 2)."""
+    path = Path(spec)
+    label = str(spec)
+    if not path.exists():
+        raise AqexportError(f"'{path}' does not exist", "pass an artifact directory, a .onnx file or a description")
+    if path.is_dir():
+        onnx_path = path / MODEL_FILE
+        if not onnx_path.is_file():
+            raise AqexportError(
+                f"'{path}' is not an artifact directory (no {MODEL_FILE})",
+                "pass the output directory of 'aqexport build' or a .onnx file",
+            )
+        return GraphSide(
+            label=label,
+            model=_load_onnx(onnx_path, label),
+            directory=path,
+            onnx_path=onnx_path,
+            manifest=_read_json(path / "manifest.json", label),
+            report=_read_json(path / "report.json", label),
+        )
+    if path.suffix == ".json":
+        from aqexport.diff.description import load_description
+
+        return load_description(path, label)
+    return GraphSide(label=label, model=_load_onnx(path, label), directory=None, onnx_path=path)
+
+
+def _load_onnx(path: Path, label: str) -> ir.Model:
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning or ValueError by version
+        raise AqexportError(
+            f"'{label}' is not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
+            "the file is corrupt or truncated: rebuild it or copy it again",
+        ) from None
+    _check_external_data(model, path, label)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path, label: str) -> None:
+    """Every external tensor's file must exist and hold its bytes: a missing or short
+    ``model.onnx.data`` is reported here, by name, not as a crash in the middle of a diff."""
+    sizes: dict[str, int] = {}
+    for graph in (model.graph, *_subgraphs(model.graph)):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            location = tensor.location
+            if location not in sizes:
+                file = path.parent / location
+                if not file.is_file():
+                    raise AqexportError(
+                        f"'{label}' references external data '{location}', which is missing",
+                        f"copy '{location}' beside '{path.name}' (an artifact ships both files)",
+                    )
+                sizes[location] = file.stat().st_size
+            end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+            if end > sizes[location]:
+                raise AqexportError(
+                    f"'{label}': external data '{location}' is truncated ({sizes[location]} bytes, "
+                    f"initializer '{value.name}' ends at byte {end})",
+                    "the file is incomplete: rebuild the artifact or copy it again",
+                )
+
+
+def _read_external(tensor: ir.ExternalTensor, label: str) -> np.ndarray:
+    path = Path(tensor.base_dir) / tensor.location
+    length = tensor.length or tensor.nbytes
+    with open(path, "rb") as handle:
+        handle.seek(tensor.offset or 0)
+        raw = handle.read(length)
+    if len(raw) != length:
+        raise AqexportError(f"'{label}': external data '{tensor.location}' is truncated", "rebuild the artifact")
+    dtype = tensor.dtype
+    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):  # packed two per byte
+        return np.frombuffer(raw, dtype=np.uint8).copy()
+    return np.frombuffer(raw, dtype=dtype.numpy()).reshape(tensor.shape.numpy()).copy()
+
+
+def _read_json(path: Path, label: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AqexportError(f"'{label}': {path.name} is not valid JSON ({exc})", "rebuild the artifact") from None
+
+
+def _external_locations(model: ir.Model) -> set[str]:
+    return {
+        value.const_value.location
+        for graph in (model.graph, *_subgraphs(model.graph))
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+
+
+def _subgraphs(graph: ir.Graph) -> list[ir.Graph]:
+    """Graphs nested in node attributes (If/Loop/Scan bodies), depth first."""
+    found: list[ir.Graph] = []
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                found.append(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                found.extend(attr.value)
+    return found
