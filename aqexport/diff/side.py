@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -72,6 +73,28 @@ class GraphSide:
         if isinstance(tensor, ir.ExternalTensor):
             return _read_external(tensor, self.label)
         return np.array(tensor.numpy(), copy=True)
+
+    def chunks(self, value: ir.Value, elements: int = 1 << 20) -> Iterator[np.ndarray]:
+        """One initializer's stored elements, flat, ``elements`` at a time, read from the file
+        chunk by chunk: comparing two large tables never holds either whole (4-bit types come
+        as packed bytes)."""
+        tensor = value.const_value
+        packed = tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4)
+        if not isinstance(tensor, ir.ExternalTensor) or self.is_description:
+            array = np.frombuffer(tensor.tobytes(), np.uint8) if packed else self.read(value).reshape(-1)
+            for start in range(0, array.size, elements):
+                yield array[start : start + elements]
+            return
+        dtype = np.dtype(np.uint8) if packed else np.dtype(tensor.dtype.numpy())
+        length = tensor.length or tensor.nbytes
+        step = elements * dtype.itemsize
+        with open(Path(tensor.base_dir) / tensor.location, "rb") as handle:
+            handle.seek(tensor.offset or 0)
+            for start in range(0, length, step):
+                raw = handle.read(min(step, length - start))
+                if not raw or len(raw) % dtype.itemsize:
+                    raise AqexportError(f"'{self.label}': external data '{tensor.location}' is truncated", "rebuild")
+                yield np.frombuffer(raw, dtype=dtype)
 
     def digest(self, value: ir.Value) -> str:
         """sha256 of an initializer's dtype, shape and bytes: equal digests mean equal tensors."""
@@ -177,17 +200,18 @@ def _check_external_data(model: ir.Model, path: Path, label: str) -> None:
 
 
 def _read_external(tensor: ir.ExternalTensor, label: str) -> np.ndarray:
+    """Read straight into the array that is returned: one copy of the bytes, never two."""
     path = Path(tensor.base_dir) / tensor.location
     length = tensor.length or tensor.nbytes
+    dtype = tensor.dtype
+    packed = dtype in (ir.DataType.INT4, ir.DataType.UINT4)  # two per byte: returned as packed uint8
+    array = np.empty(length if packed else tuple(tensor.shape.numpy()), dtype=np.uint8 if packed else dtype.numpy())
     with open(path, "rb") as handle:
         handle.seek(tensor.offset or 0)
-        raw = handle.read(length)
-    if len(raw) != length:
+        read = handle.readinto(memoryview(array).cast("B"))
+    if read != length or array.nbytes != length:
         raise AqexportError(f"'{label}': external data '{tensor.location}' is truncated", "rebuild the artifact")
-    dtype = tensor.dtype
-    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):  # packed two per byte
-        return np.frombuffer(raw, dtype=np.uint8).copy()
-    return np.frombuffer(raw, dtype=dtype.numpy()).reshape(tensor.shape.numpy()).copy()
+    return array
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any] | None:

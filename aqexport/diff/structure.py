@@ -9,6 +9,7 @@ order (nodes) or name order (initializers, I/O) so two runs give the same report
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -175,15 +176,25 @@ def _initializer_changes(a: GraphSide, value_a: ir.Value, b: GraphSide, value_b:
         return changes
     if a.is_description or b.is_description:
         return [] if a.digest(value_a) == b.digest(value_b) else ["content (hash differs)"]
-    array_a, array_b = a.read(value_a), b.read(value_b)
-    if array_a.tobytes() == array_b.tobytes():
+    differ, max_delta, max_a, size = _chunked_delta(a.chunks(value_a), b.chunks(value_b))
+    if differ == 0:
         return []
-    if array_a.dtype.kind == "f" and array_a.shape == array_b.shape:
-        delta = np.abs(array_a.astype(np.float64) - array_b.astype(np.float64))
-        scale = float(np.abs(array_a).max()) if array_a.size else 0.0
-        return [
-            f"values: max abs {float(delta.max()):.6g} (max |a| {scale:.6g}), "
-            f"{int((delta > 0).sum())} of {delta.size} differ"
-        ]
-    differ = int((array_a != array_b).sum()) if array_a.shape == array_b.shape else array_a.size
-    return [f"values: {differ} of {array_a.size} elements differ"]
+    if value_a.const_value.dtype.is_floating_point():
+        return [f"values: max abs {max_delta:.6g} (max |a| {max_a:.6g}), {differ} of {size} differ"]
+    return [f"values: {differ} of {size} stored elements differ"]
+
+
+def _chunked_delta(chunks_a: Iterator[np.ndarray], chunks_b: Iterator[np.ndarray]) -> tuple[int, float, float, int]:
+    """(elements that differ, max |a − b|, max |a|, elements) streaming both sides' chunks, so
+    no tensor is held whole whatever its size."""
+    differ, max_delta, max_a, size = 0, 0.0, 0.0, 0
+    for chunk_a, chunk_b in zip(chunks_a, chunks_b, strict=True):
+        size += chunk_a.size
+        if chunk_a.dtype.kind not in "fiu":
+            differ += int((chunk_a != chunk_b).sum())
+            continue
+        delta = np.abs(chunk_a.astype(np.float64) - chunk_b.astype(np.float64))
+        differ += int(np.count_nonzero(delta))
+        max_delta = max(max_delta, float(delta.max(initial=0.0)))
+        max_a = max(max_a, float(np.abs(chunk_a.astype(np.float64)).max(initial=0.0)))
+    return differ, max_delta, max_a, size
