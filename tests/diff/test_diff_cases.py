@@ -253,3 +253,15 @@ def test_missing_or_truncated_external_data_is_one_line_exit_2(tmp_path, capsys)
     data = short.parent / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:10])
     assert "is truncated" in _expect_bad_input(good, short, capsys)
+
+
+def test_structure_must_match_lets_weights_move_but_not_the_graph(tmp_path):
+    changed = _tensors()
+    changed["bias"] = changed["bias"] + 1.0
+    code, report = diff_json(tmp_path / "w", build_model(), build_model(changed), "--structure-must-match")
+    assert code == 0 and report["identical"] is False and report["policy"]["passed"] is True
+    code, report = diff_json(tmp_path / "g", build_model(), build_model(add_op="Mul"), "--structure-must-match")
+    assert code == 1
+    assert [v["message"] for v in report["policy"]["violations"]] == [
+        "node '/model/layers.0/mlp/Add' changed: op Add -> Mul (structure_must_match)"
+    ]
