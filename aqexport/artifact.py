@@ -3,13 +3,19 @@
 A build writes into a hidden sibling temp directory (same filesystem, so the final ``rename``
 is atomic) and only moves it into place after verification succeeded. An interrupted or failed
 build therefore leaves either the previous artifact or nothing, never a half-written one. The
-manifest lists the sha256 of every file, so a deployment can check it shipped what was built.
+manifest lists the sha256 of every file, so a deployment can check it shipped what was built
+(``aqexport verify``, ``aqexport.integrity``).
+
+``tempfile.mkdtemp`` makes the staging directory 0700 (private by design); before it is moved
+into place it gets the mode a plain ``mkdir`` would have given it, ``0o777 & ~umask`` (0755 under
+the usual 022), so other users can read a finished artifact. Files inside keep the modes they
+were written with.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -21,10 +27,13 @@ from typing import Any
 
 import onnx_ir as ir
 
+from aqexport.integrity import sha256_file
+
 __all__ = [
     "MODEL_FILE",
     "atomic_directory",
     "dependency_versions",
+    "current_umask",
     "file_hashes",
     "save_model",
     "write_json",
@@ -46,6 +55,23 @@ _TRACKED = (
 )
 
 
+def current_umask() -> int:
+    """The process umask. Linux (4.7+) states it in ``/proc/self/status``, which reads it without
+    changing it; elsewhere the classic ``os.umask(0)`` then restore, which for an instant leaves
+    the process (every thread) at umask 0: a file another thread creates in that instant would
+    be created without the umask's restrictions."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temp dir that replaces ``final`` only if the block finishes without error."""
@@ -57,6 +83,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 -> what mkdir would have made
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{staging.name.rsplit('-', 1)[-1]}"
@@ -77,17 +104,10 @@ def write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_hashes(directory: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, dict]:
+    """``manifest.json``'s ``files``: posix relative path -> sha256 and size of every file."""
     return {
-        str(path.relative_to(directory)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        path.relative_to(directory).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name not in exclude
     }

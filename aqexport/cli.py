@@ -1,4 +1,4 @@
-"""``aqexport`` command line: build, calibrate, run, eval, bench, inspect, diff.
+"""``aqexport`` command line: build, calibrate, run, eval, bench, inspect, verify, diff.
 
 Every failure the user can act on is an ``AqexportError`` and prints as one line
 ``error: <cause> — fix: <fix>`` with exit status 2 for bad input and 1 for runtime failures.
@@ -39,6 +39,26 @@ def _artifact_dir(value: str) -> Path:
             f"'{path}' is not an artifact directory (no model.onnx)", "pass the output directory of 'aqexport build'"
         )
     return path
+
+
+def _no_verify_option(command):
+    return click.option(
+        "--no-verify",
+        "no_verify",
+        is_flag=True,
+        help="Skip checking the artifact's files against the sha256 in its manifest.json.",
+    )(command)
+
+
+def _verify(directory: Path, no_verify: bool) -> None:
+    """Refuse an artifact whose files fail its manifest (``ConfigError``, exit 2), unless
+    ``--no-verify``; one note on stderr when it has no manifest to check against."""
+    if no_verify:
+        return
+    from aqexport.integrity import check_artifact
+
+    if not check_artifact(directory).has_manifest:
+        click.echo(f"note: '{directory}' has no manifest.json; its files were not verified", err=True)
 
 
 def _genai_facts(directory: Path) -> tuple[int | None, str | None]:
@@ -146,12 +166,14 @@ def calibrate(config: Path) -> None:
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--provider", "providers", multiple=True, type=PROVIDERS, default=("cpu",), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text and timings as JSON.")
-def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat, providers, as_json):
+@_no_verify_option
+def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat, providers, as_json, no_verify):
     """Generate text with the artifact in ARTIFACT."""
     from aqexport.runtime import create_session, decoder_for, generate
     from aqexport.runtime.generate import SamplingConfig
 
     directory = _artifact_dir(artifact)
+    _verify(directory, no_verify)
     tokenizer = _load_tokenizer(directory)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -213,7 +235,8 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
 @click.option("--provider", "providers", multiple=True, type=PROVIDERS, default=("cpu",), show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, threads, providers, as_json):
+@_no_verify_option
+def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, threads, providers, as_json, no_verify):
     """Measure prefill / decode throughput, time to first token and peak RSS of ARTIFACT."""
     import time
 
@@ -221,6 +244,7 @@ def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, thr
     from aqexport.runtime.bench import bench_session, current_rss_mib
 
     directory = _artifact_dir(artifact)
+    _verify(directory, no_verify)
     config_file = directory / "config.json"
     vocab = json.loads(config_file.read_text()).get("vocab_size") if config_file.is_file() else None
     head_dim, kv_cache = _genai_facts(directory)
@@ -253,7 +277,8 @@ def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, thr
 @click.option("--max-windows", default=None, type=click.IntRange(1), help="Score only the first K windows.")
 @click.option("--provider", "providers", multiple=True, type=PROVIDERS, default=("cpu",), show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
+@_no_verify_option
+def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json, no_verify):
     """Perplexity of ARTIFACT on a text file (non-overlapping windows, ALGORITHMS.md §7)."""
     from tqdm import tqdm
 
@@ -262,6 +287,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json):
     from aqexport.verify import tokenize_text
 
     directory = _artifact_dir(artifact)
+    _verify(directory, no_verify)
     tokenizer = _load_tokenizer(directory)
     try:
         windows = split_windows(tokenize_text(tokenizer, text_file), seqlen, max_windows)
@@ -318,6 +344,27 @@ def inspect(artifact, as_json):
         )
 
 
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON (also when the check fails).")
+def verify_command(artifact: Path, as_json: bool) -> None:
+    """Check every file of ARTIFACT against the sha256 and size in its manifest.json.
+
+    Exit status: 0 intact (or no manifest.json to check against, with a note), 2 a file changed,
+    is missing, or is loaded by the runtime but not listed.
+    """
+    from aqexport.integrity import check_artifact, verify_artifact
+
+    if as_json and Path(artifact).is_dir():
+        report = verify_artifact(artifact)
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        if not report.ok:
+            sys.exit(ConfigError.exit_code)
+        return
+    report = check_artifact(artifact)
+    click.echo(report.summary(), err=not report.has_manifest)
+
+
 @cli.command("diff")
 @click.argument("a")
 @click.argument("b", required=False)
@@ -346,6 +393,7 @@ def inspect(artifact, as_json):
 @click.option("--markdown", "as_markdown", is_flag=True, help="A pull-request comment.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here.")
 @click.option("--describe", is_flag=True, help="Write A's golden description (structure and hashes, no weights).")
+@click.option("--no-verify", is_flag=True, help="Skip checking artifact directories against their manifest.")
 def diff_command(
     a,
     b,
@@ -360,6 +408,7 @@ def diff_command(
     as_markdown,
     output,
     describe,
+    no_verify,
     **policy_flags,
 ) -> None:
     """Compare artifact A with B (directories, .onnx files or golden descriptions) and gate on a policy.
@@ -393,6 +442,7 @@ def diff_command(
         policy_flags={k: (list(v) if isinstance(v, tuple) else v) for k, v in policy_flags.items()},
         output_format="json" if as_json else "markdown" if as_markdown else "terminal",
         output=output,
+        verify=not no_verify,
     )
     try:
         status = run_diff(request)

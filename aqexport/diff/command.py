@@ -32,6 +32,7 @@ class DiffRequest:
     policy_flags: dict[str, Any] | None = None
     output_format: str = "terminal"  # terminal | json | markdown
     output: Path | None = None
+    verify: bool = True  # artifact directories checked against their manifest before reading
 
 
 def run_diff(request: DiffRequest) -> int:
@@ -49,6 +50,12 @@ def run_diff(request: DiffRequest) -> int:
         )
     run = request.run or bool(request.text) or (policy is not None and policy.needs_run())
     start = time.perf_counter()
+    if request.verify:
+        from aqexport.integrity import check_artifact
+
+        for spec in (request.a, request.b):
+            if Path(spec).is_dir():
+                check_artifact(Path(spec))
     side_a, side_b = open_side(request.a), open_side(request.b)
     if run and (side_a.is_description or side_b.is_description):
         raise AqexportError("--run needs two runnable models; a graph description holds no weights", "drop --run")

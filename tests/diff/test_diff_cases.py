@@ -265,3 +265,22 @@ def test_structure_must_match_lets_weights_move_but_not_the_graph(tmp_path):
     assert [v["message"] for v in report["policy"]["violations"]] == [
         "node '/model/layers.0/mlp/Add' changed: op Add -> Mul (structure_must_match)"
     ]
+
+
+def test_a_tampered_artifact_directory_is_refused_unless_no_verify(tmp_path, capsys):
+    from aqexport.artifact import file_hashes, write_json
+
+    directories = []
+    for name in ("a", "b"):
+        directory = save(build_model(), tmp_path / name).parent
+        write_json(directory / "manifest.json", {"files": file_hashes(directory)})
+        directories.append(directory)
+    data = directories[1] / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert "model.onnx.data changed" in _expect_bad_input(*directories, capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["diff", *map(str, directories), "--no-verify", "--json", "-o", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["identical"] is False
