@@ -40,7 +40,7 @@ def run_diff(request: DiffRequest) -> int:
     from aqexport.diff.policy import DiffPolicy, evaluate, load_policy
 
     policy = load_policy(request.policy_file) if request.policy_file else None
-    flags = {k: v for k, v in (request.policy_flags or {}).items() if v not in (None, (), [], False)}
+    flags = {k: v for k, v in (request.policy_flags or {}).items() if not _unset(v)}
     if flags:
         from_flags = DiffPolicy(**flags)
         policy = from_flags if policy is None else policy.merged(from_flags)
@@ -74,6 +74,12 @@ def run_diff(request: DiffRequest) -> int:
         report["policy"] = evaluate(report, policy)
     _emit(report, request)
     return 1 if report["policy"] is not None and not report["policy"]["passed"] else 0
+
+
+def _unset(value: Any) -> bool:
+    """A flag the user did not give: None, an off switch, an empty repeatable option. Not 0:
+    ``--max-ppl-increase 0`` is a limit (``0 in (False,)`` is true in Python, hence no ``in``)."""
+    return value is None or value is False or (isinstance(value, (list, tuple)) and not value)
 
 
 def _emit(report: dict[str, Any], request: DiffRequest) -> None:

@@ -110,6 +110,9 @@ def compare_execution(
     - ``tensors``: per compared pair, in order: a, b, op, node, module, cosine, sqnr_db,
       max_abs, identical (and nonfinite_mismatch where non-zero).
     - ``skipped``: a, b, reason (absent value, float vs integer, different shapes).
+    - ``first_residual_divergence``: the same, among residual-stream tensors only (the embedding
+      output and each skip-norm's running sum): where two builds with different folded transforms
+      really part, since activations inside a block differ between them by design.
     - ``first_divergence``: None, or index (into tensors), a, b, a_node, a_op, b_node, b_op,
       module, b_module, sqnr_db, cosine, max_abs of the first pair below ``threshold_db``.
     - ``logits`` (of the prompt): positions, max_abs, top1_agreement, sqnr_db, cosine,
@@ -133,6 +136,7 @@ def compare_execution(
         "tensors": tensors,
         "skipped": plan.skipped + skipped,
         "first_divergence": _first_divergence(tensors, plan, threshold_db),
+        "first_residual_divergence": _first_divergence(tensors, plan, threshold_db, _is_residual),
         "threshold_db": threshold_db,
         "logits": _compare_logits(run_a.logits, run_b.logits),
         "perplexity": _compare_perplexity(run_a, run_b),
@@ -625,11 +629,25 @@ def module_path(node_name: str | None) -> str | None:
     return ".".join(parts) or None
 
 
-def _first_divergence(tensors: list[dict], plan: _Plan, threshold_db: float) -> dict[str, Any] | None:
+def _is_residual(pair: _Pair) -> bool:
+    """A tensor of the residual stream between blocks: the embedding lookup's output and the
+    running sum a skip-RMSNorm writes (its fourth output). Transforms are folded *inside* a block
+    (a norm's weight, the next linear's input), so two builds with different transforms compute
+    different but equivalent activations there; the residual stream is the same quantity in both,
+    which makes its first divergence the layer where quantization error really took over."""
+    node = pair.node_a
+    if node.op_type in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization"):
+        return len(node.outputs) > 3 and node.outputs[3].name == pair.a
+    return node.op_type in ("Gather", "GatherBlockQuantized") and "embed" in (node.name or "")
+
+
+def _first_divergence(
+    tensors: list[dict], plan: _Plan, threshold_db: float, among: Callable[[_Pair], bool] | None = None
+) -> dict[str, Any] | None:
     pairs = {(pair.a, pair.b): pair for pair in plan.pairs}
     for index, entry in enumerate(tensors):
-        if diverges(entry, threshold_db):
-            pair = pairs[(entry["a"], entry["b"])]
+        pair = pairs[(entry["a"], entry["b"])]
+        if (among is None or among(pair)) and diverges(entry, threshold_db):
             return {
                 "index": index,
                 "a": pair.a,

@@ -253,6 +253,8 @@ def _summary_run(report: dict[str, Any]) -> list[tuple[str, str]]:
     elif logits:
         rows.append(("Prompt logits", f"SQNR {_db(_run_sqnr(logits))} dB, max-abs {_sci(logits.get('max_abs'))}"))
     rows.append(("First divergence", _divergence_text(run)))
+    if "first_residual_divergence" in run:
+        rows.append(("First divergence, residual stream", _divergence_text(run, "first_residual_divergence")))
     return rows
 
 
@@ -263,8 +265,8 @@ def _run_sqnr(metrics: dict[str, Any]) -> Any:
     return metrics.get("sqnr_db")
 
 
-def _divergence_text(run: dict[str, Any]) -> str:
-    first = run.get("first_divergence")
+def _divergence_text(run: dict[str, Any], key: str = "first_divergence") -> str:
+    first = run.get(key)
     threshold = run.get("threshold_db")
     if not first:
         return "none" + (f" (every compared tensor ≥ {threshold:g} dB)" if threshold is not None else "")

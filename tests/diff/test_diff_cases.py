@@ -284,3 +284,11 @@ def test_a_tampered_artifact_directory_is_refused_unless_no_verify(tmp_path, cap
         main(["diff", *map(str, directories), "--no-verify", "--json", "-o", str(tmp_path / "r.json")])
     assert exit_info.value.code == 0
     assert json.loads((tmp_path / "r.json").read_text())["identical"] is False
+
+
+def test_a_zero_limit_from_the_command_line_is_a_limit(tmp_path):
+    """``--max-changed-linears 0`` (or ``--max-ppl-increase 0``) gates; 0 is not "not given"."""
+    changed = _tensors()
+    changed["scales"] = changed["scales"] * 2
+    code, report = diff_json(tmp_path, build_model(), build_model(changed), "--max-changed-linears", "0")
+    assert code == 1 and report["policy"]["rules"] == {"max_changed_linears": 0}
