@@ -133,6 +133,7 @@ def align(a: GraphSide, b: GraphSide) -> Alignment:
     unpaired_a = _pair_by_position(unpaired_a, nodes_b, paired_b, result)
     result.only_a = unpaired_a
     result.only_b = [node for node in nodes_b if id(node) not in paired_b]
+    _pair_initializers_by_role(a, b, result)
     order = {id(node): index for index, node in enumerate(nodes_a)}
     result.pairs.sort(key=lambda pair: order[id(pair[0])])
     return result
@@ -185,6 +186,22 @@ def _pair_initializers(a: GraphSide, b: GraphSide, result: Alignment) -> None:
                 result.initializers[name] = (candidates.pop(0), "content")
     for name_a, (name_b, _) in result.initializers.items():
         result.values.setdefault(name_a, name_b)
+
+
+def _pair_initializers_by_role(a: GraphSide, b: GraphSide, result: Alignment) -> None:
+    """An initializer left unpaired that fills the same input of a paired node as one left
+    unpaired on the other side is the same role under a new name (a norm weight that absorbed
+    a transform becomes ``…weight_folded``): pair them, so the report says "renamed, values
+    changed" instead of one removed and one added tensor and a rewired node."""
+    paired_b = {name_b for name_b, _ in result.initializers.values()}
+    for node_a, node_b, _ in result.pairs:
+        for in_a, in_b in zip(node_a.inputs, node_b.inputs):
+            if in_a is None or in_b is None or in_a.name in result.initializers or in_b.name in paired_b:
+                continue
+            if in_a.name in a.initializers and in_b.name in b.initializers:
+                result.initializers[in_a.name] = (in_b.name, "role")
+                result.values[in_a.name] = in_b.name
+                paired_b.add(in_b.name)
 
 
 def _safe_digest(side: GraphSide, value: ir.Value) -> str:

@@ -142,8 +142,8 @@ def _initializers(a: GraphSide, b: GraphSide, alignment: Alignment) -> dict[str,
     changed, renamed, unchanged = [], [], 0
     for name_a, (name_b, rule) in sorted(alignment.initializers.items()):
         value_a, value_b = inits_a[name_a], inits_b[name_b]
-        if rule == "content":
-            renamed.append({"a": name_a, "b": name_b})
+        if rule in ("content", "role"):
+            renamed.append({"a": name_a, "b": name_b, "rule": rule})
         changes = _initializer_changes(a, value_a, b, value_b)
         if changes:
             changed.append({"name": name_a, "changes": changes})

@@ -292,3 +292,21 @@ def test_a_zero_limit_from_the_command_line_is_a_limit(tmp_path):
     changed["scales"] = changed["scales"] * 2
     code, report = diff_json(tmp_path, build_model(), build_model(changed), "--max-changed-linears", "0")
     assert code == 1 and report["policy"]["rules"] == {"max_changed_linears": 0}
+
+
+def test_a_renamed_and_changed_initializer_is_paired_by_role(tmp_path):
+    """A norm weight that absorbed a transform is renamed ``…_folded`` and changes value: one
+    rename plus one value change, not a removed and an added tensor and a rewired node."""
+    model_b = build_model()
+    bias = model_b.graph.initializers.pop("model.layers.0.mlp.bias")
+    bias.name = "model.layers.0.mlp.bias_folded"
+    bias.const_value = ir.tensor(bias.const_value.numpy() * 2, name=bias.name)
+    model_b.graph.register_initializer(bias)
+    code, report = diff_json(tmp_path, build_model(), model_b)
+    initializers = report["structure"]["initializers"]
+    assert initializers["renamed"] == [
+        {"a": "model.layers.0.mlp.bias", "b": "model.layers.0.mlp.bias_folded", "rule": "role"}
+    ]
+    assert initializers["added"] == [] and initializers["removed"] == []
+    assert [c["name"] for c in initializers["changed"]] == ["model.layers.0.mlp.bias"]
+    assert _empty_structure_changes(report)
