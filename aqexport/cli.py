@@ -85,8 +85,17 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Override output.dir.")
-def build(config: Path, output: Path | None) -> None:
-    """Build the artifact described by CONFIG (a model.yaml)."""
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rebuild even if the output already holds an intact artifact of this config, weights and tool versions.",
+)
+def build(config: Path, output: Path | None, force: bool) -> None:
+    """Build the artifact described by CONFIG (a model.yaml).
+
+    An output directory that already holds an artifact with the same build identity (config,
+    source weights, aqexport and dependency versions; see manifest.json's build_identity) whose
+    files match its manifest is left as it is ("up to date"); --force rebuilds it."""
     from rich.console import Console
 
     from aqexport.config import load_config
@@ -94,21 +103,34 @@ def build(config: Path, output: Path | None) -> None:
 
     console = Console(stderr=True)
     cfg = load_config(config)
+    stages: list[str] = []
+
+    def on_stage(name: str) -> None:
+        stages.append(name)
+        status.update(f"[bold]{name}[/bold]")
+
     with console.status("starting") as status:
         out = run_build(
             cfg,
             config.parent.resolve(),
             output,
-            on_stage=lambda name: status.update(f"[bold]{name}[/bold]"),
+            on_stage=on_stage,
             on_block=lambda done, total: status.update(f"[bold]calibrate[/bold]: block {done}/{total}"),
+            force=force,
         )
     report = json.loads((out / "report.json").read_text())
     verification = report.get("verification", {})
+    if stages == ["up to date"]:
+        console.print(
+            f"[green]up to date[/green] {out}  (same config, weights and versions; files match manifest.json; "
+            "--force rebuilds)"
+        )
+        return
     console.print(f"[green]built[/green] {out}  ({report['model_bytes'] / 2**20:.1f} MiB model)")
     calibration = report.get("calibration")
     if calibration:
         console.print(
-            f"  {report['quantization']['recipe']} {report['quantization']['preset']}: plan {calibration['plan_dir']}"
+            f"  {report['quantization']['recipe']} {report['quantization']['preset']}: plan {cfg.plan_dir()}"
             f" ({calibration['calibration_seconds']:.0f} s, resumed at block {calibration['resumed_from_block']})"
         )
         if calibration.get("fp_perplexity"):

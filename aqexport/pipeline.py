@@ -9,14 +9,27 @@ still to be used. Stages never call each other. The loop runs inside ``atomic_di
 the artifact appears only after the last stage (verification included) succeeded.
 
 Values available to the first stage: ``config``, ``config_dir``, ``staging`` (the temp artifact
-directory), ``target`` (``aqexport.target.Target``, resolved once), ``on_block`` and ``timings``
-(filled by the loop, read by ``finalize``).
+directory), ``output_dir`` (where it will be moved), ``identity`` (``build_cache.build_identity``),
+``target`` (``aqexport.target.Target``, resolved once), ``on_block`` and ``timings`` (filled by the
+loop, read by ``finalize``).
+
+Before any stage, ``build`` takes the output directory's lock and returns the artifact already
+there if its manifest records this build's identity and its files still match
+(``aqexport.build_cache``); ``force=True`` rebuilds anyway.
+
+Reproducibility: two builds of one config on one machine write byte-identical ``model.onnx``,
+``model.onnx.data``, ``genai_config.json``, tokenizer files and plan files. ``manifest.json``
+keeps what is not reproducible under one key, ``not_reproducible``: the stage and pass wall
+times, and the names of the files that hold measurements (``report.json``: timings,
+throughput), whose sha256 ``files`` still lists for ``aqexport verify``. Paths in the manifest
+and ``report.json`` are relative to the config file's folder, never absolute.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +52,7 @@ from aqexport.artifact import (
     save_model,
     write_json,
 )
+from aqexport.build_cache import build_identity, build_lock, portable_config, up_to_date
 from aqexport.calibrate.data import calibration_windows
 from aqexport.calibrate.edges import head_input_hessian, quantize_embedding, quantize_lm_head
 from aqexport.calibrate.fold import folded_float_weights
@@ -239,8 +253,24 @@ def verify_stage(
     return verification
 
 
+def _relative(path: Any, base: Path) -> str:
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+def _replace_paths(value: Any, paths: dict[str, str]) -> Any:
+    """``value`` with every string equal to a key of ``paths`` replaced by its value."""
+    if isinstance(value, dict):
+        return {k: _replace_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replace_paths(v, paths) for v in value]
+    return paths.get(value, value) if isinstance(value, str) else value
+
+
 def finalize_stage(
     config: BuildConfig,
+    config_dir: Path,
+    output_dir: Path,
+    identity: dict[str, Any],
     target: Target,
     staging: Path,
     source: Source,
@@ -273,15 +303,26 @@ def finalize_stage(
             "timings": timings,
         }
     )
+    # absolute paths the report would hold (plan dir, evaluation text, tokenizer folder) -> relative
+    absolute = [config.plan_dir(), config.evaluation.text, config.calibration.data]
+    if loaded.source.kind != "hub":
+        absolute.append(loaded.source.location)
+    report = _replace_paths(report, {str(p): _relative(p, config_dir) for p in absolute if p is not None})
     write_json(staging / "report.json", report)
+    recorded_config = portable_config(config, config_dir)
+    recorded_config["output"]["dir"] = _relative(output_dir, config_dir)
+    passes = [{k: v for k, v in record.items() if k != "seconds"} for record in lowering.records]
     manifest = {
         "aqexport_version": __version__,
         "versions": dependency_versions(),
-        "config": config.model_dump(mode="json"),
-        "config_sha256": config.sha256(),
+        "build_identity": identity,
+        "config": recorded_config,
+        "config_sha256": identity["config_sha256"],
         "source": {
             "kind": loaded.source.kind,
-            "location": loaded.source.location,
+            "location": loaded.source.location
+            if loaded.source.kind == "hub"
+            else _relative(loaded.source.location, config_dir),
             "gguf_file": loaded.source.gguf_file,
             "revision": loaded.source.revision,
             "sha256": loaded.source_sha256,
@@ -289,10 +330,15 @@ def finalize_stage(
         },
         "io": {"inputs": source.layout.input_names(), "outputs": source.layout.output_names()},
         "quantization": {**quantization, "linears": _linear_schemes(calibrated)},
-        "passes": lowering.records,
+        "passes": passes,
         "fusions": lowering.sections.get("fusions", {}),
         "kv_cache": lowering.sections.get("kv_cache", {"contract": "growing", "reason": _growing_reason(target)}),
         "files": file_hashes(staging),
+        "not_reproducible": {
+            "files": ["report.json"],
+            "stage_seconds": dict(timings),
+            "pass_seconds": [{"pass": r["pass"], "seconds": r.get("seconds")} for r in lowering.records],
+        },
     }
     write_json(staging / "manifest.json", manifest)
 
@@ -386,6 +432,9 @@ STAGES: tuple[Stage, ...] = (
         finalize_stage,
         (
             "config",
+            "config_dir",
+            "output_dir",
+            "identity",
             "target",
             "staging",
             "source",
@@ -422,18 +471,34 @@ def build(
     output_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda name: None,
     on_block: Callable[[int, int], None] = lambda done, total: None,
+    force: bool = False,
 ) -> Path:
     """Run every stage; return the artifact directory (only created if all stages succeed).
-    ``config`` is already valid: ``BuildConfig`` checks every rule when it is made."""
+    ``config`` is already valid: ``BuildConfig`` checks every rule when it is made.
+
+    Holds the output's lock throughout (``ConfigError`` if another build holds it). Unless
+    ``force``, an artifact already there with this build's identity whose files match its
+    manifest is returned as it is: ``on_stage("up to date")`` is the only stage reported."""
     final = Path(output_dir) if output_dir is not None else config.output.dir
-    with atomic_directory(final) as staging:
-        values: dict[str, Any] = {
-            "config": config,
-            "config_dir": config_dir,
-            "staging": staging,
-            "target": Target.from_spec(config.target),
-            "on_block": on_block,
-            "timings": {},
-        }
-        _run_stages(STAGES, values, on_stage)
+    with build_lock(final):
+        identity = build_identity(config, Path(config_dir))
+        if not force:
+            fresh, why = up_to_date(final, identity)
+            if fresh:
+                logger.info("up to date: %s", why)
+                on_stage("up to date")
+                return final
+            logger.info("building: %s", why)
+        with atomic_directory(final) as staging:
+            values: dict[str, Any] = {
+                "config": config,
+                "config_dir": Path(config_dir),
+                "output_dir": final,
+                "identity": identity,
+                "staging": staging,
+                "target": Target.from_spec(config.target),
+                "on_block": on_block,
+                "timings": {},
+            }
+            _run_stages(STAGES, values, on_stage)
     return final

@@ -22,7 +22,7 @@ from aqexport.architectures import ArchitectureInfo, check_architecture
 from aqexport.config import ModelSpec
 from aqexport.errors import AqexportError, ConfigError
 
-__all__ = ["LoadedModel", "ResolvedSource", "load_model", "resolve_source", "default_model_path"]
+__all__ = ["LoadedModel", "ResolvedSource", "default_model_path", "load_model", "resolve_source", "source_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,14 @@ def _weights_sha256(source: ResolvedSource, config: Any) -> str:
             for chunk in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def source_sha256(spec: ModelSpec, base_dir: Path | None = None) -> str:
+    """``LoadedModel.source_sha256`` without loading the model (the build's up-to-date check):
+    a local source's weight files are hashed, a Hub source's config is fetched for its commit."""
+    source = resolve_source(spec, base_dir)
+    config = _load_config(source, spec.trust_remote_code) if source.kind == "hub" else None
+    return _weights_sha256(source, config)
 
 
 def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:

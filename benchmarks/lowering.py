@@ -75,7 +75,10 @@ def build_preset(preset: str, work: Path) -> dict:
         "model_bytes": report["model_bytes"],
         "resumed_from_block": calibration.get("resumed_from_block"),
         "timings": report["timings"],
-        "passes": manifest["passes"],
+        "passes": [
+            {**p, "seconds": t["seconds"]}
+            for p, t in zip(manifest["passes"], manifest["not_reproducible"]["pass_seconds"])
+        ],
         "activations": report["quantization"].get("activations"),
         "ladder": report.get("parity_ladder"),
     }

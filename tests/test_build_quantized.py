@@ -175,7 +175,7 @@ def test_build_reuses_a_finished_plan(quantized_artifact, tiny_model_dir, tmp_pa
         calibration={"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
     )
     first = read_report(build(load_config(config), work))
-    again = read_report(build(load_config(config), work))
+    again = read_report(build(load_config(config), work, force=True))  # unforced: "up to date"
     assert first["calibration"]["resumed_from_block"] == 0
     assert again["calibration"]["resumed_from_block"] == 2
     assert again["verification"]["perplexity"]["onnx"]["perplexity"] == pytest.approx(

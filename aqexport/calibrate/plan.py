@@ -20,6 +20,12 @@ is read with no structures, i.e. every transform what its matrix is: dense or di
 Each block file is written to a temp file and renamed, and ``plan.json`` rewritten after each
 block, so a calibration killed mid-model resumes from the last block whose file landed.
 
+``plan.json`` and the block files hold nothing that differs between two calibrations of the
+same inputs: each block's wall time (``BlockPlan.seconds``) goes to ``timings.json`` beside
+them (``{"blocks": {index: seconds}}``), so two runs write byte-identical plan files. A plan
+without ``timings.json`` (or a format-5 ``plan.json`` written before it, which kept
+``seconds`` in its blocks) loads as before; a block with no recorded time reads 0 seconds.
+
 The schema is declared once, by the dataclass fields below: :mod:`plan_schema` walks them to
 split a block into tensors and JSON and to rebuild it, and each field's ``stored(...)`` metadata
 declares the dtype a tensor is saved in. Writing, indexing and loading can therefore not drift
@@ -54,6 +60,20 @@ from aqexport.errors import AqexportError
 __all__ = ["PLAN_FORMAT", "BlockPlan", "LinearPlan", "QuantPlan"]
 
 PLAN_FORMAT = 5
+TIMINGS_FILE = "timings.json"
+_WALL_TIME = "seconds"  # the BlockPlan field kept out of plan.json (it differs run to run)
+
+
+def _block_seconds(path: Path) -> dict[str, float]:
+    """``timings.json``'s seconds per block index (a string); {} if absent or unreadable: wall
+    times are a report, never a reason to refuse a plan."""
+    try:
+        blocks = json.loads(path.read_text()).get("blocks", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(blocks, dict):
+        return {}
+    return {str(k): float(v) for k, v in blocks.items() if isinstance(v, int | float)}
 
 
 def _from_format_4(block_meta: dict[str, Any]) -> dict[str, Any]:
@@ -136,12 +156,17 @@ class BlockPlan:
         return to_record(self)[0]
 
     def metadata(self) -> dict[str, Any]:
-        """What goes to ``plan.json`` under ``blocks.<index>``."""
-        return to_record(self)[1]
+        """What goes to ``plan.json`` under ``blocks.<index>``: every scalar field but the wall
+        time (``seconds``, which goes to ``timings.json``)."""
+        meta = to_record(self)[1]
+        del meta[_WALL_TIME]
+        return meta
 
     @classmethod
-    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockPlan:
-        return from_record(cls, "", meta, tensors)
+    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], seconds: float = 0.0) -> BlockPlan:
+        """The block ``metadata()`` and ``tensors()`` describe; ``seconds`` from ``timings.json``
+        (an older plan.json that still holds it wins)."""
+        return from_record(cls, "", {_WALL_TIME: seconds, **meta}, tensors)
 
 
 def _show(value: Any) -> str:
@@ -196,16 +221,19 @@ class QuantPlan:
         os.replace(tmp, path)
 
     def _write_index(self) -> None:
+        blocks = {str(i): b.metadata() for i, b in sorted(self.blocks.items())}
+        timings = {"blocks": {str(i): b.seconds for i, b in sorted(self.blocks.items())}}
         payload = {
             "format": PLAN_FORMAT,
             "recipe": self.recipe,
             "model": self.model,
             "blocks_path": self.blocks_path,
-            "blocks": {str(i): b.metadata() for i, b in sorted(self.blocks.items())},
+            "blocks": blocks,
         }
-        tmp = self.directory / "plan.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, self.directory / "plan.json")
+        for name, content in ((TIMINGS_FILE, timings), ("plan.json", payload)):  # the index last
+            tmp = self.directory / f"{name}.tmp"
+            tmp.write_text(json.dumps(content, indent=1))
+            os.replace(tmp, self.directory / name)
 
     def save(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -243,11 +271,14 @@ class QuantPlan:
                 "remove it, or point the build at a fresh directory",
             )
         plan = cls(recipe, model, directory, saved.get("blocks_path", ""))
+        seconds = _block_seconds(directory / TIMINGS_FILE)
         for key, meta in saved["blocks"].items():
             file = directory / f"block_{int(key):03d}.safetensors"
             if file.exists():
                 try:
-                    plan.blocks[int(key)] = BlockPlan.from_saved(_UPGRADES[found](meta), load_file(str(file)))
+                    plan.blocks[int(key)] = BlockPlan.from_saved(
+                        _UPGRADES[found](meta), load_file(str(file)), seconds.get(key, 0.0)
+                    )
                 except SchemaError as error:
                     raise AqexportError(f"'{file}' does not match '{index}' ({error})", fresh) from error
         return plan
