@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from aqexport.diff.align import align
-from aqexport.diff.side import GraphSide, open_side
+from aqexport.diff.opening import open_side
+from aqexport.diff.side import GraphSide
 from aqexport.diff.structure import bytes_by_dtype, compare_structure
 
 __all__ = ["REPORT_SCHEMA", "REPORT_VERSION", "diff", "open_side"]

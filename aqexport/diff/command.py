@@ -111,7 +111,7 @@ def _emit(report: dict[str, Any], request: DiffRequest) -> None:
 def describe_to(artifact: str, output: Path | None) -> None:
     """``aqexport diff --describe``: the golden description of one artifact."""
     from aqexport.diff.description import describe
-    from aqexport.diff.side import open_side
+    from aqexport.diff.opening import open_side
 
     text = json.dumps(describe(open_side(artifact)), indent=1, sort_keys=False) + "\n"
     if output is None:

@@ -17,7 +17,6 @@ side loaded from one answers structural questions and :meth:`GraphSide.digest`, 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -29,9 +28,8 @@ import onnx_ir as ir
 
 from aqexport.errors import AqexportError
 
-__all__ = ["GraphSide", "open_side"]
+__all__ = ["GraphSide", "subgraphs", "tensor_digest"]
 
-MODEL_FILE = "model.onnx"
 DESCRIPTION_FORMAT = "aqexport.graph-description"
 
 
@@ -56,7 +54,7 @@ class GraphSide:
     def initializers(self) -> dict[str, ir.Value]:
         """Every initializer of the main graph and its subgraphs, by name."""
         found: dict[str, ir.Value] = {}
-        for graph in (self.model.graph, *_subgraphs(self.model.graph)):
+        for graph in (self.model.graph, *subgraphs(self.model.graph)):
             found.update(graph.initializers)
         return found
 
@@ -131,74 +129,6 @@ def tensor_digest(array: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
     return hasher.hexdigest()[:16]
 
 
-def open_side(spec: str | Path) -> GraphSide:
-    """Open what the user named: an artifact directory, a ``.onnx`` file, or a ``.json``
-    graph description. Every way this can fail is one ``AqexportError`` (exit status 2)."""
-    path = Path(spec)
-    label = str(spec)
-    if not path.exists():
-        raise AqexportError(f"'{path}' does not exist", "pass an artifact directory, a .onnx file or a description")
-    if path.is_dir():
-        onnx_path = path / MODEL_FILE
-        if not onnx_path.is_file():
-            raise AqexportError(
-                f"'{path}' is not an artifact directory (no {MODEL_FILE})",
-                "pass the output directory of 'aqexport build' or a .onnx file",
-            )
-        return GraphSide(
-            label=label,
-            model=_load_onnx(onnx_path, label),
-            directory=path,
-            onnx_path=onnx_path,
-            manifest=_read_json(path / "manifest.json", label),
-            report=_read_json(path / "report.json", label),
-        )
-    if path.suffix == ".json":
-        from aqexport.diff.description import load_description
-
-        return load_description(path, label)
-    return GraphSide(label=label, model=_load_onnx(path, label), directory=None, onnx_path=path)
-
-
-def _load_onnx(path: Path, label: str) -> ir.Model:
-    try:
-        model = ir.load(path)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning or ValueError by version
-        raise AqexportError(
-            f"'{label}' is not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
-            "the file is corrupt or truncated: rebuild it or copy it again",
-        ) from None
-    _check_external_data(model, path, label)
-    return model
-
-
-def _check_external_data(model: ir.Model, path: Path, label: str) -> None:
-    """Every external tensor's file must exist and hold its bytes: a missing or short
-    ``model.onnx.data`` is reported here, by name, not as a crash in the middle of a diff."""
-    sizes: dict[str, int] = {}
-    for graph in (model.graph, *_subgraphs(model.graph)):
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            location = tensor.location
-            if location not in sizes:
-                file = path.parent / location
-                if not file.is_file():
-                    raise AqexportError(
-                        f"'{label}' references external data '{location}', which is missing",
-                        f"copy '{location}' beside '{path.name}' (an artifact ships both files)",
-                    )
-                sizes[location] = file.stat().st_size
-            end = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
-            if end > sizes[location]:
-                raise AqexportError(
-                    f"'{label}': external data '{location}' is truncated ({sizes[location]} bytes, "
-                    f"initializer '{value.name}' ends at byte {end})",
-                    "the file is incomplete: rebuild the artifact or copy it again",
-                )
-
-
 def _read_external(tensor: ir.ExternalTensor, label: str) -> np.ndarray:
     """Read straight into the array that is returned: one copy of the bytes, never two."""
     path = Path(tensor.base_dir) / tensor.location
@@ -214,25 +144,16 @@ def _read_external(tensor: ir.ExternalTensor, label: str) -> np.ndarray:
     return array
 
 
-def _read_json(path: Path, label: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AqexportError(f"'{label}': {path.name} is not valid JSON ({exc})", "rebuild the artifact") from None
-
-
 def _external_locations(model: ir.Model) -> set[str]:
     return {
         value.const_value.location
-        for graph in (model.graph, *_subgraphs(model.graph))
+        for graph in (model.graph, *subgraphs(model.graph))
         for value in graph.initializers.values()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
 
 
-def _subgraphs(graph: ir.Graph) -> list[ir.Graph]:
+def subgraphs(graph: ir.Graph) -> list[ir.Graph]:
     """Graphs nested in node attributes (If/Loop/Scan bodies), depth first."""
     found: list[ir.Graph] = []
     for node in ir.traversal.RecursiveGraphIterator(graph):

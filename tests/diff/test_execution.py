@@ -19,7 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from aqexport.diff import execution
 from aqexport.diff.execution import compare_execution, module_path, tensor_metrics
-from aqexport.diff.side import GraphSide, open_side
+from aqexport.diff.opening import open_side
+from aqexport.diff.side import GraphSide
 from aqexport.errors import AqexportError
 from tests.conftest import read_report
 from tests.tiny_models import data_file

@@ -17,7 +17,8 @@ from aqexport.diff.linears import (
     dequantize_matmul_nbits,
     unpack_codes,
 )
-from aqexport.diff.side import GraphSide, open_side, tensor_digest
+from aqexport.diff.opening import open_side
+from aqexport.diff.side import GraphSide, tensor_digest
 
 MS = "com.microsoft"
 K, N = 40, 6  # K = 2.5 blocks of 16: a ragged last block and an odd block count (zero-point padding)
