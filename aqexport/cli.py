@@ -61,19 +61,6 @@ def _verify(directory: Path, no_verify: bool) -> None:
         click.echo(f"note: '{directory}' has no manifest.json; its files were not verified", err=True)
 
 
-def _genai_facts(directory: Path) -> tuple[int | None, str | None]:
-    """The head size and KV contract from genai_config.json: graphs from the genai model builder
-    leave the head size symbolic in their KV inputs (``kv_cache_dim``) and declare no contract
-    in their metadata, so running them needs both from there. ``None`` where not stated (our
-    artifacts declare both in the graph)."""
-    genai_file = directory / "genai_config.json"
-    if not genai_file.is_file():
-        return None, None
-    genai = json.loads(genai_file.read_text())
-    shared = genai.get("search", {}).get("past_present_share_buffer")
-    return genai["model"]["decoder"].get("head_size"), "shared_buffer" if shared else None
-
-
 @click.group()
 @click.version_option(package_name="aqexport")
 @click.option("-v", "--verbose", is_flag=True, help="Log each stage and pass.")
@@ -193,6 +180,7 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     """Generate text with the artifact in ARTIFACT."""
     from aqexport.runtime import create_session, decoder_for, generate
     from aqexport.runtime.generate import SamplingConfig
+    from aqexport.runtime.session import genai_facts
 
     directory = _artifact_dir(artifact)
     _verify(directory, no_verify)
@@ -209,7 +197,7 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     session, info = create_session(directory, providers)
     eos = tokenizer.eos_token_id
     result = generate(
-        decoder_for(session, *_genai_facts(directory)),
+        decoder_for(session, *genai_facts(directory)),
         tokens,
         max_new_tokens,
         eos_token_ids=frozenset({eos}) if eos is not None else frozenset(),
@@ -264,12 +252,13 @@ def bench(artifact, prefill, decode_tokens, decode_context, repeats, warmup, thr
 
     from aqexport.runtime import create_session
     from aqexport.runtime.bench import bench_session, current_rss_mib
+    from aqexport.runtime.session import genai_facts
 
     directory = _artifact_dir(artifact)
     _verify(directory, no_verify)
     config_file = directory / "config.json"
     vocab = json.loads(config_file.read_text()).get("vocab_size") if config_file.is_file() else None
-    head_dim, kv_cache = _genai_facts(directory)
+    head_dim, kv_cache = genai_facts(directory)
     rss = current_rss_mib()
     start = time.perf_counter()
     session, info = create_session(directory, providers, intra_op_threads=threads)
@@ -306,6 +295,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json, n
 
     from aqexport.runtime import create_session, decoder_for, perplexity, split_windows
     from aqexport.runtime.perplexity import onnx_logits_of
+    from aqexport.runtime.session import genai_facts
     from aqexport.verify import tokenize_text
 
     directory = _artifact_dir(artifact)
@@ -316,7 +306,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json, n
     except ValueError as exc:
         raise AqexportError(str(exc), "use a longer text or a smaller --seqlen") from None
     session, info = create_session(directory, providers)
-    decoder = decoder_for(session, *_genai_facts(directory))
+    decoder = decoder_for(session, *genai_facts(directory))
     result = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="windows", disable=as_json))
     payload = {**result.as_dict(), "text": str(text_file), "providers": info.used, "tokenizer": tokenizer.name_or_path}
     if as_json:

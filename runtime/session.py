@@ -51,6 +51,41 @@ def _declared_quantization(model_path: Path) -> dict:
     return json.loads(manifest.read_text()).get("quantization", {})
 
 
+def session_options(
+    accuracy_level: int, weight_format: str | None, intra_op_threads: int | None = None
+) -> ort.SessionOptions:
+    """The options every session on an artifact needs, whichever way the model is loaded (a
+    path here, serialized bytes in ``aqexport diff --run``)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT rewrites a QDQ weight (DequantizeLinear → MatMul) into MatMulNBits at this accuracy
+    # level, 4 (int8 activations) unless told: use the level the artifact was built for.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if weight_format == "qdq8":
+        # 2-4-bit codes in 8-bit tensors (mobile): ORT would fuse them into 8-bit MatMulNBits, which
+        # at level 0 dequantizes the whole matrix on every call (SmolLM2 mobile int4: 6 tok/s).
+        # Without the QDQ fusions the constant DequantizeLinear is folded once at load: exact,
+        # 40 tok/s, float weights in memory (a device's EP takes the QDQ form itself).
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    threads = intra_op_threads or int(os.environ.get("AQEXPORT_THREADS", "0"))
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def genai_facts(directory: Path | None) -> tuple[int | None, str | None]:
+    """The head size and KV contract from ``genai_config.json``: graphs from the genai model builder
+    leave the head size symbolic in their KV inputs (``kv_cache_dim``) and declare no contract
+    in their metadata, so running them needs both from there. ``None`` where not stated (our
+    artifacts declare both in the graph)."""
+    genai_file = None if directory is None else Path(directory) / "genai_config.json"
+    if genai_file is None or not genai_file.is_file():
+        return None, None
+    genai = json.loads(genai_file.read_text())
+    shared = genai.get("search", {}).get("past_present_share_buffer")
+    return genai["model"]["decoder"].get("head_size"), "shared_buffer" if shared else None
+
+
 def create_session(
     model_path: str | Path,
     providers: tuple[str, ...] | list[str] = ("cpu",),
@@ -85,23 +120,10 @@ def create_session(
     chosen = [name for name in wanted if name in available]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT rewrites a QDQ weight (DequantizeLinear → MatMul) into MatMulNBits at this accuracy
-    # level, 4 (int8 activations) unless told: use the level the artifact was built for.
     declared = _declared_quantization(path) if accuracy_level is None or weight_format is None else {}
     if accuracy_level is None:
         accuracy_level = int(declared.get("accuracy_level", 0) or 0)
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    if (weight_format or declared.get("weight_format")) == "qdq8":
-        # 2-4-bit codes in 8-bit tensors (mobile): ORT would fuse them into 8-bit MatMulNBits, which
-        # at level 0 dequantizes the whole matrix on every call (SmolLM2 mobile int4: 6 tok/s).
-        # Without the QDQ fusions the constant DequantizeLinear is folded once at load: exact,
-        # 40 tok/s, float weights in memory (a device's EP takes the QDQ form itself).
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    threads = intra_op_threads or int(os.environ.get("AQEXPORT_THREADS", "0"))
-    if threads:
-        options.intra_op_num_threads = threads
+    options = session_options(accuracy_level, weight_format or declared.get("weight_format"), intra_op_threads)
     session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     info = SessionInfo(
         requested=wanted, available=list(available), used=session.get_providers(), unavailable=unavailable

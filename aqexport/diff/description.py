@@ -150,7 +150,7 @@ def load_description(path: Path, label: str) -> GraphSide:
         report=records.get("report"),
         description=payload,
     )
-    side._digests.update(digests)
+    side.remember_digests(digests)
     return side
 
 

@@ -46,10 +46,8 @@ places (counted as a divergence).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +63,7 @@ from aqexport.errors import AqexportError
 from aqexport.runtime import PROVIDER_NAMES, decoder_for, perplexity, split_windows
 from aqexport.runtime.decoder import OnnxDecoder
 from aqexport.runtime.perplexity import PerplexityResult, onnx_logits_of
+from aqexport.runtime.session import genai_facts, session_options
 
 __all__ = ["MAX_EXPOSED", "compare_execution", "diverges", "module_of", "module_path", "tensor_metrics"]
 
@@ -504,21 +503,10 @@ def _session(side: GraphSide, exposed: list[str], provider: str) -> ort.Inferenc
     for name in exposed:
         if name not in outputs:
             proto.graph.output.add(name=name)  # no type: ORT infers it
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    quantization = (side.manifest or {}).get("quantization", {})
+    options = session_options(int(quantization.get("accuracy_level", 0) or 0), quantization.get("weight_format"))
     options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(side.onnx_path.resolve().parent))
     options.enable_cpu_mem_arena = False
-    quantization = (side.manifest or {}).get("quantization", {})
-    # as runtime/session.py's create_session: the accuracy level the artifact was built for, and
-    # no QDQ fusion of the mobile 8-bit-container weights
-    options.add_session_config_entry(
-        "session.qdq_matmulnbits_accuracy_level", str(int(quantization.get("accuracy_level", 0) or 0))
-    )
-    if quantization.get("weight_format") == "qdq8":
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    threads = int(os.environ.get("AQEXPORT_THREADS", "0"))
-    if threads:
-        options.intra_op_num_threads = threads
     providers = list(dict.fromkeys([PROVIDER_NAMES[provider], "CPUExecutionProvider"]))
     providers = [name for name in providers if name in ort.get_available_providers()]
     return ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=providers)
@@ -558,16 +546,9 @@ def _decoder(session: ort.InferenceSession | _RecordingSession, side: GraphSide)
     IO binding would not fetch the exposed values). Builder graphs leave the head size
     symbolic: it comes from ``genai_config.json`` (as ``aqexport run`` does)."""
     try:
-        return decoder_for(session, _genai_head_size(side), "growing")  # type: ignore[arg-type]
+        return decoder_for(session, genai_facts(side.directory)[0], "growing")  # type: ignore[arg-type]
     except ValueError as exc:
         raise AqexportError(f"cannot run '{side.label}': {exc}", "pass the artifact directory") from None
-
-
-def _genai_head_size(side: GraphSide) -> int | None:
-    if side.directory is None or not (side.directory / "genai_config.json").is_file():
-        return None
-    genai = json.loads((side.directory / "genai_config.json").read_text())
-    return genai.get("model", {}).get("decoder", {}).get("head_size")
 
 
 # --------------------------------------------------------------------------------------------

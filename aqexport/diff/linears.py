@@ -935,13 +935,6 @@ def _roles(linear: Linear) -> dict[str, ir.Value]:
     return roles
 
 
-def _cached_digest(side: GraphSide, value: ir.Value) -> str | None:
-    """A digest without reading: a description's, or one this side already computed."""
-    if side.is_description:
-        return side.digest(value)
-    return side._digests.get(value.name or "")
-
-
 def _data_changes(a: GraphSide, la: Linear, xa: _Arrays, b: GraphSide, lb: Linear, xb: _Arrays) -> list[str]:
     """The roles whose stored tensors differ (``["scales", …]``); [] when byte-identical. Equal
     digests decide without reading; against a description a packed member counts as changed
@@ -953,7 +946,7 @@ def _data_changes(a: GraphSide, la: Linear, xa: _Arrays, b: GraphSide, lb: Linea
         if va is None or vb is None:
             changed.append(role)
             continue
-        digest_a, digest_b = _cached_digest(a, va), _cached_digest(b, vb)
+        digest_a, digest_b = a.known_digest(va), b.known_digest(vb)
         if digest_a is not None and digest_b is not None and digest_a == digest_b and la.rows == lb.rows:
             continue
         if not (xa.readable and xb.readable):

@@ -31,6 +31,7 @@ from aqexport.errors import AqexportError
 __all__ = ["GraphSide", "subgraphs", "tensor_digest"]
 
 DESCRIPTION_FORMAT = "aqexport.graph-description"
+_PACKED = (ir.DataType.INT4, ir.DataType.UINT4)  # two codes per byte: read as packed uint8
 
 
 @dataclass
@@ -77,22 +78,33 @@ class GraphSide:
         chunk by chunk: comparing two large tables never holds either whole (4-bit types come
         as packed bytes)."""
         tensor = value.const_value
-        packed = tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4)
         if not isinstance(tensor, ir.ExternalTensor) or self.is_description:
-            array = np.frombuffer(tensor.tobytes(), np.uint8) if packed else self.read(value).reshape(-1)
+            if tensor.dtype in _PACKED:
+                array = np.frombuffer(tensor.tobytes(), np.uint8)
+            else:
+                array = self.read(value).reshape(-1)
             for start in range(0, array.size, elements):
                 yield array[start : start + elements]
             return
-        dtype = np.dtype(np.uint8) if packed else np.dtype(tensor.dtype.numpy())
-        length = tensor.length or tensor.nbytes
+        path, dtype, length = _stored(tensor)
         step = elements * dtype.itemsize
-        with open(Path(tensor.base_dir) / tensor.location, "rb") as handle:
+        with open(path, "rb") as handle:
             handle.seek(tensor.offset or 0)
             for start in range(0, length, step):
                 raw = handle.read(min(step, length - start))
                 if not raw or len(raw) % dtype.itemsize:
                     raise AqexportError(f"'{self.label}': external data '{tensor.location}' is truncated", "rebuild")
                 yield np.frombuffer(raw, dtype=dtype)
+
+    def known_digest(self, value: ir.Value) -> str | None:
+        """A digest without reading: a description's, or one already computed."""
+        if self.is_description:
+            return self.digest(value)
+        return self._digests.get(value.name or "")
+
+    def remember_digests(self, digests: dict[str, str]) -> None:
+        """Digests known without data (a golden description's), by initializer name."""
+        self._digests.update(digests)
 
     def digest(self, value: ir.Value) -> str:
         """sha256 of an initializer's dtype, shape and bytes: equal digests mean equal tensors."""
@@ -129,13 +141,18 @@ def tensor_digest(array: np.ndarray, dtype: str, shape: tuple[int, ...]) -> str:
     return hasher.hexdigest()[:16]
 
 
+def _stored(tensor: ir.ExternalTensor) -> tuple[Path, np.dtype, int]:
+    """Where an external tensor's bytes are, the element type they are read as (4-bit types as
+    packed uint8, two per byte) and how many bytes there are."""
+    dtype = np.dtype(np.uint8) if tensor.dtype in _PACKED else np.dtype(tensor.dtype.numpy())
+    return Path(tensor.base_dir) / tensor.location, dtype, tensor.length or tensor.nbytes
+
+
 def _read_external(tensor: ir.ExternalTensor, label: str) -> np.ndarray:
     """Read straight into the array that is returned: one copy of the bytes, never two."""
-    path = Path(tensor.base_dir) / tensor.location
-    length = tensor.length or tensor.nbytes
-    dtype = tensor.dtype
-    packed = dtype in (ir.DataType.INT4, ir.DataType.UINT4)  # two per byte: returned as packed uint8
-    array = np.empty(length if packed else tuple(tensor.shape.numpy()), dtype=np.uint8 if packed else dtype.numpy())
+    path, dtype, length = _stored(tensor)
+    shape = (length,) if tensor.dtype in _PACKED else tuple(tensor.shape.numpy())
+    array = np.empty(shape, dtype=dtype)
     with open(path, "rb") as handle:
         handle.seek(tensor.offset or 0)
         read = handle.readinto(memoryview(array).cast("B"))
