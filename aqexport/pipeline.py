@@ -104,8 +104,8 @@ class Written:
     mobile: dict[str, Any] | None = None
 
 
-def load_stage(config: BuildConfig, config_dir: Path) -> Source:
-    loaded = load_model(config.model, config_dir)
+def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any]) -> Source:
+    loaded = load_model(config.model, config_dir, identity["source_sha256"])
     untied = untie_lm_head(loaded.model)
     return Source(loaded, cache_layout(loaded.model), untied)
 
@@ -421,7 +421,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("load", load_stage, ("config", "config_dir"), ("source",)),
+    Stage("load", load_stage, ("config", "config_dir", "identity"), ("source",)),
     Stage("capture", capture_stage, ("source", "target"), ("exported_graph", "export_seconds")),
     Stage("calibrate", calibrate_stage, ("config", "source", "exported_graph", "on_block"), ("calibrated",)),
     Stage("lower", lower_stage, ("source", "exported_graph", "calibrated", "target"), ("lowered_graph", "lowering")),

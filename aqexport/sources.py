@@ -144,7 +144,9 @@ def source_sha256(spec: ModelSpec, base_dir: Path | None = None) -> str:
     return _weights_sha256(source, config)
 
 
-def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
+def load_model(spec: ModelSpec, base_dir: Path | None = None, weights_sha256: str | None = None) -> LoadedModel:
+    """``weights_sha256``: the source's hash when the caller already has it (a build computed it
+    for its up-to-date check), so a multi-GB checkpoint is not read twice just to hash it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(spec, base_dir)
@@ -178,4 +180,4 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None) -> LoadedModel:
     # already de-quantized to float, so that entry would only mislead later consumers.
     if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
         del model.config.quantization_config
-    return LoadedModel(model, tokenizer, source, architecture, _weights_sha256(source, config))
+    return LoadedModel(model, tokenizer, source, architecture, weights_sha256 or _weights_sha256(source, config))
