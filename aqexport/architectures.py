@@ -34,16 +34,33 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchitectureInfo] = {
 }
 
 
-def check_architecture(model_type: str, where: str) -> ArchitectureInfo:
-    """Refuse anything not verified, before any weights are loaded."""
+def _causal(class_name: str) -> bool:
+    """A transformers class with a language-model head that predicts the next token."""
+    return class_name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def check_architecture(model_type: str, where: str, classes: list[str] | None = None) -> ArchitectureInfo:
+    """Refuse anything not verified, before any weights are loaded. ``classes``: the config's
+    ``architectures`` (the classes the checkpoint was saved from): a supported family saved as
+    an encoder or a classifier (``LlamaForSequenceClassification``) has no LM head to compile."""
     info = SUPPORTED_ARCHITECTURES.get(model_type)
-    if info is not None:
+    causal = not classes or any(_causal(name) for name in classes)
+    if info is not None and causal:
         return info
     supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-    hint = ""
     if model_type == "gemma3":
-        hint = " (for Gemma 3 use a text-only checkpoint, model_type gemma3_text)"
+        raise ConfigError(
+            f"model '{where}' has architecture 'gemma3', which aqexport does not support (for Gemma 3 use a "
+            "text-only checkpoint, model_type gemma3_text)",
+            f"use a model of one of these architectures: {supported}",
+        )
+    if not causal:
+        raise ConfigError(
+            f"model '{where}' is a {classes[0]} (model_type '{model_type}'), not a causal language model: "
+            "aqexport compiles decoder-only models with a next-token head",
+            f"use a ...ForCausalLM checkpoint of one of these architectures: {supported}",
+        )
     raise ConfigError(
-        f"model '{where}' has architecture '{model_type}', which aqexport does not support{hint}",
+        f"model '{where}' has architecture '{model_type}', which aqexport does not support",
         f"use a model of one of these architectures: {supported}",
     )

@@ -6,6 +6,14 @@ build therefore leaves either the previous artifact or nothing, never a half-wri
 manifest lists the sha256 of every file, so a deployment can check it shipped what was built
 (``aqexport verify``, ``aqexport.integrity``).
 
+A build killed outright (SIGKILL, a power cut) runs no cleanup: its staging directory, or the
+previous artifact renamed aside when it died between the two renames of the publish, stays
+beside the output. The next build into that output, holding the output's lock (so no other
+build owns them), calls ``recover_interrupted`` first: a previous artifact left aside while the
+output is missing is put back, every other leftover is removed. A disk that fills while the
+artifact is written is one ``AqexportError`` line naming the output's folder (the staging
+directory is removed; a plan's finished blocks stay where they are).
+
 ``tempfile.mkdtemp`` makes the staging directory 0700 (private by design); before it is moved
 into place it gets the mode a plain ``mkdir`` would have given it, ``0o777 & ~umask`` (0755 under
 the usual 022), so other users can read a finished artifact. Files inside keep the modes they
@@ -27,6 +35,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from aqexport import faults
+from aqexport.atomic_files import out_of_space
 from aqexport.integrity import sha256_file
 
 __all__ = [
@@ -35,6 +45,7 @@ __all__ = [
     "dependency_versions",
     "current_umask",
     "file_hashes",
+    "recover_interrupted",
     "save_model",
     "write_json",
 ]
@@ -72,31 +83,68 @@ def current_umask() -> int:
     return mask
 
 
+_STAGING, _ASIDE = ".tmp-", ".old-"
+_NO_SPACE_FIX = (
+    "free space there, or set output.dir to a larger filesystem, then re-run: the calibration plan's "
+    "finished blocks are kept"
+)
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temp dir that replaces ``final`` only if the block finishes without error."""
+    """Yield a temp dir that replaces ``final`` only if the block finishes without error. The
+    caller holds ``final``'s build lock (``build_cache.build_lock``)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{_STAGING}", dir=final.parent))
     try:
         yield staging
-    except BaseException:
+    except BaseException as error:
+        full = out_of_space(error, final.parent, _NO_SPACE_FIX)  # before the staging files are freed
         shutil.rmtree(staging, ignore_errors=True)
+        if full is not None:
+            raise full from error
         raise
     staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 -> what mkdir would have made
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+        old = final.parent / f".{final.name}{_ASIDE}{staging.name.rsplit('-', 1)[-1]}"
         final.rename(old)
+    faults.point("publish")
     staging.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted(final: Path) -> list[str]:
+    """Clean up after builds into ``final`` that were killed (module docstring); return what was
+    done, one line each. Call it holding ``final``'s build lock: then no leftover is in use."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    done: list[str] = []
+    prefixes = tuple(f".{final.name}{marker}" for marker in (_STAGING, _ASIDE))
+    leftovers = sorted(
+        path
+        for path in final.parent.iterdir()
+        if path.name.startswith(prefixes) and path.is_dir() and not path.is_symlink()
+    )
+    aside = [path for path in leftovers if path.name.startswith(f".{final.name}{_ASIDE}")]
+    if aside and not final.exists():  # killed between the publish's renames: the previous artifact
+        aside[-1].rename(final)
+        leftovers.remove(aside[-1])
+        done.append(f"restored '{final}' from '{aside[-1].name}' (a build was killed while publishing)")
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed '{path.name}' (left by a killed build)")
+    return done
 
 
 def save_model(model: ir.Model, directory: Path) -> Path:
     """Save with all weights in one external data file beside the graph."""
     path = directory / MODEL_FILE
     ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    faults.point("write.model")
     return path
 
 

@@ -34,6 +34,12 @@ the new one, so removing it cannot let two builds hold "the" lock at once. ``flo
 belong to the open file, so the kernel releases them when the holder dies (SIGKILL included):
 a stale lock file never blocks a build. Windows has no ``fcntl``: there the lock is skipped
 (this project runs on Linux and macOS).
+
+``plan_lock`` is the same lock on a calibration's plan directory (``.<plan dir name>.lock``
+beside it), held while a plan is opened and calibrated (``aqexport calibrate`` and the build's
+calibrate stage): two calibrations into one ``plan_dir`` (two builds with different outputs
+sharing it, or a build beside ``aqexport calibrate``) would otherwise write each other's blocks
+and index, and one could read back a block the other is still writing.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +64,7 @@ try:
 except ImportError:  # Windows: no flock; builds there are not locked
     fcntl = None
 
-__all__ = ["build_identity", "build_lock", "lock_path", "portable_config", "up_to_date"]
+__all__ = ["build_identity", "build_lock", "lock_path", "plan_lock", "portable_config", "up_to_date"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +88,19 @@ def _holder(path: Path) -> str:
     return f"pid {pid}" if pid.isdigit() else "another process"
 
 
+#: (what the directory is, what its holder is doing, the fix) for each kind of locked directory
+_BUILD = ("output", "being built", "wait for that build to finish, or build into another output.dir")
+_CALIBRATION = (
+    "plan_dir",
+    "being calibrated",
+    "wait for that calibration to finish, or set calibration.plan_dir to another directory",
+)
+
+
 @contextmanager
-def build_lock(output_dir: Path) -> Iterator[Path]:
-    """Hold the output directory's build lock (see the module docstring); ``ConfigError`` if held."""
+def build_lock(output_dir: Path, *, refusal: tuple[str, str, str] = _BUILD) -> Iterator[Path]:
+    """Hold the output directory's build lock (see the module docstring); ``ConfigError`` if held,
+    worded by ``refusal`` (what the directory is, what its holder is doing, the fix)."""
     path = lock_path(output_dir)
     if fcntl is None:
         yield path
@@ -96,10 +112,8 @@ def build_lock(output_dir: Path) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(
-                f"output '{output_dir}' is being built by {_holder(path)} (lock '{path}')",
-                "wait for that build to finish, or build into another output.dir",
-            ) from None
+            what, doing, fix = refusal
+            raise ConfigError(f"{what} '{output_dir}' is {doing} by {_holder(path)} (lock '{path}')", fix) from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -117,6 +131,11 @@ def build_lock(output_dir: Path) -> Iterator[Path]:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def plan_lock(plan_dir: Path) -> AbstractContextManager[Path]:
+    """Hold a plan directory's calibration lock (the module docstring); ``ConfigError`` if held."""
+    return build_lock(plan_dir, refusal=_CALIBRATION)
 
 
 def _relative(path: str | Path | None, base: Path) -> str | None:

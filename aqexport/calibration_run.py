@@ -11,12 +11,15 @@ time and per-block matrix health.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aqexport.artifact import write_json
+from aqexport.atomic_files import out_of_space, write_atomically
+from aqexport.build_cache import plan_lock
 from aqexport.calibrate.data import calibration_windows
 from aqexport.calibrate.engine import calibrate
 from aqexport.calibrate.plan import QuantPlan
@@ -25,9 +28,9 @@ from aqexport.capture import CacheLayout, cache_layout
 from aqexport.config import BuildConfig, CalibrationSpec, require_calibratable
 from aqexport.recipes import calibration_recipe
 from aqexport.reference import torch_logits_of
-from aqexport.runtime import perplexity, split_windows
+from aqexport.runtime import perplexity
 from aqexport.sources import LoadedModel, load_model
-from aqexport.verify import tokenize_text
+from aqexport.verify import EVALUATION_TEXT, text_windows
 
 __all__ = [
     "calibrate_loaded",
@@ -78,10 +81,11 @@ def calibrate_loaded(
     spec = config.calibration
     recipe = recipe_from_config(config)
     windows = calibration_windows(loaded.tokenizer, spec.data, spec.samples, spec.seqlen, spec.seed)
-    plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), plan_identity(loaded, spec))
-    resumed = len(plan.blocks)
-    start = time.perf_counter()
-    calibrate(loaded.model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block)
+    with plan_lock(config.plan_dir()):  # one calibration per plan_dir (build_cache.plan_lock)
+        plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), plan_identity(loaded, spec))
+        resumed = len(plan.blocks)
+        start = time.perf_counter()
+        calibrate(loaded.model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block)
     return plan, {
         "recipe": recipe.as_dict(),
         "plan_dir": str(plan.directory),
@@ -107,7 +111,7 @@ def evaluation_windows(config: BuildConfig, tokenizer):
     evaluation = config.evaluation
     if evaluation.text is None:
         return None
-    return split_windows(tokenize_text(tokenizer, evaluation.text), evaluation.seqlen, evaluation.max_windows)
+    return text_windows(tokenizer, evaluation.text, evaluation.seqlen, evaluation.max_windows, EVALUATION_TEXT)
 
 
 def torch_perplexity(model, windows) -> float | None:
@@ -126,7 +130,7 @@ def run_calibration(
     quantized = torch_perplexity(loaded.model, windows)
     if windows is not None:
         report["evaluation"] = {
-            "text": str(config.evaluation.text),
+            "text": str(config.evaluation.text),  # made relative to the plan directory when written
             "seqlen": config.evaluation.seqlen,
             "windows": int(windows.shape[0]),
             "fp_perplexity": fp,
@@ -135,5 +139,22 @@ def run_calibration(
         }
     else:
         report["evaluation"] = None
-    write_json(plan.directory / "report.json", report)
+    _write_report(plan.directory, report)
     return report
+
+
+def _write_report(plan_dir: Path, report: dict[str, Any]) -> None:
+    """``report.json`` in the plan directory, which moves with its project: the plan directory
+    is ``"."`` and the evaluation text relative to it, never a build machine's absolute path
+    (the plan's identity already names the calibration text by its sha256)."""
+    portable = {**report, "plan_dir": "."}
+    if portable.get("evaluation"):
+        text = os.path.relpath(portable["evaluation"]["text"], plan_dir)
+        portable["evaluation"] = {**portable["evaluation"], "text": Path(text).as_posix()}
+    try:
+        write_atomically(plan_dir / "report.json", (json.dumps(portable, indent=2, default=str) + "\n").encode())
+    except OSError as error:
+        full = out_of_space(error, plan_dir, "free space there, then re-run: the finished plan is kept")
+        if full is None:
+            raise
+        raise full from error

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from aqexport.artifact_refs import check_artifact_references
 from aqexport.errors import AqexportError, ConfigError
 
 __all__ = ["main"]
@@ -38,6 +39,7 @@ def _artifact_dir(value: str) -> Path:
         raise AqexportError(
             f"'{path}' is not an artifact directory (no model.onnx)", "pass the output directory of 'aqexport build'"
         )
+    check_artifact_references(path)
     return path
 
 
@@ -86,10 +88,12 @@ def build(config: Path, output: Path | None, force: bool) -> None:
     from rich.console import Console
 
     from aqexport.config import load_config
+    from aqexport.output_guard import check_output_dir
     from aqexport.pipeline import build as run_build
 
     console = Console(stderr=True)
     cfg = load_config(config)
+    check_output_dir(cfg, output if output is not None else cfg.output.dir, config)
     stages: list[str] = []
 
     def on_stage(name: str) -> None:
@@ -195,9 +199,11 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     else:
         tokens = tokenizer(prompt)["input_ids"]
     session, info = create_session(directory, providers)
+    decoder = decoder_for(session, *genai_facts(directory))
+    _check_prompt_fits(len(tokens), max_new_tokens, _context_length(directory, decoder))
     eos = tokenizer.eos_token_id
     result = generate(
-        decoder_for(session, *genai_facts(directory)),
+        decoder,
         tokens,
         max_new_tokens,
         eos_token_ids=frozenset({eos}) if eos is not None else frozenset(),
@@ -223,6 +229,47 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
         f"decode {result.decode_tokens_per_second:.1f} tok/s; providers {', '.join(info.used)}]",
         err=True,
     )
+
+
+def _context_length(directory: Path, decoder) -> int | None:
+    """Positions the artifact can attend over: a static (mobile) graph's cache slots, else the
+    ``context_length`` of ``genai_config.json`` (the model's ``max_position_embeddings``: rotary
+    caches end there), else ``config.json``'s; ``None`` when nothing says."""
+    if getattr(decoder, "context", None):
+        return int(decoder.context)
+    for name, keys in (
+        ("genai_config.json", ("model", "context_length")),
+        ("config.json", ("max_position_embeddings",)),
+    ):
+        try:
+            value = json.loads((directory / name).read_text())
+            for key in keys:
+                value = value[key]
+            return int(value)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _check_prompt_fits(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """Refuse a generation that cannot fit the context before running it: past the context a
+    rotary cache is indexed out of range (or a static cache overflows) mid-generation. The last
+    new token is never fed back, so prompt + new - 1 positions are used."""
+    if prompt_tokens == 0:
+        raise ConfigError("the prompt is empty (0 tokens)", "pass some text with --prompt")
+    if context is None:
+        return
+    if prompt_tokens > context:
+        raise ConfigError(
+            f"the prompt is {prompt_tokens} tokens, longer than the artifact's context of {context} tokens",
+            f"shorten the prompt to at most {context} tokens",
+        )
+    if prompt_tokens + max_new_tokens - 1 > context:
+        raise ConfigError(
+            f"the prompt's {prompt_tokens} tokens plus --max-new-tokens {max_new_tokens} exceed the artifact's "
+            f"context of {context} tokens",
+            f"lower --max-new-tokens to at most {context - prompt_tokens + 1}, or shorten the prompt",
+        )
 
 
 def _int_list(ctx, param, value: str) -> tuple[int, ...]:
@@ -293,18 +340,15 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json, n
     """Perplexity of ARTIFACT on a text file (non-overlapping windows, ALGORITHMS.md §7)."""
     from tqdm import tqdm
 
-    from aqexport.runtime import create_session, decoder_for, perplexity, split_windows
+    from aqexport.runtime import create_session, decoder_for, perplexity
     from aqexport.runtime.perplexity import onnx_logits_of
     from aqexport.runtime.session import genai_facts
-    from aqexport.verify import tokenize_text
+    from aqexport.verify import text_windows
 
     directory = _artifact_dir(artifact)
     _verify(directory, no_verify)
     tokenizer = _load_tokenizer(directory)
-    try:
-        windows = split_windows(tokenize_text(tokenizer, text_file), seqlen, max_windows)
-    except ValueError as exc:
-        raise AqexportError(str(exc), "use a longer text or a smaller --seqlen") from None
+    windows = text_windows(tokenizer, text_file, seqlen, max_windows, ("--text", "--seqlen"))
     session, info = create_session(directory, providers)
     decoder = decoder_for(session, *genai_facts(directory))
     result = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="windows", disable=as_json))

@@ -9,6 +9,7 @@ wherever the command is run from. ``load_config`` turns every validation failure
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from pathlib import Path
@@ -275,6 +276,23 @@ def _check_files(config: BuildConfig) -> None:
     ):
         if value is not None and not value.is_file():
             raise ConfigError(f"{key}: file '{value}' not found", f"point '{key}' at a text file")
+        problem = None if value is None else _text_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{key}: file '{value}' {problem}", f"point '{key}' at a UTF-8 text (WikiText-2's)")
     out = config.output.dir
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir '{out}' exists and is a file", "choose another directory")
+
+
+def _text_problem(path: Path, head: int = 1 << 16) -> str | None:
+    """Why ``path`` cannot be a text to calibrate or evaluate on, from its first ``head`` bytes
+    (a text of a few tokens is caught once the tokenizer is loaded; this needs none)."""
+    with path.open("rb") as handle:
+        data = handle.read(head)
+    if not data.strip() and len(data) < head:
+        return "is empty" if not data else "holds only whitespace"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=len(data) < head)
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.start})"
+    return None

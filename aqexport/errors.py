@@ -53,5 +53,12 @@ def explain_validation_error(error: dict, model: type, prefix: tuple[str, ...] =
     if kind == "missing":
         return ConfigError(f"missing key '{loc}'", f"add '{loc}' to the config")
     return ConfigError(
-        f"bad value for '{loc}': {error['msg']} (got {error.get('input')!r})", f"set '{loc}' to a valid value"
+        f"bad value for '{loc}': {error['msg']} (got {_short_repr(error.get('input'))})",
+        f"set '{loc}' to a valid value",
     )
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    """A value in an error line, cut short: the line names the key, not a pasted-in megabyte."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -23,6 +23,7 @@ from onnx_ir.passes import common as common_passes
 # ``fold_constants_ir``), not as a pass; its own optimizer imports the pass class from here too.
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
+from aqexport import faults
 from aqexport.errors import PassContractError
 from aqexport.passes import (
     ActivationQuantPass,
@@ -214,4 +215,5 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> Lowerin
                 lowering.sections.setdefault(section, {}).update(contribution)
         lowering.records.append(record)
         logger.info("%s: %s", record["pass"], record)
+        faults.point("lower.pass")  # a test hook, off unless AQEXPORT_FAULT names it
     return lowering

@@ -13,9 +13,10 @@ directory), ``output_dir`` (where it will be moved), ``identity`` (``build_cache
 ``target`` (``aqexport.target.Target``, resolved once), ``on_block`` and ``timings`` (filled by the
 loop, read by ``finalize``).
 
-Before any stage, ``build`` takes the output directory's lock and returns the artifact already
-there if its manifest records this build's identity and its files still match
-(``aqexport.build_cache``); ``force=True`` rebuilds anyway.
+Before any stage, ``build`` takes the output directory's lock, cleans up after a build into it
+that was killed (``artifact.recover_interrupted``), and returns the artifact already there if
+its manifest records this build's identity and its files still match (``aqexport.build_cache``);
+``force=True`` rebuilds anyway.
 
 Reproducibility: two builds of one config on one machine write byte-identical ``model.onnx``,
 ``model.onnx.data``, ``genai_config.json``, tokenizer files and plan files. ``manifest.json``
@@ -41,7 +42,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from aqexport import __version__
+from aqexport import __version__, faults
 from aqexport.accuracy_level import choose_accuracy_level, low_bit_matmuls
 from aqexport.artifact import (
     DATA_FILE,
@@ -49,6 +50,7 @@ from aqexport.artifact import (
     atomic_directory,
     dependency_versions,
     file_hashes,
+    recover_interrupted,
     save_model,
     write_json,
 )
@@ -454,6 +456,7 @@ def _run_stages(stages: tuple[Stage, ...], values: dict[str, Any], on_stage: Cal
     timings: dict[str, float] = values["timings"]
     for index, stage in enumerate(stages):
         on_stage(stage.name)
+        faults.point(f"stage.{stage.name}")  # a test hook, off unless AQEXPORT_FAULT names it
         start = time.perf_counter()
         made = stage.run(**{name: values[name] for name in stage.needs})
         if len(stage.makes) == 1:
@@ -481,6 +484,8 @@ def build(
     manifest is returned as it is: ``on_stage("up to date")`` is the only stage reported."""
     final = Path(output_dir) if output_dir is not None else config.output.dir
     with build_lock(final):
+        for line in recover_interrupted(final):  # leftovers of a killed build into this output
+            logger.warning("%s", line)
         identity = build_identity(config, Path(config_dir))
         if not force:
             fresh, why = up_to_date(final, identity)

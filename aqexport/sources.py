@@ -21,6 +21,8 @@ import torch
 from aqexport.architectures import ArchitectureInfo, check_architecture
 from aqexport.config import ModelSpec
 from aqexport.errors import AqexportError, ConfigError
+from aqexport.gguf_check import check_gguf
+from aqexport.weights import load_weights
 
 __all__ = ["LoadedModel", "ResolvedSource", "default_model_path", "load_model", "resolve_source", "source_sha256"]
 
@@ -152,23 +154,23 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None, weights_sha256: st
     source = resolve_source(spec, base_dir)
     if source.gguf_file and importlib.util.find_spec("gguf") is None:
         raise ConfigError("loading a GGUF file needs the 'gguf' package", "pip install gguf")
+    if source.gguf_file and source.kind != "hub":
+        check_gguf(Path(source.location) / source.gguf_file)
     config = _load_config(source, spec.trust_remote_code)
-    architecture = check_architecture(config.model_type, source.location)
+    architecture = check_architecture(config.model_type, source.location, getattr(config, "architectures", None))
     kwargs = source.from_pretrained_kwargs()
     logger.info("loading %s model from %s", source.kind, source.location)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
+    model = load_weights(
+        lambda **extra: AutoModelForCausalLM.from_pretrained(
             source.location,
             dtype=getattr(torch, spec.dtype),
             trust_remote_code=spec.trust_remote_code,
             attn_implementation="sdpa",
             **kwargs,
-        ).eval()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load the weights of '{source.location}': {str(exc).splitlines()[0][:200]}",
-            "make sure model.source holds the model's weights (safetensors, bin or gguf)",
-        ) from None
+            **extra,
+        ),
+        source.location,
+    ).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError, TypeError) as exc:

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from aqexport.config import EvaluationSpec
+from aqexport.errors import ConfigError
 from aqexport.reference import torch_greedy, torch_logits_of, torch_step
 from aqexport.runtime import (
     PROVIDER_NAMES,
@@ -30,7 +31,18 @@ from aqexport.runtime import (
 )
 from aqexport.runtime.perplexity import onnx_logits_of
 
-__all__ = ["compare_logits", "logits_parity", "tokenize_text", "verify_artifact", "verify_ort_format"]
+__all__ = [
+    "EVALUATION_TEXT",
+    "compare_logits",
+    "logits_parity",
+    "text_windows",
+    "tokenize_text",
+    "verify_artifact",
+    "verify_ort_format",
+]
+
+#: How a config names the evaluation text and its window length (``text_windows``' ``names``).
+EVALUATION_TEXT = ("evaluation.text", "evaluation.seqlen")
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +61,27 @@ def tokenize_text(tokenizer: Any, path: Path) -> np.ndarray:
     """The whole split as one text, no special tokens (ALGORITHMS.md §7)."""
     text = Path(path).read_text(encoding="utf-8")
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def text_windows(
+    tokenizer: Any, path: Path, seqlen: int, max_windows: int | None, names: tuple[str, str]
+) -> np.ndarray:
+    """``path``'s perplexity windows. A text shorter than one window is bad input: one
+    ``ConfigError`` naming the text and the setting, ``names`` (text, seqlen) as the user spells
+    them (``evaluation.text`` / ``evaluation.seqlen`` in a config, ``--text`` / ``--seqlen``)."""
+    text_name, seqlen_name = names
+    try:
+        tokens = tokenize_text(tokenizer, path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{text_name} '{path}' is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    try:
+        return split_windows(tokens, seqlen, max_windows)
+    except ValueError:
+        shorter = f", or set {seqlen_name} to at most {tokens.size}" if tokens.size >= 8 else ""
+        raise ConfigError(
+            f"{text_name} '{path}' has {tokens.size} tokens, fewer than one window of {seqlen} ({seqlen_name})",
+            f"use a longer text{shorter}",
+        ) from None
 
 
 def _prompt_tokens(tokenizer: Any, spec: EvaluationSpec) -> list[int]:
@@ -115,7 +148,7 @@ def verify_artifact(
         }
 
     if spec.text is not None:
-        windows = split_windows(tokenize_text(tokenizer, spec.text), spec.seqlen, spec.max_windows)
+        windows = text_windows(tokenizer, spec.text, spec.seqlen, spec.max_windows, EVALUATION_TEXT)
         section: dict[str, Any] = {"text": str(spec.text), "tokenizer": getattr(tokenizer, "name_or_path", "")}
         start = time.perf_counter()
         onnx = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="ppl onnx", leave=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -199,7 +200,7 @@ def test_format_4_plan_loads_with_plain_matrices_and_is_rewritten_as_current(tmp
     index = tmp_path / "plan.json"
     saved = json.loads(index.read_text())
     saved["format"] = 4
-    del saved["blocks"]["0"]["norm_structures"]
+    del saved["blocks"]["0"]["norm_structures"], saved["block_sha256"]  # format 4 predates both
     file = tmp_path / "block_000.safetensors"
     save_file({k: v for k, v in load_file(str(file)).items() if not k.startswith("norm_structures.")}, str(file))
     index.write_text(json.dumps(saved))
@@ -223,6 +224,10 @@ def test_block_file_that_does_not_match_the_index_is_refused(tmp_path):
     tensors = load_file(str(file))
     del tensors["linears.self_attn.q_proj.bias"]
     save_file(tensors, str(file))
+    index = tmp_path / "plan.json"  # its sha256 recorded: a file the index vouches for, yet not its block
+    saved = json.loads(index.read_text())
+    saved["block_sha256"]["0"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    index.write_text(json.dumps(saved))
     with pytest.raises(AqexportError, match="has_bias"):
         QuantPlan.open(tmp_path, RECIPE, MODEL)
 

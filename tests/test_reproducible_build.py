@@ -15,6 +15,7 @@ from pathlib import Path
 from aqexport.config import load_config
 from aqexport.pipeline import build
 from tests.conftest import tiny_build_config
+from tests.faults.harness import reproducible_manifest
 from tests.tiny_models import data_file
 
 RTN = {"recipe": "rtn", "preset": "w4a16g128"}
@@ -34,13 +35,6 @@ def _strings(value):
         yield from (s for item in value for s in _strings(item))
     elif isinstance(value, str):
         yield value
-
-
-def _reproducible_part(manifest: dict) -> dict:
-    manifest = dict(manifest)
-    varying = manifest.pop("not_reproducible")
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if k not in varying["files"]}
-    return manifest
 
 
 def test_two_builds_are_byte_identical(tiny_model_dir, tmp_path):
@@ -65,7 +59,7 @@ def test_two_builds_are_byte_identical(tiny_model_dir, tmp_path):
     assert manifests[0]["not_reproducible"]["files"] == ["report.json"]
     assert set(manifests[0]["not_reproducible"]) == {"files", "stage_seconds", "pass_seconds"}
     assert all("seconds" not in record for record in manifests[0]["passes"])
-    assert _reproducible_part(manifests[0]) == _reproducible_part(manifests[1])
+    assert reproducible_manifest(manifests[0]) == reproducible_manifest(manifests[1])
     assert manifests[0]["config"]["output"]["dir"] == "artifact"
 
     for artifact in (first, second):  # paths are relative to the config's folder, never absolute

@@ -7,15 +7,23 @@ from typing import Any
 
 import torch
 
+from aqexport.errors import ConfigError
+
 __all__ = ["calibration_windows"]
 
 
 def calibration_windows(tokenizer: Any, path: Path, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``samples`` windows of ``seqlen`` tokens at random offsets (seeded), as [N, L] int64."""
+    """``samples`` windows of ``seqlen`` tokens at random offsets (seeded), as [N, L] int64.
+    A text too short for one window is bad input (``ConfigError``), found before any block runs."""
     ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() <= seqlen:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise ConfigError(
+            f"calibration.data '{path}' has {ids.numel()} tokens, too few for one window of {seqlen} "
+            "(calibration.seqlen)",
+            "use a longer calibration text"
+            + (f", or set calibration.seqlen below {ids.numel()}" if ids.numel() > 16 else ""),
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (samples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

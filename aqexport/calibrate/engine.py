@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
+from aqexport.calibrate.finite import check_fake_quant_block, check_float_block, check_plan_tensors
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remove_input_hooks
 from aqexport.calibrate.norm_forms import NormTransform, factor_shapes
@@ -454,6 +455,8 @@ def calibrate(
         start = time.perf_counter()
         with StatisticsCollector(block, recipe.outlier_threshold) as collector:
             y_fp = _run_block(block, x_fp, kwargs)
+        name = f"{blocks_path}.{index}"
+        check_float_block(block, name, index, x_fp, y_fp, kwargs, plan.directory)
         if index in plan.blocks:
             block_plan = plan.blocks[index]
         else:
@@ -470,9 +473,11 @@ def calibrate(
                 _calibrate_static_ranges(block, block_plan, x_q, kwargs)
         apply_block_plan(block, block_plan)
         x_q_next = _run_block(block, x_q, kwargs)
+        check_fake_quant_block(block, name, index, x_q, x_q_next, kwargs, plan.directory)
         block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))
         if index not in plan.blocks:
             block_plan.seconds = time.perf_counter() - start
+            check_plan_tensors(block_plan.tensors(), name, index, plan.directory)
             plan.add_block(block_plan)
         x_fp, x_q = y_fp, x_q_next
         on_block(index + 1, len(blocks))

@@ -17,8 +17,22 @@ outlier mode / threshold / channel count; per ``dict[str, Tensor]`` field its ke
 ``norm_structures.<norm>.scales|factors.<i>`` (format 5: the form of each norm-side transform,
 ``aqexport.calibrate.norm_forms.NormStructure``; a format-4 plan, written before forms existed,
 is read with no structures, i.e. every transform what its matrix is: dense or diagonal).
-Each block file is written to a temp file and renamed, and ``plan.json`` rewritten after each
-block, so a calibration killed mid-model resumes from the last block whose file landed.
+Each block file is written to a temp file, flushed and renamed
+(``aqexport.atomic_files.write_atomically``), and ``plan.json`` rewritten the same way after
+each block, so a calibration killed mid-model resumes from the last block whose file landed.
+
+**Checksums.** ``plan.json`` also holds ``block_sha256`` (per block index, the sha256 of its
+file's bytes), checked when the plan is opened: a block file that is missing, fails its sha256
+or does not parse (a flipped byte, a truncated copy, a disk error) is dropped *with every block
+after it*, and calibration recomputes from there, logging one warning naming the file. The later
+blocks go too because each was trained on the outputs of the blocks before it: recomputing is
+bit-identical (the engine seeds each block by its index) when nothing else changed, and
+recomputing the rest keeps the plan consistent even when something did. A plan written before
+``block_sha256`` existed (no key) loads its parseable blocks unchecked; an older aqexport
+ignores the key, so it is no format change. Leftover ``*.tmp`` files of a killed writer are
+removed on open (the caller holds the plan directory's lock, ``build_cache.plan_lock``). A full
+disk while writing is one ``AqexportError`` line naming the plan directory; the blocks already
+written stay.
 
 ``plan.json`` and the block files hold nothing that differs between two calibrations of the
 same inputs: each block's wall time (``BlockPlan.seconds``) goes to ``timings.json`` beside
@@ -40,15 +54,19 @@ with it. Bump ``PLAN_FORMAT`` whenever a field of these dataclasses (or of the n
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
+from aqexport import faults
+from aqexport.atomic_files import TMP_SUFFIX, out_of_space, write_atomically
 from aqexport.calibrate.norm_forms import NormStructure
 from aqexport.calibrate.outliers import OutlierSplit
 from aqexport.calibrate.plan_schema import FieldSpec, SchemaError, from_record, stored, to_record
@@ -61,6 +79,13 @@ __all__ = ["PLAN_FORMAT", "BlockPlan", "LinearPlan", "QuantPlan"]
 
 PLAN_FORMAT = 5
 TIMINGS_FILE = "timings.json"
+INDEX_FILE = "plan.json"
+_NO_SPACE_FIX = (
+    "free space there, or set calibration.plan_dir to a larger filesystem, then re-run: the blocks already "
+    "finished are kept"
+)
+
+logger = logging.getLogger(__name__)
 _WALL_TIME = "seconds"  # the BlockPlan field kept out of plan.json (it differs run to run)
 
 
@@ -199,6 +224,8 @@ class QuantPlan:
     directory: Path | None = None
     blocks_path: str = ""
     blocks: dict[int, BlockPlan] = field(default_factory=dict)
+    # sha256 of each block's file bytes (written or read), for plan.json's block_sha256
+    _block_sha256: dict[int, str] = field(default_factory=dict, repr=False)
 
     def linears(self) -> dict[str, LinearPlan]:
         """Every planned linear by its full module path (``model.layers.3.mlp.up_proj``)."""
@@ -213,12 +240,12 @@ class QuantPlan:
         if self.directory is not None:
             self._write_block(block)
             self._write_index()
+            faults.point("calibrate.block")
 
     def _write_block(self, block: BlockPlan) -> None:
-        path = self.directory / f"block_{block.index:03d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(block.tensors(), str(tmp))
-        os.replace(tmp, path)
+        data = save(block.tensors())
+        self._block_sha256[block.index] = hashlib.sha256(data).hexdigest()
+        self._write(_block_file(block.index), data)
 
     def _write_index(self) -> None:
         blocks = {str(i): b.metadata() for i, b in sorted(self.blocks.items())}
@@ -229,11 +256,19 @@ class QuantPlan:
             "model": self.model,
             "blocks_path": self.blocks_path,
             "blocks": blocks,
+            "block_sha256": {str(i): self._block_sha256[i] for i in sorted(self.blocks) if i in self._block_sha256},
         }
-        for name, content in ((TIMINGS_FILE, timings), ("plan.json", payload)):  # the index last
-            tmp = self.directory / f"{name}.tmp"
-            tmp.write_text(json.dumps(content, indent=1))
-            os.replace(tmp, self.directory / name)
+        for name, content in ((TIMINGS_FILE, timings), (INDEX_FILE, payload)):  # the index last
+            self._write(name, json.dumps(content, indent=1).encode())
+
+    def _write(self, name: str, data: bytes) -> None:
+        try:
+            write_atomically(self.directory / name, data)
+        except OSError as error:
+            full = out_of_space(error, self.directory, _NO_SPACE_FIX)
+            if full is None:
+                raise
+            raise full from error
 
     def save(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -247,7 +282,9 @@ class QuantPlan:
         """A new plan in ``directory``, or the partial one there if it was made by the same
         recipe for the same model (resume); anything else there is an error, never overwritten."""
         directory = Path(directory)
-        index = directory / "plan.json"
+        index = directory / INDEX_FILE
+        for stale in directory.glob(f"*{TMP_SUFFIX}"):  # a killed writer's: never read back
+            stale.unlink(missing_ok=True)
         if not index.exists():
             directory.mkdir(parents=True, exist_ok=True)
             return cls(recipe, model, directory)
@@ -272,13 +309,42 @@ class QuantPlan:
             )
         plan = cls(recipe, model, directory, saved.get("blocks_path", ""))
         seconds = _block_seconds(directory / TIMINGS_FILE)
-        for key, meta in saved["blocks"].items():
-            file = directory / f"block_{int(key):03d}.safetensors"
-            if file.exists():
-                try:
-                    plan.blocks[int(key)] = BlockPlan.from_saved(
-                        _UPGRADES[found](meta), load_file(str(file)), seconds.get(key, 0.0)
-                    )
-                except SchemaError as error:
-                    raise AqexportError(f"'{file}' does not match '{index}' ({error})", fresh) from error
+        recorded = saved.get("block_sha256")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        for key in sorted(saved["blocks"], key=int):
+            file = directory / _block_file(int(key))
+            read = _read_block(file, recorded.get(key))
+            if isinstance(read, str):  # this block and every later one are recomputed
+                if read:
+                    logger.warning("%s: recalibrating from block %s", read, key)
+                break
+            tensors, digest = read
+            try:
+                block = BlockPlan.from_saved(_UPGRADES[found](saved["blocks"][key]), tensors, seconds.get(key, 0.0))
+            except SchemaError as error:
+                raise AqexportError(f"'{file}' does not match '{index}' ({error})", fresh) from error
+            plan.blocks[int(key)] = block
+            plan._block_sha256[int(key)] = digest
         return plan
+
+
+def _block_file(index: int) -> str:
+    return f"block_{index:03d}.safetensors"
+
+
+def _read_block(file: Path, sha256: str | None) -> tuple[dict[str, torch.Tensor], str] | str:
+    """``(tensors, sha256 of the bytes)`` of a block file that is there, matches its recorded
+    ``sha256`` (if any) and parses; else why not ("" for a file that never landed)."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return ""
+    except OSError as error:
+        return f"'{file}' is unreadable ({error.strerror})"
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        return f"'{file}' does not match its sha256 in {INDEX_FILE} (corrupted or changed)"
+    try:
+        return load(data), digest
+    except (SafetensorError, ValueError) as error:
+        return f"'{file}' is not a readable safetensors file ({error})"

@@ -13,6 +13,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from aqexport.artifact_refs import escapes
 from aqexport.diff.description import load_description
 from aqexport.diff.side import GraphSide, subgraphs
 from aqexport.errors import AqexportError
@@ -72,6 +73,11 @@ def _check_external_data(model: ir.Model, path: Path, label: str) -> None:
                 continue
             location = tensor.location
             if location not in sizes:
+                if escapes(location, path.parent):
+                    raise AqexportError(
+                        f"'{label}' reads external data from '{location}', outside its directory",
+                        "diff artifacts built by 'aqexport build': they keep their data beside model.onnx",
+                    )
                 file = path.parent / location
                 if not file.is_file():
                     raise AqexportError(
