@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aqexport.atomic_files import out_of_space, write_atomically
 from aqexport.build_cache import plan_lock
 from aqexport.calibrate.data import calibration_windows
@@ -70,6 +72,19 @@ def plan_identity(loaded: LoadedModel, spec: CalibrationSpec) -> dict[str, Any]:
     }
 
 
+#: Added to calibration.seed for the rounding step's extra windows.
+HESSIAN_SEED_OFFSET = 1000
+
+
+def _hessian_windows(loaded: LoadedModel, spec: CalibrationSpec, tokens: int) -> torch.Tensor | None:
+    """Windows for the rounding step's Hessians when it asks for more tokens than training sees
+    (``None``: the training windows do). Drawn with another seed so they add text, not repeat it."""
+    samples = -(-tokens // spec.seqlen)
+    if samples <= spec.samples:
+        return None
+    return calibration_windows(loaded.tokenizer, spec.data, samples, spec.seqlen, spec.seed + HESSIAN_SEED_OFFSET)
+
+
 def calibrate_loaded(
     config: BuildConfig,
     loaded: LoadedModel,
@@ -81,11 +96,14 @@ def calibrate_loaded(
     spec = config.calibration
     recipe = recipe_from_config(config)
     windows = calibration_windows(loaded.tokenizer, spec.data, spec.samples, spec.seqlen, spec.seed)
+    hessian_windows = _hessian_windows(loaded, spec, recipe.rounding.hessian_tokens)
     with plan_lock(config.plan_dir()):  # one calibration per plan_dir (build_cache.plan_lock)
         plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), plan_identity(loaded, spec))
         resumed = len(plan.blocks)
         start = time.perf_counter()
-        calibrate(loaded.model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block)
+        calibrate(
+            loaded.model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block, hessian_windows
+        )
     return plan, {
         "recipe": recipe.as_dict(),
         "plan_dir": str(plan.directory),
@@ -93,6 +111,9 @@ def calibrate_loaded(
         "resumed_from_block": resumed,
         "samples": spec.samples,
         "seqlen": spec.seqlen,
+        "hessian_tokens": int((windows if hessian_windows is None else hessian_windows).numel())
+        if recipe.rounding.needs_hessians
+        else 0,
         **plan_health(plan),
     }
 

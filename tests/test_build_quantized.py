@@ -25,7 +25,8 @@ CASES = [
     ("qwen2", "omniquant", "w4a4", {}),  # q/k/v biases moved by the out and q·k transforms
     ("llama", "smoothquant", "w8a8", {"activations": "static", "target": {"weight_format": "qdq"}}),  # all QDQ
     ("qwen2", "rtn", "w4a16", {"lm_head": "int8", "embedding": "int8"}),  # auto: the int8 head at level 4
-    ("qwen2", "affinequant", "w3a16g128", {"rounding": "gptq"}),  # GPTQ codes after the learned transforms
+    # GPTQ codes after the learned transforms, Hessians from 960 tokens (more than training's windows)
+    ("qwen2", "affinequant", "w3a16g128", {"rounding": {"method": "gptq", "tokens": 960}}),
     # LLM.int8; random tiny weights rarely reach τ = 6, so a lower τ exercises the split
     # accuracy_level 0: 8-bit MatMulNBits in float, so the split is checked exactly
     ("opt", "llm_int8", None, {"outlier_threshold": 1.5, "target": {"accuracy_level": 0}}),  # dynamic (bnb)
@@ -134,6 +135,8 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     assert sum(info.get("role") == "lm_head" for info in linears.values()) == (extra.get("lm_head", "float") != "float")
     weights = {init.name for init in model.graph.initializer}
     assert not any(f"{path}.weight" in weights for path in linears)  # no planned float weight is left
+    rounding = extra.get("rounding", {})
+    assert calibration["hessian_tokens"] == (rounding["tokens"] if rounding else 0)  # 30 windows of 32
     if extra.get("lm_head") == "int4":  # auto: GPTQ on the head's inputs for an int4 head, RTN for int8
         assert calibration["lm_head"]["method"] == "gptq" and calibration["lm_head"]["tokens"] > 0
     else:

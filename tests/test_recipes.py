@@ -146,3 +146,27 @@ def test_gptq_rounding_composes_and_lowers_block_error(tiny_model_dir, method):
 def test_affinequant_norm_form_defaults_by_preset(preset, configured, expected):
     raw = {"recipe": "affinequant", "preset": preset, **({"transform": configured} if configured else {})}
     assert calibration_recipe(recipe_config(raw), 4, 0).norm_form == expected
+
+
+def _gptq_codes(tiny_model_dir, hessian_windows) -> list[torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    layout = cache_layout(model)
+    recipe = make_recipe("rtn", "w4a16g128", rounding={"method": "gptq", "tokens": 480})
+    plan = QuantPlan(recipe.as_dict(), {})
+    windows = calibration_windows(tokenizer, data_file("valid"), 4, 48, 2)
+    extra = None if hessian_windows is None else hessian_windows(tokenizer, windows)
+    calibrate(model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], hessian_windows=extra)
+    return [entry.codes for block in plan.blocks.values() for entry in block.linears.values()]
+
+
+def test_gptq_hessians_come_from_the_hessian_windows_through_the_calibrated_blocks(tiny_model_dir):
+    """The same windows given as Hessian windows give the same codes as none (the training
+    windows' Hessians, propagated through the quantized blocks); more windows give other codes."""
+    alone = _gptq_codes(tiny_model_dir, None)
+    same = _gptq_codes(tiny_model_dir, lambda tokenizer, windows: windows.clone())
+    more = _gptq_codes(
+        tiny_model_dir, lambda tokenizer, windows: calibration_windows(tokenizer, data_file("valid"), 10, 48, 1002)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(alone, same, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(alone, more, strict=True))

@@ -435,11 +435,17 @@ def calibrate(
     head_dim: int,
     kv_heads: int,
     on_block: Callable[[int, int], None] = lambda done, total: None,
+    hessian_windows: torch.Tensor | None = None,
 ) -> QuantPlan:
     """Calibrate ``model`` in place (it ends up as the fake-quant model) and fill ``plan``.
 
     Blocks already in ``plan`` (a resumed run) are not retrained: their fake-quant form is
     rebuilt from the plan and the activations propagated through them.
+
+    ``hessian_windows`` (same length as ``windows``): where the rounding step's Hessians come
+    from instead of the training windows. They run only forward, through each block as
+    calibrated (quantized blocks before it included), so a data-aware rounding can see many more
+    tokens than training can afford; ``None``: the training windows.
     """
     blocks_path, blocks = decoder_blocks(model)
     plan.blocks_path = blocks_path
@@ -450,6 +456,7 @@ def calibrate(
     inputs = catch_block_inputs(model, blocks, windows)
     x_fp = inputs.hidden
     x_q = x_fp.clone()
+    h_q = None if hessian_windows is None else catch_block_inputs(model, blocks, hessian_windows).hidden
     for index, block in enumerate(blocks):
         kwargs = inputs.kwargs[index]
         start = time.perf_counter()
@@ -468,11 +475,14 @@ def calibrate(
             )
             block_plan.loss_curve = losses
             if recipe.rounding.needs_hessians:
-                recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, x_q, kwargs))
+                seen = x_q if h_q is None else h_q
+                recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, seen, kwargs))
             if recipe.static_activations and recipe.activation is not None:
                 _calibrate_static_ranges(block, block_plan, x_q, kwargs)
         apply_block_plan(block, block_plan)
         x_q_next = _run_block(block, x_q, kwargs)
+        if h_q is not None:
+            h_q = _run_block(block, h_q, kwargs)
         check_fake_quant_block(block, name, index, x_q, x_q_next, kwargs, plan.directory)
         block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))
         if index not in plan.blocks:

@@ -38,6 +38,10 @@ __all__ = ["GptqRounding", "gptq_codes", "gptq_quantize", "input_hessian"]
 
 #: Dampening added to H's diagonal, as a fraction of its mean: the reference code's default.
 DAMPENING = 0.01
+#: Calibration tokens a block's Hessians are estimated from by default. GPTQ solves a least-squares
+#: problem per output row over ``in_features`` unknowns; with the 4096 training tokens it overfits
+#: them (SmolLM2 rtn+gptq w4a16g128: 31.72, against 30.88 from 32768; RTN 32.37).
+TOKENS = 32768
 #: Columns updated together before the lazy update of the rest (the reference code's 128).
 LAZY_BLOCK = 128
 
@@ -63,9 +67,17 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float = DAMPENING) -> to
 GroupRange = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _gptq_loop(work: torch.Tensor, inverse: torch.Tensor, scheme: QuantScheme, group_range: GroupRange) -> torch.Tensor:
-    """The column loop: quantize each column with its group's range, push the error onto the
-    columns not yet done (lazily, ``LAZY_BLOCK`` at a time). ``work`` is consumed."""
+def _gptq_loop(
+    work: torch.Tensor,
+    inverse: torch.Tensor,
+    scheme: QuantScheme,
+    group_range: GroupRange | None = None,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The column loop: quantize each column on its range, push the error onto the columns not
+    yet done (lazily, ``LAZY_BLOCK`` at a time). ``work`` is consumed. The range is either
+    ``group_range``'s, asked at each group's first column, or fixed per column by ``grid``
+    (scale, zero [rows, columns] in the loop's column order, which act order permutes)."""
     rows, columns = work.shape
     group = scheme.group_size or columns
     codes = torch.empty(rows, columns, dtype=torch.int32)
@@ -76,7 +88,9 @@ def _gptq_loop(work: torch.Tensor, inverse: torch.Tensor, scheme: QuantScheme, g
         block_inverse = inverse[start:stop, start:stop]
         for offset in range(stop - start):
             column = start + offset
-            if column % group == 0:  # the group's error-updated columns; it may run past this block
+            if grid is not None:
+                scale, zero = grid[0][:, column : column + 1], grid[1][:, column : column + 1]
+            elif column % group == 0:  # the group's error-updated columns; it may run past this block
                 current = block[:, offset : offset + group]
                 if current.shape[1] < group:
                     current = torch.cat([current, work[:, stop : stop + group - current.shape[1]]], dim=1)
@@ -122,17 +136,25 @@ def gptq_codes(
     scale: torch.Tensor,
     zero: torch.Tensor,
     dampening: float = DAMPENING,
+    act_order: bool = True,
 ) -> torch.Tensor:
-    """Codes of ``weight`` [out, in] on a fixed grid (``scale``, ``zero`` [out, groups])."""
-    group = scheme.group_size or weight.shape[1]
-    scale, zero = scale.double(), zero.double()
+    """Codes of ``weight`` [out, in] on a fixed grid (``scale``, ``zero`` [out, groups]).
 
-    def group_range(column: int, _current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = column // group
-        return scale[:, index : index + 1], zero[:, index : index + 1]
-
-    inverse = _inverse_cholesky(hessian.double(), dampening)
-    return _gptq_loop(weight.detach().double().clone(), inverse, scheme, group_range).to(_code_dtype(scheme))
+    ``act_order``: columns are quantized in decreasing order of their input energy (``H``'s
+    diagonal), so the columns whose error matters most are rounded while the most columns are
+    left to absorb it. The grid stays per group of the original order ("static groups"), so the
+    codes lower exactly as before. SmolLM2 rtn+gptq w4a16g128 (32768 Hessian tokens): 30.88 in
+    natural order, 29.32 with act order (fp 25.62)."""
+    columns = weight.shape[1]
+    group = scheme.group_size or columns
+    scale_columns = scale.double().repeat_interleave(group, dim=1)[:, :columns]
+    zero_columns = zero.double().repeat_interleave(group, dim=1)[:, :columns]
+    hessian = hessian.double()
+    order = torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order else torch.arange(columns)
+    inverse = _inverse_cholesky(hessian[order][:, order], dampening)
+    grid = (scale_columns[:, order], zero_columns[:, order])
+    codes = _gptq_loop(weight.detach().double()[:, order].clone(), inverse, scheme, grid=grid)
+    return codes[:, torch.argsort(order)].to(_code_dtype(scheme))
 
 
 @dataclass(frozen=True)
@@ -141,15 +163,21 @@ class GptqRounding(Rounding):
 
     name: str = "gptq"
     dampening: float = DAMPENING
+    tokens: int = TOKENS
+    act_order: bool = True
 
     @property
     def needs_hessians(self) -> bool:
         return True
+
+    @property
+    def hessian_tokens(self) -> int:
+        return self.tokens
 
     def refine(self, plan: BlockPlan, weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
         for name, entry in plan.linears.items():
             if entry.outlier is not None:
                 continue  # an LLM.int8 split's float columns would absorb error that never reaches the output
             entry.codes = gptq_codes(
-                weights[name], hessians[name], entry.scheme, entry.scale, entry.zero, self.dampening
+                weights[name], hessians[name], entry.scheme, entry.scale, entry.zero, self.dampening, self.act_order
             )

@@ -30,6 +30,12 @@ class Rounding:
     def needs_hessians(self) -> bool:
         return False
 
+    @property
+    def hessian_tokens(self) -> int:
+        """Calibration tokens the Hessians come from (when ``needs_hessians``): the caller runs
+        extra windows through the calibrated blocks when this exceeds the training windows'."""
+        return 0
+
     def refine(self, plan: BlockPlan, weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
         """Replace ``plan``'s codes in place. ``weights``: each linear's transformed float weight
         [out, in] the codes quantize; ``hessians``: its inputs' ``XᵀX / n`` where asked for."""
