@@ -276,6 +276,10 @@ def _freeze(
     return plan, quantized_weights
 
 
+#: Inputs remembered for reuse within a window: the widest group of linears reading one input.
+_SHARED_INPUTS = 3
+
+
 @torch.no_grad()
 def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
     """``XᵀX / n`` (float64) of every planned linear's input as the fake-quant block of ``plan``
@@ -283,10 +287,17 @@ def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwa
     apply_block_plan(block, plan)
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # this window's inputs and their XᵀX
 
     def accumulate(_module: nn.Module, args: tuple, name: str) -> None:
-        rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        totals[name] = totals.get(name, 0) + rows.T @ rows
+        rows = args[0].detach().reshape(-1, args[0].shape[-1])
+        # q/k/v (and gate/up) read equal inputs: one product serves the group. A window's product
+        # is taken in float32 (sums of a window's tokens) and accumulated in float64.
+        product = next((p for seen, p in recent if seen.shape == rows.shape and torch.equal(seen, rows)), None)
+        if product is None:
+            product = (rows.T @ rows).double()
+            recent[:] = [*recent[-(_SHARED_INPUTS - 1) :], (rows, product)]
+        totals[name] = totals.get(name, 0) + product
         counts[name] = counts.get(name, 0) + rows.shape[0]
 
     handles = [
