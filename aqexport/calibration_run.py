@@ -36,6 +36,7 @@ from aqexport.verify import EVALUATION_TEXT, text_windows
 
 __all__ = [
     "calibrate_loaded",
+    "hessian_windows_for",
     "evaluation_windows",
     "plan_health",
     "plan_identity",
@@ -76,7 +77,7 @@ def plan_identity(loaded: LoadedModel, spec: CalibrationSpec) -> dict[str, Any]:
 HESSIAN_SEED_OFFSET = 1000
 
 
-def _hessian_windows(loaded: LoadedModel, spec: CalibrationSpec, tokens: int) -> torch.Tensor | None:
+def hessian_windows_for(loaded: LoadedModel, spec: CalibrationSpec, tokens: int) -> torch.Tensor | None:
     """Windows for the rounding step's Hessians when it asks for more tokens than training sees
     (``None``: the training windows do). Drawn with another seed so they add text, not repeat it."""
     samples = -(-tokens // spec.seqlen)
@@ -96,7 +97,7 @@ def calibrate_loaded(
     spec = config.calibration
     recipe = recipe_from_config(config)
     windows = calibration_windows(loaded.tokenizer, spec.data, spec.samples, spec.seqlen, spec.seed)
-    hessian_windows = _hessian_windows(loaded, spec, recipe.rounding.hessian_tokens)
+    hessian_windows = hessian_windows_for(loaded, spec, recipe.rounding.hessian_tokens)
     with plan_lock(config.plan_dir()):  # one calibration per plan_dir (build_cache.plan_lock)
         plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), plan_identity(loaded, spec))
         resumed = len(plan.blocks)

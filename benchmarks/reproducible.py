@@ -56,7 +56,7 @@ def _digests(directory: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    runs, seconds = [], []
+    runs, seconds, perplexities, stages = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="aqexport-reproducible-") as scratch:
         for name in ("a", "b"):
             directory = Path(scratch) / name
@@ -70,6 +70,10 @@ def main() -> None:
             )
             seconds.append(time.perf_counter() - start)
             runs.append(_digests(directory))
+            report = json.loads((directory / "artifact" / "report.json").read_text())
+            manifest = json.loads((directory / "artifact" / "manifest.json").read_text())
+            perplexities.append(report["verification"]["perplexity"]["onnx"]["perplexity"])
+            stages.append(manifest["not_reproducible"]["stage_seconds"])
     differing = sorted(name for name in runs[0].keys() | runs[1].keys() if runs[0].get(name) != runs[1].get(name))
     lines = [
         "## Reproducible builds: the SmolLM2 default config built twice from scratch",
@@ -81,6 +85,9 @@ def main() -> None:
         f"- files compared by sha256: {len(runs[0])} (artifact files, manifest without `not_reproducible`, plan files "
         "but `timings.json`)",
         f"- differing: {', '.join(differing) if differing else 'none — byte-identical'}",
+        f"- WikiText-2 test perplexity of the artifact under ONNX Runtime (40 × 512): {perplexities[0]:.4f} / "
+        f"{perplexities[1]:.4f} (fp 25.6153: {perplexities[0] / 25.615251724237332:.3f}×)",
+        "- stage seconds of the first build: " + ", ".join(f"{k} {v:.0f}" for k, v in stages[0].items()),
     ]
     print(write_section("reproducible", "\n".join(lines)))
     if differing:
