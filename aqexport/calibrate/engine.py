@@ -276,6 +276,11 @@ def _freeze(
     return plan, quantized_weights
 
 
+#: Windows per call where the engine only runs forward for the rounding step's Hessians (the
+#: Hessian windows' propagation and the accumulating pass): fewer, larger matmuls. Training and
+#: the training windows' propagation stay one window per call, so plans of nearest rounding are
+#: unchanged.
+FORWARD_BATCH = 8
 #: Inputs remembered for reuse within a window: the widest group of linears reading one input.
 _SHARED_INPUTS = 3
 
@@ -287,12 +292,12 @@ def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwa
     apply_block_plan(block, plan)
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # this window's inputs and their XᵀX
+    recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # this call's inputs and their XᵀX
 
     def accumulate(_module: nn.Module, args: tuple, name: str) -> None:
         rows = args[0].detach().reshape(-1, args[0].shape[-1])
-        # q/k/v (and gate/up) read equal inputs: one product serves the group. A window's product
-        # is taken in float32 (sums of a window's tokens) and accumulated in float64.
+        # q/k/v (and gate/up) read equal inputs: one product serves the group. A call's product
+        # is taken in float32 (sums over its windows' tokens) and accumulated in float64.
         product = next((p for seen, p in recent if seen.shape == rows.shape and torch.equal(seen, rows)), None)
         if product is None:
             product = (rows.T @ rows).double()
@@ -305,7 +310,7 @@ def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwa
         for name in plan.linears
     ]
     try:
-        _run_block(block, hidden, kwargs)
+        _run_block(block, hidden, kwargs, FORWARD_BATCH)
     finally:
         for handle in handles:
             handle.remove()
@@ -434,8 +439,10 @@ def _train_block(
 
 
 @torch.no_grad()
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    return torch.cat([_output(block(hidden[i : i + 1], **kwargs)) for i in range(hidden.shape[0])])
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = 1) -> torch.Tensor:
+    """``block`` over ``hidden`` [N, L, H], ``batch`` windows per call (the caught keyword
+    arguments are batch 1 and broadcast: masks [1, 1, L, L], positions [1, L])."""
+    return torch.cat([_output(block(hidden[i : i + batch], **kwargs)) for i in range(0, hidden.shape[0], batch)])
 
 
 def calibrate(
@@ -493,7 +500,7 @@ def calibrate(
         apply_block_plan(block, block_plan)
         x_q_next = _run_block(block, x_q, kwargs)
         if h_q is not None:
-            h_q = _run_block(block, h_q, kwargs)
+            h_q = _run_block(block, h_q, kwargs, FORWARD_BATCH)
         check_fake_quant_block(block, name, index, x_q, x_q_next, kwargs, plan.directory)
         block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))
         if index not in plan.blocks:
