@@ -55,8 +55,21 @@ def _digests(directory: Path) -> dict[str, str]:
     return found
 
 
+def _first_difference(a: object, b: object, path: str = "") -> str:
+    """Where two JSON values first differ, as a key path (for the report, not for a fix)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(a.keys() | b.keys()):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{index}]")
+    return f"{path}: {str(a)[:80]} != {str(b)[:80]}"
+
+
 def main() -> None:
-    runs, seconds, perplexities, stages = [], [], [], []
+    runs, seconds, perplexities, stages, manifests = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="aqexport-reproducible-") as scratch:
         for name in ("a", "b"):
             directory = Path(scratch) / name
@@ -72,9 +85,12 @@ def main() -> None:
             runs.append(_digests(directory))
             report = json.loads((directory / "artifact" / "report.json").read_text())
             manifest = json.loads((directory / "artifact" / "manifest.json").read_text())
+            manifests.append({k: v for k, v in manifest.items() if k != "not_reproducible"})
             perplexities.append(report["verification"]["perplexity"]["onnx"]["perplexity"])
             stages.append(manifest["not_reproducible"]["stage_seconds"])
     differing = sorted(name for name in runs[0].keys() | runs[1].keys() if runs[0].get(name) != runs[1].get(name))
+    if manifests[0] != manifests[1]:
+        differing.append(f"(manifest first differs at {_first_difference(manifests[0], manifests[1])})")
     lines = [
         "## Reproducible builds: the SmolLM2 default config built twice from scratch",
         "",
