@@ -76,6 +76,24 @@ def _bad_sample(output: torch.Tensor) -> int | None:
     return int(bad[0]) if bad.numel() else None
 
 
+def _first_bad_window(
+    block: nn.Module, prefix: str, hidden: torch.Tensor, output: torch.Tensor, kwargs: dict
+) -> tuple[int, str] | None:
+    """``(window, module)`` of the first window whose ``output`` is not finite, re-run alone to
+    name the module where it first went non-finite; ``None`` when all are finite."""
+    sample = _bad_sample(output)
+    if sample is None:
+        return None
+    return sample, _first_nonfinite_module(block, prefix, hidden[sample : sample + 1], kwargs)
+
+
+def _diverged_fix(index: int, plan_dir: Path | None) -> str:
+    return (
+        "lower the recipe's learning rates (lr_transform, lr_lwc), set train_dtype: float64, or use another "
+        f"recipe ({_kept(index, plan_dir)})"
+    )
+
+
 def check_float_block(
     block: nn.Module,
     prefix: str,
@@ -98,9 +116,9 @@ def check_float_block(
             "output or an earlier layer)",
             f"check model.source's embedding weights ({_kept(index, plan_dir)})",
         )
-    sample = _bad_sample(output)
-    if sample is not None:
-        where = _first_nonfinite_module(block, prefix, hidden[sample : sample + 1], kwargs)
+    bad = _first_bad_window(block, prefix, hidden, output, kwargs)
+    if bad is not None:
+        sample, where = bad
         raise ConfigError(
             f"calibration stopped at block {index}: the float model's output of '{where}' holds NaN/inf on "
             f"calibration window {sample} (it overflows float32)",
@@ -118,14 +136,13 @@ def check_fake_quant_block(
     plan_dir: Path | None,
 ) -> None:
     """The calibrated (fake-quant) block's output is finite: training did not diverge."""
-    sample = _bad_sample(output)
-    if sample is not None:
-        where = _first_nonfinite_module(block, prefix, hidden[sample : sample + 1], kwargs)
+    bad = _first_bad_window(block, prefix, hidden, output, kwargs)
+    if bad is not None:
+        sample, where = bad
         raise ConfigError(
             f"calibration of block {index} diverged: the fake-quant output of '{where}' holds NaN/inf on "
             f"calibration window {sample}",
-            "lower the recipe's learning rates (lr_transform, lr_lwc), set train_dtype: float64, or use another "
-            f"recipe ({_kept(index, plan_dir)})",
+            _diverged_fix(index, plan_dir),
         )
 
 
@@ -136,6 +153,5 @@ def check_plan_tensors(tensors: dict[str, torch.Tensor], prefix: str, index: int
             raise ConfigError(
                 f"calibration of block {index} diverged: its plan tensor '{name}' ({prefix}) holds "
                 f"{_count(tensor)} value(s)",
-                "lower the recipe's learning rates (lr_transform, lr_lwc), set train_dtype: float64, or use another "
-                f"recipe ({_kept(index, plan_dir)})",
+                _diverged_fix(index, plan_dir),
             )
