@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from datetime import date
@@ -114,6 +115,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     artifacts = {"cpu": args.cpu.resolve(), "mobile": args.mobile.resolve()}
+    load = os.getloadavg()[0]  # other jobs on the machine slow both rows alike
     measured = {name: facts(directory) for name, directory in artifacts.items()}
     fp32 = fp32_bytes(measured["cpu"]["manifest"])
     tokenizer = AutoTokenizer.from_pretrained(artifacts["mobile"])
@@ -155,7 +157,8 @@ def main() -> None:
 model ({fp32 / MIB:.1f} MiB: its {fp32 // 4:,} parameters in float32). Tokens: {args.tokens} greedy
 from "The capital of France is", our runtime and onnxruntime-genai, compared with the cpu
 artifact's. Speed: `aqexport bench --prefill {",".join(map(str, PREFILL))} --decode-context 128
---decode-tokens 64` (medians), {args.threads} threads, on this x86 CPU: a proxy for a phone, whose
+--decode-tokens 64` (medians), {args.threads} threads, one artifact after the other (1-minute load
+average {load:.1f} at the start: other jobs shared the cores), on this x86 CPU: a proxy for a phone, whose
 CPU EP runs the same graph on MLAS's ARM kernels. Perplexity: the build's verification
 (WikiText-2 test). The reduced ONNX Runtime build from `required_operators_and_types.config`
 is not made here.
