@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from datetime import date
@@ -87,6 +88,12 @@ def int4_head_bytes(out: int, width: int, group: int = 32) -> int:
     return out * blocks * (group // 2 + 4)
 
 
+def spread(values: list[float], form: str) -> str:
+    """``median (min–max)`` of per-round medians; the median alone for one round."""
+    middle = form.format(statistics.median(values))
+    return middle if len(values) == 1 else f"{middle} ({form.format(min(values))}–{form.format(max(values))})"
+
+
 def facts(directory: Path) -> dict:
     manifest = json.loads((directory / "manifest.json").read_text())
     report = json.loads((directory / "report.json").read_text())
@@ -111,6 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="bench rounds, the two artifacts alternating")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -122,8 +130,11 @@ def main() -> None:
     prompt = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     for name, directory in artifacts.items():
         measured[name]["greedy"] = greedy(directory, prompt, args.tokens)
-        measured[name]["bench"] = bench(directory, args.threads, args.repeats)
-        print(name, json.dumps({k: v for k, v in measured[name].items() if k != "manifest"}))
+        measured[name]["bench"] = []
+    for round_index in range(args.rounds):  # cpu, mobile, then mobile, cpu: neither always goes first
+        for name in list(artifacts)[:: 1 if round_index % 2 == 0 else -1]:
+            measured[name]["bench"].append(bench(artifacts[name], args.threads, args.repeats))
+            print(name, round_index, json.dumps(measured[name]["bench"][-1]))
     reference = measured["cpu"]["greedy"]
     mobile = measured["mobile"]
     stored, out, width = head_bytes(artifacts["mobile"])
@@ -139,26 +150,30 @@ def main() -> None:
     )
     rows = []
     for name, m in measured.items():
-        b = m["bench"]
-        prefill = " / ".join(f"{b['prefill_tokens_per_second'][str(n)]['median']:.0f}" for n in PREFILL)
+        runs = m["bench"]
+        prefill = " / ".join(
+            spread([b["prefill_tokens_per_second"][str(n)]["median"] for b in runs], "{:.0f}") for n in PREFILL
+        )
+        decode = spread([b["decode_tokens_per_second"]["median"] for b in runs], "{:.1f}")
         ort_size = "–" if m["ort_bytes"] is None else f"{m['ort_bytes'] / MIB:.1f} MiB ({m['ort_bytes'] / fp32:.3f}×)"
         greedy_same = {kind: m["greedy"][kind] == reference[kind] for kind in ("ours", "genai")}
         same = "reference" if name == "cpu" else f"ours {greedy_same['ours']}, genai {greedy_same['genai']}"
         rows.append(
             f"| {m['profile']} | {m['scheme']} | {m['context']} | {m['onnx_bytes'] / MIB:.1f} MiB "
             f"({m['onnx_bytes'] / fp32:.3f}×) | {ort_size} | {m['ppl']:.2f} | {same} | {prefill} | "
-            f"{b['decode_tokens_per_second']['median']:.1f} | {b['peak_rss_mib']:.0f} |"
+            f"{decode} | {max(b['peak_rss_mib'] for b in runs):.0f} |"
         )
     body = f"""
 ## Mobile profile: SmolLM2-135M-Instruct for a phone's CPU EP, beside the cpu profile
 
-`python benchmarks/mobile.py --threads {args.threads} --repeats {args.repeats}` at commit {commit_id()},
-{date.today()}. Machine: {machine()}. Both artifacts lower one plan; sizes against the fp32
+`python benchmarks/mobile.py --threads {args.threads} --repeats {args.repeats} --rounds {args.rounds}` at commit
+{commit_id()}, {date.today()}. Machine: {machine()}. Both artifacts lower one plan; sizes against the fp32
 model ({fp32 / MIB:.1f} MiB: its {fp32 // 4:,} parameters in float32). Tokens: {args.tokens} greedy
 from "The capital of France is", our runtime and onnxruntime-genai, compared with the cpu
 artifact's. Speed: `aqexport bench --prefill {",".join(map(str, PREFILL))} --decode-context 128
---decode-tokens 64` (medians), {args.threads} threads, one artifact after the other (1-minute load
-average {load:.1f} at the start: other jobs shared the cores), on this x86 CPU: a proxy for a phone, whose
+--decode-tokens 64`, {args.threads} threads: the median of {args.rounds} rounds' medians (min–max over rounds), the
+artifacts alternating (1-minute load average {load:.1f} at the start: other jobs shared the cores),
+on this x86 CPU: a proxy for a phone, whose
 CPU EP runs the same graph on MLAS's ARM kernels. Perplexity: the build's verification
 (WikiText-2 test). The reduced ONNX Runtime build from `required_operators_and_types.config`
 is not made here.
