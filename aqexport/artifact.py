@@ -36,15 +36,18 @@ from typing import Any
 import onnx_ir as ir
 
 from aqexport import faults
-from aqexport.atomic_files import out_of_space
-from aqexport.integrity import sha256_file
+from aqexport.atomic_files import out_of_space, write_atomically
+from aqexport.integrity import MANIFEST_FILE, sha256_file
 
 __all__ = [
     "MODEL_FILE",
     "atomic_directory",
     "dependency_versions",
     "current_umask",
+    "file_entry",
     "file_hashes",
+    "json_text",
+    "record_file",
     "recover_interrupted",
     "save_model",
     "write_json",
@@ -148,17 +151,43 @@ def save_model(model: ir.Model, directory: Path) -> Path:
     return path
 
 
+def json_text(payload: Any) -> str:
+    """How the artifact's JSON files are written (``write_json``)."""
+    return json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    path.write_text(json_text(payload))
 
 
-def file_hashes(directory: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, dict]:
+def file_entry(path: Path) -> dict[str, Any]:
+    """One file's record in ``manifest.json``'s ``files``."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def file_hashes(directory: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, dict]:
     """``manifest.json``'s ``files``: posix relative path -> sha256 and size of every file."""
     return {
-        path.relative_to(directory).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        path.relative_to(directory).as_posix(): file_entry(path)
         for path in sorted(directory.rglob("*"))
         if path.is_file() and path.name not in exclude
     }
+
+
+def record_file(directory: Path, name: str, reproducible: bool) -> None:
+    """Record ``directory/name`` as it is now in the artifact's ``manifest.json`` (its sha256 and
+    size under ``files``, kept in path order; its name under ``not_reproducible.files`` unless
+    ``reproducible``), rewriting the manifest atomically: for a file an aqexport command
+    rewrites in a finished artifact (``aqexport report --regenerate``)."""
+    path = Path(directory) / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    files = {**manifest["files"], name: file_entry(Path(directory) / name)}
+    manifest["files"] = dict(sorted(files.items()))
+    if not reproducible:
+        varying = manifest.setdefault("not_reproducible", {}).setdefault("files", [])
+        if name not in varying:
+            varying.append(name)
+    write_atomically(path, json_text(manifest).encode())
 
 
 def dependency_versions() -> dict[str, str]:

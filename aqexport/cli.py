@@ -1,4 +1,4 @@
-"""``aqexport`` command line: build, calibrate, run, eval, bench, inspect, verify, diff.
+"""``aqexport`` command line: build, calibrate, run, eval, bench, inspect, verify, report, diff.
 
 Every failure the user can act on is an ``AqexportError`` and prints as one line
 ``error: <cause> — fix: <fix>`` with exit status 2 for bad input and 1 for runtime failures.
@@ -138,6 +138,8 @@ def build(config: Path, output: Path | None, force: bool) -> None:
     greedy = verification.get("greedy")
     if greedy and greedy.get("identical_to_pytorch") is not None:
         console.print(f"  greedy {greedy['tokens']} tokens identical to PyTorch: {greedy['identical_to_pytorch']}")
+    if (out / "report.html").is_file():
+        console.print(f"  report: {out / 'report.html'}  (aqexport report --open)")
 
 
 @cli.command()
@@ -419,6 +421,46 @@ def verify_command(artifact: Path, as_json: bool) -> None:
         return
     report = check_artifact(artifact)
     click.echo(report.summary(), err=not report.has_manifest)
+
+
+@cli.command("report")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--regenerate",
+    is_flag=True,
+    help="Render report.html again from the artifact's files and record it in manifest.json.",
+)
+@click.option("--open", "open_page", is_flag=True, help="Open report.html in the default web browser.")
+def report_command(artifact: Path, regenerate: bool, open_page: bool) -> None:
+    """Print the path of ARTIFACT's report.html: one self-contained page with the build's stages,
+    parity ladder, perplexity and greedy checks, calibration, transforms, graph and sizes.
+
+    --regenerate renders it again (after checking the other files against the manifest) and
+    records its new sha256 in manifest.json, so 'aqexport verify' still passes."""
+    from aqexport.integrity import check_artifact
+    from aqexport.report_html import REPORT_FILE, regenerate_report
+
+    try:
+        directory = _artifact_dir(str(artifact))
+    except AqexportError as exc:  # bad input: exit status 2
+        raise ConfigError(exc.cause, exc.fix) from None
+    path = directory / REPORT_FILE
+    if regenerate:
+        check_artifact(
+            directory, "rebuild it, or copy it again: --regenerate renders only an intact artifact", (REPORT_FILE,)
+        )
+        path = regenerate_report(directory)
+    elif not path.is_file():
+        raise ConfigError(
+            f"'{directory}' has no {REPORT_FILE} (an older aqexport built it)",
+            f"run 'aqexport report {directory} --regenerate'",
+        )
+    click.echo(str(path))
+    if open_page:
+        import webbrowser
+
+        if not webbrowser.open(path.resolve().as_uri()):
+            click.echo("note: no web browser found to open it; open the path above", err=True)
 
 
 @cli.command("diff")

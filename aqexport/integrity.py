@@ -36,7 +36,7 @@ import fnmatch
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -258,15 +258,22 @@ def verify_artifact(directory: Path) -> IntegrityReport:
     return report
 
 
-def check_artifact(directory: Path, fix: str = _FIX) -> IntegrityReport:
+def check_artifact(directory: Path, fix: str = _FIX, rewriting: tuple[str, ...] = ()) -> IntegrityReport:
     """``verify_artifact``, raising one ``ConfigError`` (exit status 2) that names every changed,
     missing or unlisted file. Returns the report when the artifact is intact or has no manifest
     (``report.has_manifest`` False: say so and go on). ``fix``: the advice, for a caller whose
-    skip flag is not ``--no-verify``."""
+    skip flag is not ``--no-verify``; ``rewriting``: files the caller is about to write anew and
+    record (``aqexport report --regenerate``), which may be changed or missing."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"'{directory}' is not a directory", "pass the output directory of 'aqexport build'")
     report = verify_artifact(directory)
+    if rewriting:
+        report = replace(
+            report,
+            changed=[c for c in report.changed if c.path not in rewriting],
+            missing=[name for name in report.missing if name not in rewriting],
+        )
     if not report.ok:
         raise ConfigError(report.summary(), fix)
     return report

@@ -10,8 +10,8 @@ the artifact appears only after the last stage (verification included) succeeded
 
 Values available to the first stage: ``config``, ``config_dir``, ``staging`` (the temp artifact
 directory), ``output_dir`` (where it will be moved), ``identity`` (``build_cache.build_identity``),
-``target`` (``aqexport.target.Target``, resolved once), ``on_block`` and ``timings`` (filled by the
-loop, read by ``finalize``).
+``target`` (``aqexport.target.Target``, resolved once), ``on_block``, and ``timings`` and
+``peak_rss_mib`` (filled by the loop after each stage, read by ``finalize``).
 
 Before any stage, ``build`` takes the output directory's lock, cleans up after a build into it
 that was killed (``artifact.recover_interrupted``), and returns the artifact already there if
@@ -22,15 +22,18 @@ Reproducibility: two builds of one config on one machine write byte-identical ``
 ``model.onnx.data``, ``genai_config.json``, tokenizer files and plan files. ``manifest.json``
 keeps what is not reproducible under one key, ``not_reproducible``: the stage and pass wall
 times, and the names of the files that hold measurements (``report.json``: timings,
-throughput), whose sha256 ``files`` still lists for ``aqexport verify``. Paths in the manifest
+throughput, memory; ``report.html``, the page made from it, ``aqexport.report_html``), whose
+sha256 ``files`` still lists for ``aqexport verify``. Paths in the manifest
 and ``report.json`` are relative to the config file's folder, never absolute.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +53,7 @@ from aqexport.artifact import (
     atomic_directory,
     dependency_versions,
     file_hashes,
+    json_text,
     recover_interrupted,
     save_model,
     write_json,
@@ -69,6 +73,7 @@ from aqexport.lowering import LoweringResult, fp_passes, profile_passes, quantiz
 from aqexport.mobile import OPERATOR_CONFIG, ep_usability, operator_config_entries, write_ort_for_cpu, write_ort_format
 from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
 from aqexport.reference import torch_step
+from aqexport.report_html import REPORT_FILE, write_report
 from aqexport.sources import LoadedModel, load_model
 from aqexport.target import Target
 from aqexport.verify import verify_artifact, verify_ort_format
@@ -309,6 +314,7 @@ def finalize_stage(
     written: Written,
     verification: dict[str, Any],
     timings: dict[str, float],
+    peak_rss_mib: dict[str, float],
 ) -> None:
     loaded = source.loaded
     sizes = {name: (staging / name).stat().st_size for name in (MODEL_FILE, DATA_FILE) if (staging / name).exists()}
@@ -330,6 +336,7 @@ def finalize_stage(
             "model_files": sizes,
             "quantization": quantization,
             "timings": timings,
+            "memory": {"peak_rss_mib": peak_rss_mib, "measure": _RSS_MEASURE},
         }
     )
     # absolute paths the report would hold (plan dir, evaluation text, tokenizer folder) -> relative
@@ -362,14 +369,17 @@ def finalize_stage(
         "passes": passes,
         "fusions": lowering.sections.get("fusions", {}),
         "kv_cache": lowering.sections.get("kv_cache", {"contract": "growing", "reason": _growing_reason(target)}),
-        "files": file_hashes(staging),
+        "files": {},  # below, once report.html is written
         "not_reproducible": {
             # model.ort: ONNX Runtime orders one of its tables differently on every save (aqexport.mobile)
-            "files": ["report.json", *(["model.ort"] if (staging / "model.ort").exists() else [])],
+            "files": ["report.json", REPORT_FILE, *(["model.ort"] if (staging / "model.ort").exists() else [])],
             "stage_seconds": dict(timings),
             "pass_seconds": [{"pass": r["pass"], "seconds": r.get("seconds")} for r in lowering.records],
         },
     }
+    # the page reads the manifest as it will be read back from disk (JSON types), less its files
+    write_report(staging, config.plan_dir() if calibrated is not None else None, json.loads(json_text(manifest)))
+    manifest["files"] = file_hashes(staging)
     write_json(staging / "manifest.json", manifest)
 
 
@@ -474,9 +484,26 @@ STAGES: tuple[Stage, ...] = (
             "written",
             "verification",
             "timings",
+            "peak_rss_mib",
         ),
     ),
 )
+
+#: Values the stage loop fills in as it goes: kept to the end, whatever the stages need.
+_LOOP_VALUES = ("timings", "peak_rss_mib")
+_RSS_MEASURE = (
+    "the build process's peak resident set size (getrusage ru_maxrss) at the end of each stage: "
+    "a running maximum, which includes whatever the process held before the build started"
+)
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def _run_stages(stages: tuple[Stage, ...], values: dict[str, Any], on_stage: Callable[[str], None]) -> None:
@@ -491,8 +518,9 @@ def _run_stages(stages: tuple[Stage, ...], values: dict[str, Any], on_stage: Cal
             made = (made,)
         values.update(zip(stage.makes, made or (), strict=True))
         timings[stage.name] = round(time.perf_counter() - start, 3)
+        values["peak_rss_mib"][stage.name] = _peak_rss_mib()
         logger.info("stage %s: %.1f s", stage.name, timings[stage.name])
-        for name in [name for name, last in last_use.items() if last == index and name != "timings"]:
+        for name in [name for name, last in last_use.items() if last == index and name not in _LOOP_VALUES]:
             values.pop(name, None)  # no later stage needs it: let it go (graphs, the float copy)
 
 
@@ -532,6 +560,7 @@ def build(
                 "target": Target.from_spec(config.target),
                 "on_block": on_block,
                 "timings": {},
+                "peak_rss_mib": {},
             }
             _run_stages(STAGES, values, on_stage)
     return final

@@ -4,10 +4,11 @@ Every variant is ``examples/smollm2-affinequant-w4a16g128.yaml`` (the default ar
 calibration budget, LM head int8, embedding int4, 40 × 512 evaluation windows) with only the
 quantization keys below changed, so the tables compare what a user gets from the defaults:
 
-* ``affinequant`` — the example itself (the default norm-side form: diagonal for w4a16g128; it
-  lowers the plan of ``affinequant diagonal``, which is the same calibration);
+* ``affinequant`` — the example itself (AffineQuant with the default norm-side form, diagonal for
+  w4a16g128, and GPTQ rounding after the transforms);
 * ``affinequant <form>`` — the same with ``transform: <form>`` (``dense``: the paper's form);
-* ``rtn`` — RTN in the same format (no transforms), at the accuracy level its build measured;
+* ``rtn`` — round-to-nearest in the same format (no transforms, ``rounding: nearest``: the
+  baseline people know as RTN), at the accuracy level its build measured;
 * ``rtn level4`` — the same plan with ``target.accuracy_level: 4`` forced, the builder's level
   (the speed ceiling of the format, whatever it costs in perplexity).
 
@@ -30,10 +31,10 @@ EXAMPLE = ROOT / "examples" / "smollm2-affinequant-w4a16g128.yaml"
 ARTIFACTS = ROOT / "benchmarks" / "out" / "artifacts"
 
 VARIANTS: dict[str, dict] = {
-    "affinequant": {"plan": "affinequant diagonal"},
+    "affinequant": {},
     "affinequant dense": {"transform": "dense"},
-    "rtn": {"recipe": "rtn"},
-    "rtn level4": {"recipe": "rtn", "target": {"accuracy_level": 4}, "plan": "rtn"},
+    "rtn": {"recipe": "rtn", "rounding": "nearest"},
+    "rtn level4": {"recipe": "rtn", "rounding": "nearest", "target": {"accuracy_level": 4}, "plan": "rtn"},
     "affinequant kronecker": {"transform": "kronecker"},
     "affinequant block_diagonal": {"transform": "block_diagonal"},
     "affinequant diagonal": {"transform": "diagonal"},

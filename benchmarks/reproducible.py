@@ -2,9 +2,10 @@
 
 Builds ``examples/smollm2-affinequant-w4a16g128.yaml`` twice from scratch (calibration included),
 each into its own output and plan directory, and compares the sha256 of every file: the
-artifact's files as its manifest lists them (``report.json``, which holds wall times, is the
-one file the manifest declares ``not_reproducible``), the manifests without that section, and
-every plan file but ``timings.json`` (wall times by design).
+artifact's files as its manifest lists them but those the manifest declares
+``not_reproducible`` (``report.json`` and ``report.html``, which hold wall times), the manifests
+without that section and without those files' entries, and every plan file but ``timings.json``
+(wall times by design).
 
     python benchmarks/reproducible.py     # two full builds: about 2 × 10 minutes on 2 cores
 """
@@ -41,11 +42,19 @@ def _config_into(directory: Path) -> Path:
     return path
 
 
-def _digests(directory: Path) -> dict[str, str]:
-    artifact, plan = directory / "artifact", directory / "artifact.plan"
+def _reproducible_manifest(artifact: Path) -> dict:
+    """The manifest without ``not_reproducible`` and without the entries of the files it names
+    (their sha256 changes with the wall times they hold)."""
     manifest = json.loads((artifact / "manifest.json").read_text())
     varying = set(manifest.pop("not_reproducible")["files"])
-    found = {f"artifact/{name}": entry["sha256"] for name, entry in manifest["files"].items() if name not in varying}
+    manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in varying}
+    return manifest
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    artifact, plan = directory / "artifact", directory / "artifact.plan"
+    manifest = _reproducible_manifest(artifact)
+    found = {f"artifact/{name}": entry["sha256"] for name, entry in manifest["files"].items()}
     found["artifact/manifest.json (without not_reproducible)"] = hashlib.sha256(
         json.dumps(manifest, sort_keys=True).encode()
     ).hexdigest()
@@ -85,7 +94,7 @@ def main() -> None:
             runs.append(_digests(directory))
             report = json.loads((directory / "artifact" / "report.json").read_text())
             manifest = json.loads((directory / "artifact" / "manifest.json").read_text())
-            manifests.append({k: v for k, v in manifest.items() if k != "not_reproducible"})
+            manifests.append(_reproducible_manifest(directory / "artifact"))
             perplexities.append(report["verification"]["perplexity"]["onnx"]["perplexity"])
             stages.append(manifest["not_reproducible"]["stage_seconds"])
     differing = sorted(name for name in runs[0].keys() | runs[1].keys() if runs[0].get(name) != runs[1].get(name))
@@ -98,8 +107,8 @@ def main() -> None:
         f"({platform.processor() or 'cpu'}, 2 cores) with `python benchmarks/reproducible.py`.",
         "",
         f"- builds: {seconds[0]:.0f} s and {seconds[1]:.0f} s (calibration included, each with its own plan dir)",
-        f"- files compared by sha256: {len(runs[0])} (artifact files, manifest without `not_reproducible`, plan files "
-        "but `timings.json`)",
+        f"- files compared by sha256: {len(runs[0])} (artifact files but those `not_reproducible` names, the manifest "
+        "without that key and those files' entries, plan files but `timings.json`)",
         f"- differing: {', '.join(differing) if differing else 'none — byte-identical'}",
         f"- WikiText-2 test perplexity of the artifact under ONNX Runtime (40 × 512): {perplexities[0]:.4f} / "
         f"{perplexities[1]:.4f} (fp 25.6153: {perplexities[0] / 25.615251724237332:.3f}×)",

@@ -39,6 +39,7 @@ def test_artifact_contract(tiny_artifact, kind):
         "genai_config.json",
         "manifest.json",
         "report.json",
+        "report.html",
         "tokenizer.json",
         "tokenizer_config.json",
     ):

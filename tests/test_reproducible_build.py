@@ -3,8 +3,9 @@
 Byte-identical: ``model.onnx``, ``model.onnx.data``, ``genai_config.json``, ``config.json``, the
 tokenizer files and the plan (``plan.json``, ``block_NNN.safetensors``). ``manifest.json`` is
 identical except under ``not_reproducible`` (stage and pass wall times) and the sha256 of the
-files that key names (``report.json``: timings, throughput); the plan's ``timings.json`` holds
-its blocks' wall times. No absolute build-machine path is written into the artifact.
+files that key names (``report.json``: timings, throughput, memory; ``report.html``, the page
+made from it); the plan's ``timings.json`` holds its blocks' wall times. No absolute
+build-machine path is written into the artifact.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def test_two_builds_are_byte_identical(tiny_model_dir, tmp_path):
     first, second = _build(tmp_path / "a", model_dir), _build(tmp_path / "b", model_dir)
     files = sorted(p.name for p in first.iterdir())
     assert files == sorted(p.name for p in second.iterdir())
-    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json"):
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json", "report.html"):
         assert name in files
     for name in files:
-        if name not in ("manifest.json", "report.json"):
+        if name not in ("manifest.json", "report.json", "report.html"):
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
     plans = [artifact.with_name(artifact.name + ".plan") for artifact in (first, second)]
@@ -56,7 +57,7 @@ def test_two_builds_are_byte_identical(tiny_model_dir, tmp_path):
             assert (plans[0] / name).read_bytes() == (plans[1] / name).read_bytes(), name
 
     manifests = [json.loads((artifact / "manifest.json").read_text()) for artifact in (first, second)]
-    assert manifests[0]["not_reproducible"]["files"] == ["report.json"]
+    assert manifests[0]["not_reproducible"]["files"] == ["report.json", "report.html"]
     assert set(manifests[0]["not_reproducible"]) == {"files", "stage_seconds", "pass_seconds"}
     assert all("seconds" not in record for record in manifests[0]["passes"])
     assert reproducible_manifest(manifests[0]) == reproducible_manifest(manifests[1])
@@ -66,5 +67,7 @@ def test_two_builds_are_byte_identical(tiny_model_dir, tmp_path):
         for name in ("manifest.json", "report.json"):
             absolute = [s for s in _strings(json.loads((artifact / name).read_text())) if Path(s).is_absolute()]
             assert not [s for s in absolute if Path(s).exists()], name  # graph node names start with / too
+        page = (artifact / "report.html").read_text()
+        assert str(tmp_path) not in page and str(model_dir) not in page
     report = json.loads((first / "report.json").read_text())
     assert report["calibration"]["plan_dir"] == "artifact.plan"

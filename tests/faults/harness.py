@@ -29,8 +29,11 @@ from aqexport.faults import ENV
 SEED = int(os.environ.get("AQEXPORT_FAULT_SEED", "16"))
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACT, PLAN = "artifact", "artifact.plan"
-#: report.json keys that hold wall times or say how the build got there (not what it built)
-_VOLATILE_REPORT_KEYS = ("seconds", "per_second", "timings", "resumed_from_block")
+#: report.json keys that hold wall times, memory, or say how the build got there (not what it built)
+_VOLATILE_REPORT_KEYS = ("seconds", "per_second", "timings", "resumed_from_block", "rss")
+#: Files compared for being there only: wall times by design (the plan's block times; the page
+#: made from report.json, which shows them)
+_PRESENCE_ONLY = ("timings.json", "report.html")
 
 
 def config_text(model_dir: Path) -> str:
@@ -124,8 +127,8 @@ def _difference(name: str, reference: Path, candidate: Path) -> str | None:
     """Why ``candidate`` is not what ``reference`` is; ``None`` if it is. Byte for byte, except
     the files that hold wall times: the manifest outside ``not_reproducible``, the report
     without its timings (both compared as JSON: the first differing key is named), and the
-    plan's ``timings.json`` only for being there."""
-    if name == "timings.json":
+    plan's ``timings.json`` and the artifact's ``report.html`` only for being there."""
+    if name in _PRESENCE_ONLY:
         return None
     if name in ("manifest.json", "report.json"):
         canonical = reproducible_manifest if name == "manifest.json" else _strip_volatile
