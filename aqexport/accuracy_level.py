@@ -30,13 +30,11 @@ import onnx_ir as ir
 from aqexport.artifact import DATA_FILE, MODEL_FILE, save_model
 from aqexport.passes.accuracy_level import AccuracyLevelPass
 from aqexport.passes.accuracy_level import low_bit_matmuls as low_bit_nodes
+from aqexport.target import FAST_LEVEL, SAFE_LEVEL
 
-__all__ = ["FAST_LEVEL", "SAFE_LEVEL", "choose_accuracy_level", "low_bit_matmuls"]
+__all__ = ["FAST_LEVEL", "SAFE_LEVEL", "choose_accuracy_level", "fixed_level_record", "low_bit_matmuls"]
 
 logger = logging.getLogger(__name__)
-
-FAST_LEVEL = 4  # int8 activations per block: the CPU EP's fast int4 path
-SAFE_LEVEL = 0  # float activations: what the plan was calibrated for
 
 
 def low_bit_matmuls(model_path: Path) -> int:
@@ -66,6 +64,20 @@ def _trial(level: int, verification: dict[str, Any]) -> dict[str, Any] | None:
     if onnx_ppl is None or reference is None:
         return None
     return {"level": level, "perplexity": onnx_ppl, "vs_fake_quant": onnx_ppl / reference - 1.0}
+
+
+def fixed_level_record(level: int, verification: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The record of a level the profile fixes (mobile: ``Target.mobile_accuracy_level``): not
+    measured against another level, but its cost against the plan's fake-quant perplexity is
+    still stated where verification computed both."""
+    trial = _trial(level, verification)
+    return {
+        "measured": False,
+        "reason": reason,
+        "chosen": level,
+        "cost": None if trial is None else trial["vs_fake_quant"],
+        "trials": [] if trial is None else [trial],
+    }
 
 
 def choose_accuracy_level(

@@ -168,7 +168,7 @@ def _dynamo_export(
 
 class _RotaryTable(nn.Module):
     """Rotary ``(cos, sin)`` looked up by position from tables the model's own rotary module
-    computed once. Mobile EPs have ``Gather`` (int32 indices) but not ``Cos``; a lookup also
+    computed once. NPU EPs have ``Gather`` (int32 indices) but not ``Cos``; a lookup also
     drops the angle arithmetic from every step."""
 
     def __init__(self, rotary: nn.Module, positions: int) -> None:
@@ -193,8 +193,8 @@ def _rotary_tables(model: nn.Module, positions: int):
     originals = {name: module for name, module in decoder.named_children() if name.startswith("rotary_emb")}
     if not originals:
         raise AqexportError(
-            "the mobile profile needs a rotary-position model (Llama, Mistral, Qwen2)",
-            "use target.profile cpu for this architecture",
+            "the npu profile needs a rotary-position model (Llama, Mistral, Qwen2)",
+            "use target.profile cpu or mobile for this architecture",
         )
     try:
         for name, module in originals.items():
@@ -206,7 +206,7 @@ def _rotary_tables(model: nn.Module, positions: int):
 
 
 class StaticStepWrapper(nn.Module):
-    """One token against a fixed-size KV cache: the mobile contract (``docs/architecture.md``).
+    """One token against a fixed-size KV cache: the npu contract (``docs/architecture.md``).
 
     ``attention_bias`` [1, 1, 1, C + 1] is the additive mask over the C cache slots and the new
     token, built by the host, so the graph has no mask arithmetic; the new token's key/value
@@ -241,13 +241,13 @@ def static_input_names(layout: CacheLayout) -> list[str]:
 
 
 def export_static_onnx(model: nn.Module, layout: CacheLayout, context: int, opset: int = 21) -> tuple[ir.Model, float]:
-    """The mobile step graph: every shape fixed (batch 1, one token, ``context`` cache slots)."""
+    """The npu step graph: every shape fixed (batch 1, one token, ``context`` cache slots)."""
     layer_types = getattr(model.config, "layer_types", None) or []
     if "sliding_attention" in layer_types:
         raise AqexportError(
-            f"the mobile profile takes one attention mask for every layer; {model.config.model_type} has "
+            f"the npu profile takes one attention mask for every layer; {model.config.model_type} has "
             "sliding-window layers that need their own",
-            "use target.profile cpu for this model",
+            "use target.profile cpu or mobile for this model",
         )
     example = (
         torch.zeros(1, 1, dtype=torch.long),

@@ -234,7 +234,7 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
 
 
 def _context_length(directory: Path, decoder) -> int | None:
-    """Positions the artifact can attend over: a static (mobile) graph's cache slots, else the
+    """Positions the artifact can attend over: a static (npu) graph's cache slots, else the
     ``context_length`` of ``genai_config.json`` (the model's ``max_position_embeddings``: rotary
     caches end there), else ``config.json``'s; ``None`` when nothing says."""
     if getattr(decoder, "context", None):

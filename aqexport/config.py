@@ -100,8 +100,26 @@ class CalibrationSpec(_Section):
 QuantizationSpec = Annotated[SerializeAsAny[RecipeConfig], BeforeValidator(recipe_config)]
 
 
+#: What a profile sets where the config leaves a ``target:`` key out (or null): the phone's CPU
+#: artifact's context and ARM kernel level, the static graph's cache slots and EP.
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mobile": {"max_context": 2048, "accuracy_level": 4},
+    "npu": {"max_context": 512, "npu": "coreml"},
+}
+#: What the mobile profile quantizes unless the config says otherwise (quantizing recipes only).
+MOBILE_QUANTIZATION_DEFAULTS = {"lm_head": "int4", "embedding": "int4"}
+
+
 class TargetSpec(_Section):
-    profile: Literal["cpu", "cuda", "mobile"] = "cpu"
+    profile: Literal["cpu", "cuda", "mobile", "npu"] = Field(
+        "cpu",
+        description="cpu: float32 activations, MatMulNBits; cuda: float16; mobile: the cpu graph sized for a "
+        "phone's CPU EP (int4 LM head and embedding unless set, accuracy_level 4, max_context, model.ort and "
+        "required_operators_and_types.config); npu: static step graph + model.ort + per-EP usability report",
+    )
+    npu: Literal["nnapi", "coreml", "qnn"] | None = Field(
+        None, description="npu profile: the EP the static graph is meant for, reported first (default coreml)"
+    )
     providers: tuple[Provider, ...] = ("cpu",)
     opset: int = Field(21, ge=21, le=23)
     formats: tuple[Literal["onnx", "ort"], ...] = ("onnx",)
@@ -111,11 +129,12 @@ class TargetSpec(_Section):
         description="com.microsoft.MatMulNBits (CPU/CUDA kernels), or standard DequantizeLinear → MatMul (any EP); "
         "qdq8 stores 2-4-bit codes in 8-bit tensors, which the ORT format (model.ort) needs",
     )
-    max_context: int = Field(
-        512,
+    max_context: int | None = Field(
+        None,
         ge=8,
         le=32768,
-        description="mobile: the static KV cache's slots (prompt + generated tokens one artifact can hold)",
+        description="mobile: the positions (prompt + generated tokens) genai_config.json and the rotary tables "
+        "are sized for, default 2048; npu: the static KV cache's slots, default 512; unused on cpu / cuda",
     )
     kv_cache: Literal["auto", "shared_buffer", "growing"] = Field(
         "auto",
@@ -129,7 +148,8 @@ class TargetSpec(_Section):
         description="MatMulNBits accuracy_level; null: 4 for 8-bit weights (ONNX Runtime's CPU EP has no fast "
         "float kernel for them: 50 ms vs 0.24 ms for SmolLM2's LM head); for 2-4-bit ones on the cpu profile, "
         "measured: 4 (int8 activations per block, the fast path) if the verified perplexity stays within "
-        "accuracy_tolerance of the fake-quant model's, else 0 (float); 0 on other profiles",
+        "accuracy_tolerance of the fake-quant model's, else 0 (float); 4 on the mobile profile (the int8 path "
+        "is the one MLAS's ARM kernels accelerate); 0 on other profiles",
     )
     accuracy_tolerance: float = Field(
         0.01,
@@ -138,6 +158,16 @@ class TargetSpec(_Section):
         description="auto accuracy_level: the relative perplexity increase over the plan's fake-quant model "
         "that level 4 may cost before the build falls back to level 0",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, raw: Any) -> Any:
+        """Fill what the profile decides where the config leaves it out, so the recorded config
+        (manifest, build identity) names the values the build used."""
+        if not isinstance(raw, dict):
+            return raw
+        defaults = PROFILE_DEFAULTS.get(str(raw.get("profile", "cpu")), {})
+        return {**raw, **{key: value for key, value in defaults.items() if raw.get(key) is None}}
 
 
 class EvaluationSpec(_Section):
@@ -183,6 +213,11 @@ class BuildConfig(_Section):
             return raw
         quantization = raw["quantization"]
         config_type = recipe_entry(str(quantization.get("recipe", "none"))).config_type
+        target = raw.get("target")
+        if isinstance(target, dict) and target.get("profile") == "mobile":
+            defaults = {k: v for k, v in MOBILE_QUANTIZATION_DEFAULTS.items() if k in config_type.model_fields}
+            quantization = {**defaults, **quantization}
+            raw = {**raw, "quantization": quantization}
         if config_type.NEEDS_PRESET and quantization.get("preset") is None:
             raise ConfigError("missing key 'quantization.preset'", "add e.g. 'preset: w4a16g128'")
         calibration = raw.get("calibration") or {}
@@ -192,17 +227,31 @@ class BuildConfig(_Section):
 
     @model_validator(mode="after")
     def _target_can_express(self) -> BuildConfig:
-        if self.target.profile == "mobile":
+        target = self.target
+        if target.profile in ("mobile", "npu"):
+            _require_context(self)
+        else:
+            for key in ("max_context", "npu"):
+                if getattr(target, key) is not None:
+                    raise ConfigError(
+                        f"target.{key} applies to the mobile / npu profiles, not '{target.profile}'",
+                        f"remove target.{key}, or set target.profile: mobile (or npu)",
+                    )
+        if target.profile == "mobile":
             _require_mobile(self)
-        if "ort" in self.target.formats and self.target.weight_format == "qdq":
+        if target.profile == "npu":
+            _require_npu(self)
+        elif target.npu is not None:
+            raise ConfigError("target.npu applies to profile npu", "remove target.npu, or set target.profile: npu")
+        if "ort" in target.formats and target.weight_format == "qdq":
             raise ConfigError(
                 "target.formats ort with weight_format qdq: the ORT format has no 4-bit tensor type",
                 "use weight_format: qdq8 (same codes in 8-bit storage) or matmul_nbits",
             )
-        if self.target.kv_cache == "shared_buffer" and (self.target.profile == "mobile" or not self.target.fuse):
+        if target.kv_cache == "shared_buffer" and (target.profile == "npu" or not target.fuse):
             raise ConfigError(
                 "target.kv_cache shared_buffer needs the fused GroupQueryAttention graph, which "
-                + ("the mobile profile does not build" if self.target.profile == "mobile" else "fuse: false turns off"),
+                + ("the npu profile does not build" if target.profile == "npu" else "fuse: false turns off"),
                 "use target.kv_cache: auto or growing",
             )
         return self
@@ -252,20 +301,43 @@ def require_calibratable(config: BuildConfig) -> None:
         )
 
 
-def _require_mobile(config: BuildConfig) -> None:
-    """What the static mobile graph cannot express, refused before any weight loads."""
-    if getattr(config.quantization, "embedding", "float") != "float":
-        raise ConfigError(
-            "target.profile mobile with quantization.embedding "
-            f"'{config.quantization.embedding}': the quantized embedding is a com.microsoft op no mobile EP runs",
-            "set quantization.embedding: float",
-        )
+def _require_context(config: BuildConfig) -> None:
+    """Verification must fit the positions a mobile / npu artifact is sized for."""
     evaluation, context = config.evaluation, config.target.max_context
     if (evaluation.text is not None and evaluation.seqlen > context) or evaluation.generate_tokens >= context:
         raise ConfigError(
             f"target.max_context {context} cannot hold verification's windows (evaluation.seqlen "
             f"{evaluation.seqlen}) or its prompt plus {evaluation.generate_tokens} generated tokens",
             "raise target.max_context or lower evaluation.seqlen / generate_tokens",
+        )
+
+
+def _require_mobile(config: BuildConfig) -> None:
+    """The mobile profile is the CPU EP's MatMulNBits artifact: what only the static npu graph
+    takes (QDQ weight storage, an NPU execution provider) is refused with the profile to use."""
+    target = config.target
+    if target.weight_format != "matmul_nbits":
+        raise ConfigError(
+            f"target.profile mobile with weight_format {target.weight_format}: the mobile artifact runs "
+            "MatMulNBits on the phone's CPU EP; QDQ weights are for the static NPU graph",
+            "remove target.weight_format, or set target.profile: npu for NNAPI / CoreML / QNN",
+        )
+    npu_providers = [p for p in target.providers if p not in ("cpu", "xnnpack")]
+    if npu_providers:
+        raise ConfigError(
+            f"target.profile mobile with providers {npu_providers}: the mobile artifact is the CPU EP's "
+            "(dynamic shapes, com.microsoft ops); NPU EPs take the static graph",
+            "use providers: [cpu], or set target.profile: npu",
+        )
+
+
+def _require_npu(config: BuildConfig) -> None:
+    """What the static npu graph cannot express, refused before any weight loads."""
+    if getattr(config.quantization, "embedding", "float") != "float":
+        raise ConfigError(
+            "target.profile npu with quantization.embedding "
+            f"'{config.quantization.embedding}': the quantized embedding is a com.microsoft op no NPU EP runs",
+            "set quantization.embedding: float",
         )
 
 

@@ -115,7 +115,7 @@ def fusion_passes(target: Target, max_positions: int | None = None) -> list[ir.p
 
 def fp_passes(target: Target, max_positions: int | None = None) -> list[ir.passes.PassBase]:
     """Passes for an unquantized artifact: stable names, the common cleanup, fusions
-    (``target.fuse``, off for the mobile profile)."""
+    (``target.fuse``, off for the npu profile)."""
     return [StableNamesPass(), *cleanup_passes(), *(fusion_passes(target, max_positions) if target.fuse else [])]
 
 
@@ -144,11 +144,12 @@ def quantized_passes(
 
 def profile_passes(target: Target) -> list[ir.passes.PassBase]:
     """What a target profile adds at the very end: ``cuda`` converts to float16 (activations,
-    weights' scales, KV cache); ``mobile`` rewrites the ops mobile EPs lack (on the static
-    graph, whose shapes are all known after inference); ``cpu`` keeps float32."""
+    weights' scales, KV cache); ``npu`` rewrites the ops mobile NPU EPs lack (on the static
+    graph, whose shapes are all known after inference); ``cpu`` and ``mobile`` keep float32
+    (the mobile profile differs from cpu in its sizes and accuracy level, not in passes)."""
     if target.profile == "cuda":
         return [Float16Pass()]
-    if target.profile == "mobile":
+    if target.profile == "npu":
         return [
             common_passes.ShapeInferencePass(strict_mode=False),
             MobileOpsPass(),

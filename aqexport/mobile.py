@@ -1,14 +1,37 @@
-"""The mobile artifact's extra outputs: ``model.ort`` and each mobile EP's verdict on the graph.
+"""The mobile and npu artifacts' extra outputs: ``model.ort``, the reduced build's operator
+config, and each NPU EP's verdict on the static graph.
 
-* ``model.ort`` is ONNX Runtime's own format for mobile builds (``onnxruntime-mobile`` loads
-  only it). It is written the way ``onnxruntime.tools.convert_onnx_models_to_ort`` writes its
-  portable ("fixed") style: a session at *basic* optimization level saves the model in ORT
-  format. Basic keeps every node an EP could claim (QDQ units stay QDQ), so NNAPI / CoreML can
-  still partition the ``.ort`` on the device; the CPU-only fusions happen at load time there.
+* ``model.ort`` is ONNX Runtime's own format for mobile builds (``onnxruntime-mobile`` and any
+  minimal build load only it). The format has no external data: every initializer, however
+  large, is inlined into the one flatbuffer, so the file is about the size of ``model.onnx``
+  plus ``model.onnx.data`` (the 4-bit weights are already ``uint8`` tensors, which it stores).
+  Two styles, both as ``onnxruntime.tools.convert_onnx_models_to_ort`` writes them:
+
+  - **mobile** (``write_ort_for_cpu``): the tool's *Fixed* style at level *all* for
+    ``target_platform arm`` (no NCHWc layout, ``session.qdqisint8allowed``): every CPU EP
+    optimization is baked in, because a minimal build cannot run the optimizers at load time.
+    Beside it, ``required_operators_and_types.config``: the (domain, opset, operator, types)
+    the ``.ort`` holds, the file ONNX Runtime's reduced build takes
+    (``build.sh --minimal_build --include_ops_by_config required_operators_and_types.config
+    --enable_reduced_operator_type_support``). That build, which compiles ONNX Runtime for the
+    phone with only those kernels, is **not** done here: it needs ONNX Runtime's source, the
+    Android NDK / Xcode toolchain and hours of compiling. The build checks what it can: the
+    ``.ort`` loads in a (full) ONNX Runtime session and gives ``model.onnx``'s logits and
+    tokens, and the config lists every operator of the ``.ort`` graph (tests). Optimizations
+    at level *all* can depend on the converting machine's CPU in principle; this graph is
+    already fused into contrib ops, and on it ORT adds ``QuickGelu`` (x·sigmoid(x)).
+  - **npu** (``write_ort_format``): a session at *basic* optimization level. Basic keeps every
+    node an EP could claim (QDQ units stay QDQ), so NNAPI / CoreML can still partition the
+    ``.ort`` on the device; the CPU-only fusions happen at load time there.
+
+  Neither ``.ort`` is byte-reproducible: ONNX Runtime writes one table of the file in an order
+  that changes from save to save (same size, same operators), so the manifest lists
+  ``model.ort`` under ``not_reproducible``.
 * The verdicts are ONNX Runtime's usability checker (``onnxruntime.tools.mobile_helpers``), per
   EP: nodes it would assign, partitions, unsupported op types. The checker judges op types and
   static shapes from its published support tables; it does not run the EP, so the figures say
-  the graph is eligible, not how fast the EP runs it.
+  the graph is eligible, not how fast the EP runs it. It has no QNN table, and the QNN EP needs
+  Qualcomm's SDK and device: a QNN target gets that said in its entry instead of a verdict.
 * XNNPACK is reported as available or not in the installed onnxruntime (the PyPI CPU wheel has
   no XNNPACK EP; mobile packages do).
 """
@@ -22,8 +45,20 @@ from typing import Any
 import onnxruntime as ort
 from onnxruntime.tools.mobile_helpers import usability_checker
 from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
+from onnxruntime.tools.ort_format_model import create_config_from_models
+from onnxruntime.tools.reduced_build_config_parser import parse_config
 
-__all__ = ["ep_usability", "write_ort_format"]
+__all__ = [
+    "OPERATOR_CONFIG",
+    "ep_usability",
+    "operator_config_entries",
+    "write_ort_for_cpu",
+    "write_ort_format",
+]
+
+#: The reduced build's operator config, named as ``convert_onnx_models_to_ort`` names it for a
+#: directory (with ``--enable_type_reduction``).
+OPERATOR_CONFIG = "required_operators_and_types.config"
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +82,40 @@ def write_ort_format(onnx_path: Path, ort_path: Path) -> Path:
     return ort_path
 
 
+def write_ort_for_cpu(onnx_path: Path, ort_path: Path) -> tuple[Path, Path]:
+    """``model.ort`` fully optimized for an ARM CPU EP, and its operator config beside it (in
+    the same directory, named ``OPERATOR_CONFIG``); the converter's own session settings."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(ort_path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.add_session_config_entry("session.qdqisint8allowed", "1")  # the tool's target_platform arm
+    ort.InferenceSession(
+        str(onnx_path),
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=["NchwcTransformer"],
+    )
+    config = ort_path.with_name(OPERATOR_CONFIG)
+    create_config_from_models([ort_path], config, enable_type_reduction=True)
+    # the tool names the model by its absolute path (here a staging directory): name the file
+    text = config.read_text().replace(f"# - {ort_path}\n", f"# - {ort_path.name}\n")
+    config.write_text(text)
+    return ort_path, config
+
+
+def operator_config_entries(config: Path) -> set[tuple[str, str]]:
+    """(domain, operator) pairs an operator config lists, read by ONNX Runtime's own parser
+    (the one its reduced build uses), the ONNX domain as ``""`` (the config writes ``ai.onnx``)."""
+    required, _types = parse_config(str(config), enable_type_reduction=True)
+    return {
+        ("" if domain == "ai.onnx" else domain, op)
+        for domain, opsets in required.items()
+        for ops in opsets.values()
+        for op in ops
+    }
+
+
 def ep_usability(onnx_path: Path) -> dict[str, Any]:
     model = ModelProtoWithShapeInfo(onnx_path).model_with_shape_info
     report: dict[str, Any] = {}
@@ -61,6 +130,11 @@ def ep_usability(onnx_path: Path) -> dict[str, Any]:
             "verdict": info.suitability().name,
         }
     available = ort.get_available_providers()
+    report["qnn"] = {
+        "checked": False,
+        "reason": "ONNX Runtime's usability checker has no QNN support table, and the QNN EP needs "
+        f"Qualcomm's QNN SDK and device; this onnxruntime offers {', '.join(available)}",
+    }
     report["xnnpack"] = {
         "available": "XnnpackExecutionProvider" in available,
         "installed_providers": available,

@@ -46,7 +46,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from aqexport import __version__, faults
-from aqexport.accuracy_level import choose_accuracy_level, low_bit_matmuls
+from aqexport.accuracy_level import choose_accuracy_level, fixed_level_record, low_bit_matmuls
 from aqexport.artifact import (
     DATA_FILE,
     MODEL_FILE,
@@ -70,7 +70,7 @@ from aqexport.config import BuildConfig
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import LoweringResult, fp_passes, profile_passes, quantized_passes, run_passes
-from aqexport.mobile import ep_usability, write_ort_format
+from aqexport.mobile import OPERATOR_CONFIG, ep_usability, operator_config_entries, write_ort_for_cpu, write_ort_format
 from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
 from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
@@ -180,7 +180,7 @@ def lower_stage(
     source: Source, exported_graph: ir.Model, calibrated: Calibrated | None, target: Target
 ) -> tuple[ir.Model, LoweringResult]:
     """The lowered graph (freed once written) and what the passes did (kept for the manifest)."""
-    max_positions = getattr(source.loaded.model.config, "max_position_embeddings", None)
+    max_positions = target.rotary_positions(getattr(source.loaded.model.config, "max_position_embeddings", None))
     if calibrated is None:
         passes = fp_passes(target, max_positions)
     else:
@@ -201,7 +201,8 @@ def write_stage(lowered_graph: ir.Model, source: Source, target: Target, staging
         mobile = {
             "contract": "static step graph: batch 1, one token per call, "
             f"{target.max_context} cache slots, attention_bias input; present.* = the new token's key/value",
-            "genai": "not written: onnxruntime-genai does not run the static mobile contract",
+            "genai": "not written: onnxruntime-genai does not run the static npu contract",
+            "target_ep": target.npu,
             "execution_providers": ep_usability(path),
         }
     if target.writes_genai_config:
@@ -212,11 +213,30 @@ def write_stage(lowered_graph: ir.Model, source: Source, target: Target, staging
             loaded.architecture.genai_type,
             share_buffer=lowered_graph.metadata_props.get(KV_CACHE_METADATA_KEY) == "shared_buffer",
             provider="cuda" if target.profile == "cuda" else None,
+            context_length=target.max_context if target.profile == "mobile" else None,
         )
         write_json(staging / "genai_config.json", genai)
-    if target.writes_ort:
+    if target.writes_operator_config:
+        _, config = write_ort_for_cpu(path, staging / "model.ort")
+        mobile = _mobile_cpu_section(target, config)
+    elif target.writes_ort:
         write_ort_format(path, staging / "model.ort")
     return Written(path, mobile)
+
+
+def _mobile_cpu_section(target: Target, config: Path) -> dict[str, Any]:
+    """The mobile profile's report section: what was sized for the phone and what the reduced
+    build would take (``aqexport.mobile``)."""
+    operators = sorted(f"{domain or 'ai.onnx'}:{op}" for domain, op in operator_config_entries(config))
+    return {
+        "contract": "the cpu profile's dynamic-shape graph and KV cache, run by onnxruntime-genai; "
+        f"genai_config.json and the rotary tables sized for {target.max_context} positions",
+        "accuracy_level": target.accuracy_level,
+        "ort_format": "model.ort: convert_onnx_models_to_ort's Fixed style, level all, target_platform arm",
+        "operator_config": {"file": OPERATOR_CONFIG, "operators": operators},
+        "reduced_build": "not built here (ONNX Runtime source, the phone's toolchain, hours): build.sh "
+        f"--minimal_build --include_ops_by_config {OPERATOR_CONFIG} --enable_reduced_operator_type_support",
+    }
 
 
 def verify_stage(
@@ -253,6 +273,13 @@ def verify_stage(
         verification["accuracy_level"] = choice
     else:
         verification = verify()
+        if target.mobile_accuracy_level and low_bit_matmuls(written.path):
+            verification["accuracy_level"] = fixed_level_record(
+                target.accuracy_level,
+                verification,
+                "target.profile mobile: the int8-activation path MLAS's ARM kernels accelerate "
+                "(Target.mobile_accuracy_level)",
+            )
     if target.writes_ort:
         verification["ort_format"] = verify_ort_format(
             staging, loaded.tokenizer, config.evaluation, target.weight_format
@@ -344,7 +371,8 @@ def finalize_stage(
         "kv_cache": lowering.sections.get("kv_cache", {"contract": "growing", "reason": _growing_reason(target)}),
         "files": {},  # below, once report.html is written
         "not_reproducible": {
-            "files": ["report.json", REPORT_FILE],
+            # model.ort: ONNX Runtime orders one of its tables differently on every save (aqexport.mobile)
+            "files": ["report.json", REPORT_FILE, *(["model.ort"] if (staging / "model.ort").exists() else [])],
             "stage_seconds": dict(timings),
             "pass_seconds": [{"pass": r["pass"], "seconds": r.get("seconds")} for r in lowering.records],
         },
@@ -357,7 +385,7 @@ def finalize_stage(
 
 def _growing_reason(target: Target) -> str:
     if target.static_graph:
-        return "the mobile static step graph keeps its own fixed cache"
+        return "the npu static step graph keeps its own fixed cache"
     return "target.fuse is off" if not target.fuse else "target.kv_cache: growing"
 
 

@@ -509,7 +509,15 @@ def mobile(facts) -> str:
         for name, ep in eps.items()
         if isinstance(ep, dict) and "verdict" in ep
     ]
-    if rows:
+    operators = record.get("operator_config")
+    if isinstance(operators, dict):  # the CPU-EP int4 mobile artifact: no EP verdicts to give
+        body += note(f"ORT format: {record.get('ort_format', '—')}")
+        body += note(f"accuracy_level: {record.get('accuracy_level', '—')}")
+        body += note(f"reduced build: {record.get('reduced_build', '—')}")
+        listed = operators.get("operators") or []
+        body += f"<h3>{esc(operators.get('file', 'operator config'))}: {len(listed)} operators</h3>"
+        body += table(["operator"], [[name] for name in listed])
+    elif rows:
         body += table(
             ["execution provider", "verdict", "supported nodes", "fraction", "partitions", "unsupported ops"], rows
         )

@@ -12,14 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Target", "WeightFormat"]
+__all__ = ["FAST_LEVEL", "SAFE_LEVEL", "Target", "WeightFormat"]
 
 WeightFormat = Literal["matmul_nbits", "qdq", "qdq8"]
 
 
+#: MatMulNBits accuracy levels (``aqexport.accuracy_level`` measures between them on the cpu profile).
+FAST_LEVEL = 4  # int8 activations per block: the CPU EP's fast int4 path
+SAFE_LEVEL = 0  # float activations: what the plan was calibrated for
+
+
 @dataclass(frozen=True)
 class Target:
-    profile: Literal["cpu", "cuda", "mobile"] = "cpu"
+    """``mobile`` is the cpu profile's graph for a phone's CPU EP; ``npu`` the static step graph
+    for NNAPI / CoreML / QNN (``static_graph``)."""
+
+    profile: Literal["cpu", "cuda", "mobile", "npu"] = "cpu"
     weight_format: WeightFormat = "matmul_nbits"
     #: The configured MatMulNBits accuracy_level; ``None`` is "auto" (``accuracy_level_for``).
     accuracy_level: int | None = None
@@ -27,40 +35,55 @@ class Target:
     #: model that the fast level may cost (``aqexport.accuracy_level``).
     accuracy_tolerance: float = 0.01
     fuse: bool = True
-    #: ``auto`` | ``shared_buffer`` | ``growing``; the static mobile graph has its own cache contract.
+    #: ``auto`` | ``shared_buffer`` | ``growing``; the static npu graph has its own cache contract.
     kv_cache: str = "auto"
     providers: tuple[str, ...] = ("cpu",)
     formats: tuple[str, ...] = ("onnx",)
     opset: int = 21
-    max_context: int = 512
+    #: mobile: positions the artifact is sized for (genai_config.json, rotary tables); npu: cache
+    #: slots; ``None`` on cpu / cuda (the model's own context).
+    max_context: int | None = None
+    #: npu: the EP the static graph is meant for (``nnapi`` | ``coreml`` | ``qnn``).
+    npu: str | None = None
 
     @classmethod
     def from_spec(cls, spec) -> Target:
-        """``spec``: a ``config.TargetSpec``. The mobile profile always stores QDQ weights in 8-bit
-        tensors (the ORT format has no 4-bit type) and never fuses into contrib ops (mobile EPs
-        run portable ops only)."""
-        mobile = spec.profile == "mobile"
+        """``spec``: a ``config.TargetSpec``. The npu profile always stores QDQ weights in 8-bit
+        tensors (the ORT format has no 4-bit type) and never fuses into contrib ops (NPU EPs run
+        portable ops only). The mobile profile runs MatMulNBits at ``FAST_LEVEL`` unless told
+        (``mobile_accuracy_level``)."""
+        npu = spec.profile == "npu"
+        level = spec.accuracy_level
+        if level is None and spec.profile == "mobile":
+            level = FAST_LEVEL
         return cls(
             profile=spec.profile,
-            weight_format="qdq8" if mobile else spec.weight_format,
-            accuracy_level=spec.accuracy_level,
+            weight_format="qdq8" if npu else spec.weight_format,
+            accuracy_level=level,
             accuracy_tolerance=spec.accuracy_tolerance,
-            fuse=spec.fuse and not mobile,
-            kv_cache="growing" if mobile or not spec.fuse else spec.kv_cache,
+            fuse=spec.fuse and not npu,
+            kv_cache="growing" if npu or not spec.fuse else spec.kv_cache,
             providers=tuple(spec.providers),
             formats=tuple(spec.formats),
             opset=spec.opset,
             max_context=spec.max_context,
+            npu=spec.npu,
         )
 
     @property
     def static_graph(self) -> bool:
-        """The mobile step graph: batch 1, one token per call, a fixed cache."""
-        return self.profile == "mobile"
+        """The npu step graph: batch 1, one token per call, a fixed cache."""
+        return self.profile == "npu"
 
     @property
     def writes_ort(self) -> bool:
-        return self.static_graph or "ort" in self.formats
+        return self.profile in ("mobile", "npu") or "ort" in self.formats
+
+    @property
+    def writes_operator_config(self) -> bool:
+        """``required_operators_and_types.config`` beside a fully optimized ``model.ort``: the
+        mobile profile's, for a reduced ONNX Runtime build (``aqexport.mobile``)."""
+        return self.profile == "mobile"
 
     @property
     def writes_genai_config(self) -> bool:
@@ -79,11 +102,34 @@ class Target:
         no int8-activation path, so elsewhere auto stays at the float level."""
         return self.accuracy_level is None and self.profile == "cpu" and self.weight_format == "matmul_nbits"
 
+    @property
+    def mobile_accuracy_level(self) -> bool:
+        """The mobile profile's MatMulNBits run at ``FAST_LEVEL`` unless the config names a level.
+
+        MLAS (ONNX Runtime's CPU kernels) computes a level-4 MatMulNBits by quantizing each block
+        of the input to int8 at run time and running integer dot products: on ARM64 that is the
+        path with NEON ``SDOT`` / ``SMMLA`` (i8mm) kernels and, on the builds that enable it, Arm's
+        KleidiAI micro-kernels for 4-bit weights with int8 activations. Level 0 keeps float
+        activations and dequantizes weights to float per tile, which ARM cores run without those
+        instructions. The cost is the per-block int8 rounding of activations, which the cpu
+        profile measures against the plan's perplexity; the mobile build records it (verify
+        stage) instead of falling back, because the fast path is the reason the artifact exists.
+        ``target.accuracy_level: 0`` keeps the exact plan."""
+        return self.profile == "mobile" and self.accuracy_level == FAST_LEVEL
+
     def accuracy_level_for(self, bits: int) -> int:
         """MatMulNBits ``accuracy_level`` of a linear with ``bits``-bit weights. Auto: 4 for 8-bit
         weights (ONNX Runtime 1.32's CPU EP has no fast float kernel for them: 50 ms vs 0.24 ms
         for SmolLM2's LM head); for 2-4-bit ones 4 where the build measures it
-        (``measures_accuracy_level``), else 0 (float activations, what the plan was calibrated for)."""
+        (``measures_accuracy_level``) or on the mobile profile, else 0 (float activations, what
+        the plan was calibrated for)."""
         if self.accuracy_level is not None:
             return self.accuracy_level
-        return 4 if bits == 8 or self.measures_accuracy_level else 0
+        return FAST_LEVEL if bits == 8 or self.measures_accuracy_level or self.profile == "mobile" else SAFE_LEVEL
+
+    def rotary_positions(self, model_positions: int | None) -> int | None:
+        """Rows of the fused rotary tables: the model's context, or the mobile profile's
+        ``max_context`` where that is shorter (positions past it are never fed)."""
+        if self.profile != "mobile" or self.max_context is None:
+            return model_positions
+        return self.max_context if model_positions is None else min(self.max_context, model_positions)

@@ -168,26 +168,42 @@ def verify_artifact(
 def verify_ort_format(
     artifact_dir: Path, tokenizer: Any, spec: EvaluationSpec, weight_format: str | None = None
 ) -> dict[str, Any]:
-    """``model.ort`` loads on the CPU EP (and on XNNPACK where this onnxruntime offers it) and
+    """``model.ort`` loads on the CPU EP (and on XNNPACK where this onnxruntime offers it),
+    gives ``model.onnx``'s logits (a prefill and a cached step, as ``logits_parity``) and
     generates exactly what ``model.onnx`` generates."""
     prompt, tokens = _prompt_tokens(tokenizer, spec), max(spec.generate_tokens, 1)
 
-    def greedy(name: str, providers: tuple[str, ...]) -> tuple[list[int], Any]:
+    def decoder(name: str, providers: tuple[str, ...]) -> tuple[Any, Any]:
         session, info = create_session(artifact_dir / name, providers, weight_format=weight_format)
-        return generate(decoder_for(session), prompt, tokens).new_tokens, info
+        return decoder_for(session), info
 
-    expected, _ = greedy("model.onnx", ("cpu",))
-    ours, info = greedy("model.ort", ("cpu",))
+    def logits(ours: Any) -> list[np.ndarray]:
+        prefix, last = np.asarray([prompt[:-1]]), np.asarray([prompt[-1:]])
+        prefill, past = ours.step(prefix, np.ones_like(prefix), ours.empty_past(1))
+        step, _ = ours.step(last, np.ones((1, len(prompt)), dtype=np.int64), past)
+        return [prefill, step]
+
+    onnx_decoder, _ = decoder("model.onnx", ("cpu",))
+    expected = generate(onnx_decoder, prompt, tokens).new_tokens
+    expected_logits = logits(onnx_decoder)
+    ort_decoder, info = decoder("model.ort", ("cpu",))
+    ours = generate(ort_decoder, prompt, tokens).new_tokens
     report: dict[str, Any] = {
         "file": "model.ort",
         "bytes": (artifact_dir / "model.ort").stat().st_size,
         "greedy_tokens": tokens,
         "loads_on": info.used,
         "greedy_identical_to_onnx": ours == expected,
+        "logits_vs_onnx": dict(
+            zip(("prefill", "decode_step"), map(compare_logits, logits(ort_decoder), expected_logits), strict=True)
+        ),
     }
     if PROVIDER_NAMES["xnnpack"] in ort.get_available_providers():
-        ours, info = greedy("model.ort", ("xnnpack", "cpu"))
-        report["xnnpack"] = {"used": info.used, "greedy_identical_to_onnx": ours == expected}
+        xnnpack, info = decoder("model.ort", ("xnnpack", "cpu"))
+        report["xnnpack"] = {
+            "used": info.used,
+            "greedy_identical_to_onnx": generate(xnnpack, prompt, tokens).new_tokens == expected,
+        }
     else:
         report["xnnpack"] = {"skipped": f"not offered by this onnxruntime ({', '.join(ort.get_available_providers())})"}
     return report

@@ -1,6 +1,6 @@
 """Rewrite the few ops mobile execution providers lack into equivalent ones they have.
 
-A static-shape step graph (``target.profile: mobile``) is almost entirely MatMul / Mul / Add /
+A static-shape step graph (``target.profile: npu``) is almost entirely MatMul / Mul / Add /
 Reshape / Transpose / Softmax, which NNAPI and both CoreML formats run. What ONNX Runtime's
 usability checker (``onnxruntime.tools.mobile_helpers``) still reports as unsupported, and
 its exact replacement here, all on static shapes:
@@ -16,7 +16,7 @@ Each replacement computes the same values (``ReduceMean`` as a matmul may round 
 another order: ~1e-7 relative). Nodes whose shapes are not static, or an ``Expand`` that
 broadcasts more than one axis, are left as they are.
 
-Precondition (``requires``): the graph's inputs and outputs have static shapes (the mobile step
+Precondition (``requires``): the graph's inputs and outputs have static shapes (the npu step
 graph; shapes inside are inferred by the ``ShapeInferencePass`` before this one).
 Postcondition (``ensures``): same function; none of the ops above is left where its rule
 applies (what remains had no static shape or grows more than one axis); every graph output is
@@ -151,7 +151,7 @@ class MobileOpsPass(ir.passes.InPlacePass):
         if dynamic:
             raise PreconditionFailed(
                 f"MobileOpsPass rewrites static-shape graphs; {dynamic[:3]} have dynamic shapes",
-                "run it on the mobile step graph (target.profile: mobile)",
+                "run it on the npu step graph (target.profile: npu)",
             )
 
     def ensures(self, model: ir.Model) -> None:

@@ -34,8 +34,8 @@ Rewrite rules, per linear in the plan (weight found by its stable name):
    contrib op. ONNX Runtime's CPU EP fuses the pair back into MatMulNBits with its session's
    ``session.qdq_matmulnbits_accuracy_level`` (default 4: int8 activations), so the runtime
    sets that to the artifact's declared accuracy level. ``"qdq8"`` is the same with 2–4-bit codes
-   stored in int8/uint8: ONNX Runtime's ORT format (``model.ort``, what mobile builds load) has
-   no 4-bit tensor type in 1.32, so the mobile profile trades twice the weight bytes for a
+   stored in int8/uint8: ONNX Runtime's ORT format (``model.ort``, what mobile runtimes load) has
+   no 4-bit tensor type in 1.32, so the npu profile trades twice the weight bytes for a
    loadable ``.ort`` (same codes, same numerics).
 
 Precondition (``requires``): ``StableNamesPass`` ran (weights carry module paths) and every

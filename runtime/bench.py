@@ -142,7 +142,7 @@ def bench_session(
 ) -> BenchResult:
     if is_static_session(session):
         raise ValueError(
-            "bench measures the dynamic KV contract (prefill lengths, IO-bound decode); a static mobile "
+            "bench measures the dynamic KV contract (prefill lengths, IO-bound decode); a static npu "
             "artifact runs one token per call: time it with 'aqexport run'"
         )
     decoder = OnnxDecoder(session, head_dim, kv_cache)

@@ -1,5 +1,5 @@
 """Preallocated KV buffers behind the ``past`` a decoder hands back: the host side of the two
-in-place cache contracts (the shared-buffer GroupQueryAttention graph and the static mobile step
+in-place cache contracts (the shared-buffer GroupQueryAttention graph and the static npu step
 graph).
 
 A caller sees the cache as it always did, a list of ``[B, H, T, D]`` arrays holding exactly the

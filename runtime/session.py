@@ -62,8 +62,8 @@ def session_options(
     # level, 4 (int8 activations) unless told: use the level the artifact was built for.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     if weight_format == "qdq8":
-        # 2-4-bit codes in 8-bit tensors (mobile): ORT would fuse them into 8-bit MatMulNBits, which
-        # at level 0 dequantizes the whole matrix on every call (SmolLM2 mobile int4: 6 tok/s).
+        # 2-4-bit codes in 8-bit tensors (npu profile): ORT would fuse them into 8-bit MatMulNBits, which
+        # at level 0 dequantizes the whole matrix on every call (SmolLM2 npu int4: 6 tok/s).
         # Without the QDQ fusions the constant DequantizeLinear is folded once at load: exact,
         # 40 tok/s, float weights in memory (a device's EP takes the QDQ form itself).
         options.add_session_config_entry("session.disable_quant_qdq", "1")

@@ -1,6 +1,6 @@
-"""Run a mobile (static-shape) step graph behind the same ``step`` interface as ``OnnxDecoder``.
+"""Run an npu (static-shape) step graph behind the same ``step`` interface as ``OnnxDecoder``.
 
-The mobile contract (``aqexport.capture.StaticStepWrapper``): one token per call against a
+The npu contract (``aqexport.capture.StaticStepWrapper``): one token per call against a
 cache of fixed ``C`` slots, an additive ``attention_bias`` [1, 1, 1, C + 1] over those slots
 and the new token, and ``present.*`` holding only the new token's key/value. The host side of
 that contract lives here: keep the cache, write each new key/value into the next slot, mask the
@@ -40,7 +40,7 @@ class StaticDecoder(OnnxDecoder):
         position_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         if input_ids.shape[0] != 1 or not np.all(attention_mask == 1):
-            raise ValueError("a static (mobile) artifact runs batch 1 without padding")
+            raise ValueError("a static (npu) artifact runs batch 1 without padding")
         filled = past[0].shape[2]
         if filled + input_ids.shape[1] > self.context:
             raise ValueError(
@@ -68,6 +68,6 @@ class StaticDecoder(OnnxDecoder):
 
 
 def decoder_for(session: ort.InferenceSession, head_dim: int | None = None, kv_cache: str | None = None) -> OnnxDecoder:
-    """The decoder that follows ``session``'s contract: static (mobile) or dynamic. ``head_dim`` /
+    """The decoder that follows ``session``'s contract: static (npu) or dynamic. ``head_dim`` /
     ``kv_cache``: for graphs that do not declare them (``OnnxDecoder``)."""
     return StaticDecoder(session) if is_static_session(session) else OnnxDecoder(session, head_dim, kv_cache)

@@ -29,14 +29,28 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ({"target": {"opset": 17}, "output": {"dir": "out"}}, "target.opset"),
         ({"evaluation": {"text": "nope.txt"}, "output": {"dir": "out"}}, "evaluation.text: file"),
         ({"target": {"profile": "mobile", "max_context": 32}, "output": {"dir": "out"}}, "target.max_context 32"),
+        ({"target": {"profile": "npu", "max_context": 32}, "output": {"dir": "out"}}, "target.max_context 32"),
         (
             {
                 "quantization": {"recipe": "rtn", "preset": "w4a16", "embedding": "int4"},
                 "calibration": {"data": str(data_file("valid"))},
-                "target": {"profile": "mobile"},
+                "target": {"profile": "npu"},
                 "output": {"dir": "out"},
             },
-            "com.microsoft op no mobile EP runs",
+            "com.microsoft op no NPU EP runs",
+        ),
+        # what only the static graph took, on the mobile (CPU EP) profile: the fix names profile npu
+        ({"target": {"profile": "mobile", "weight_format": "qdq8"}, "output": {"dir": "out"}}, "profile: npu"),
+        ({"target": {"profile": "mobile", "providers": ["nnapi"]}, "output": {"dir": "out"}}, "profile: npu"),
+        (
+            {"target": {"profile": "mobile", "npu": "qnn"}, "output": {"dir": "out"}},
+            "target.npu applies to profile npu",
+        ),
+        ({"target": {"max_context": 1024}, "output": {"dir": "out"}}, "target.max_context applies"),
+        ({"target": {"profile": "npu", "npu": "hexagon"}, "output": {"dir": "out"}}, "target.npu"),
+        (
+            {"target": {"profile": "npu", "kv_cache": "shared_buffer"}, "output": {"dir": "out"}},
+            "the npu profile does not build",
         ),
         ({"target": {"formats": ["onnx", "ort"], "weight_format": "qdq"}, "output": {"dir": "out"}}, "qdq8"),
         (

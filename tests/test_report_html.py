@@ -228,6 +228,25 @@ def test_page_of_a_mobile_build_shows_each_verdict():
     assert "model.ort" in sections["checks"]
 
 
+def test_page_of_a_cpu_ep_mobile_build_lists_its_operator_config():
+    report = {
+        "mobile": {
+            "contract": "the cpu profile's graph, sized for 2048 positions",
+            "accuracy_level": 4,
+            "ort_format": "model.ort: Fixed style",
+            "operator_config": {
+                "file": "required_operators_and_types.config",
+                "operators": ["com.microsoft:MatMulNBits", "ai.onnx:Add"],
+            },
+            "reduced_build": "not built here",
+        }
+    }
+    section = _page(report)["mobile"]
+    assert "required_operators_and_types.config: 2 operators" in section
+    assert "com.microsoft:MatMulNBits" in section and "reduced build: not built here" in section
+    assert NOT_RECORDED not in section
+
+
 def test_records_of_unexpected_shape_do_not_fail_the_page():
     report = {
         "timings": "soon",

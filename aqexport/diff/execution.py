@@ -35,7 +35,7 @@ the same speed).
 The decode is the runtime's own (``decoder_for``, ``onnx_logits_of``, ``perplexity``), with
 the *growing* KV contract and an empty past: one prefill over the prompt, and each
 perplexity window from an empty cache (ALGORITHMS.md §7, the same numbers ``aqexport eval``
-gives). A static (mobile) graph runs the prompt token by token; its intermediates are those
+gives). A static (npu) graph runs the prompt token by token; its intermediates are those
 of the step on the last prompt token.
 
 SQNR encoding in the report: ``sqnr_db`` is a float, or ``null`` when it is not finite. Then

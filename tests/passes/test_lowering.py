@@ -99,10 +99,10 @@ def test_pass_lists_follow_the_target():
     ]
     assert "SharedKvBufferPass" not in names(quantized_passes(plan, None, None, Target(kv_cache="growing")))
     assert "OrtFusionsPass" not in names(quantized_passes(plan, None, None, Target(fuse=False)))
-    assert "OrtFusionsPass" not in names(fp_passes(Target(profile="mobile", fuse=False)))
+    assert "OrtFusionsPass" not in names(fp_passes(Target(profile="npu", fuse=False)))
     assert names(profile_passes(Target(profile="cuda"))) == ["Float16Pass"]
-    assert "MobileOpsPass" in names(profile_passes(Target(profile="mobile")))
-    assert profile_passes(Target()) == []
+    assert "MobileOpsPass" in names(profile_passes(Target(profile="npu")))
+    assert profile_passes(Target()) == profile_passes(Target(profile="mobile")) == []
     target = Target(weight_format="qdq", accuracy_level=4)
     quantize = next(p for p in quantized_passes(plan, None, None, target) if isinstance(p, QuantizeWeightsPass))
     assert quantize.target is target

@@ -1,0 +1,128 @@
+"""The npu profile: a static-shape step graph (fixed cache, attention by mask) in portable ops,
+its ``model.ort``, and the per-EP verdict of ONNX Runtime's usability checker in the report.
+
+The static graph must compute what the dynamic one does: same greedy tokens, same logits; the
+``.ort`` must load on the CPU EP and generate the same tokens as ``model.onnx``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from aqexport.config import load_config
+from aqexport.errors import AqexportError
+from aqexport.pipeline import build
+from aqexport.runtime import StaticDecoder, create_session, decoder_for, generate
+from tests.conftest import read_report, tiny_build_config
+from tests.tiny_models import data_file
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def npu_artifact(tiny_model_dir, tmp_path_factory):
+    built = {}
+
+    def get(kind: str, quantized: bool = False):
+        if (kind, quantized) not in built:
+            work = tmp_path_factory.mktemp(f"npu-{kind}-{quantized}")
+            extra = {}
+            if quantized:
+                extra = {
+                    "quantization": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8"},
+                    "calibration": {"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
+                }
+            config = tiny_build_config(
+                work, tiny_model_dir(kind), target={"profile": "npu", "max_context": CONTEXT}, **extra
+            )
+            built[(kind, quantized)] = build(load_config(config), work)
+        return built[(kind, quantized)]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_static_graph_generates_what_the_dynamic_one_does(npu_artifact, tiny_artifact, kind):
+    static, dynamic = npu_artifact(kind), tiny_artifact(kind)
+    graph = onnx.load(str(static / "model.onnx"), load_external_data=False).graph
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        assert all(d.HasField("dim_value") for d in dims), f"{value.name} is not static"
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # no contrib ops
+    static_session, _ = create_session(static)
+    assert isinstance(decoder_for(static_session), StaticDecoder)
+    dynamic_decoder = decoder_for(create_session(dynamic)[0])
+    prompt = list(np.random.default_rng(1).integers(3, 300, 9))
+    ours = generate(decoder_for(static_session), prompt, 24).new_tokens
+    assert ours == generate(dynamic_decoder, prompt, 24).new_tokens
+    # logits of a prefill and of the following step, static vs dynamic
+    ids = np.asarray([prompt])
+    static_decoder = decoder_for(static_session)
+    a, past_a = static_decoder.step(ids, np.ones_like(ids), static_decoder.empty_past(1))
+    b, past_b = dynamic_decoder.step(ids, np.ones_like(ids), dynamic_decoder.empty_past(1))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    for x, y in zip(past_a, past_b):
+        assert x.shape == y.shape and np.abs(x - y).max() <= 1e-4 * np.abs(y).max()
+
+
+def test_report_has_each_ep_verdict_and_the_ort_file(npu_artifact):
+    artifact = npu_artifact("llama")
+    report = read_report(artifact)
+    eps = report["mobile"]["execution_providers"]
+    assert report["mobile"]["target_ep"] == "coreml"  # target.npu's default
+    assert eps["qnn"]["checked"] is False and "no QNN support table" in eps["qnn"]["reason"]
+    for ep in ("nnapi", "coreml_neuralnetwork"):
+        assert eps[ep]["fraction"] >= 0.95 and eps[ep]["partitions"] == 1, eps[ep]
+    assert eps["coreml_mlprogram"]["fraction"] >= 0.95  # the Gathers (embedding, rotary tables) stay on CPU
+    assert eps["xnnpack"]["available"] is False or "XnnpackExecutionProvider" in eps["xnnpack"]["installed_providers"]
+    verification = report["verification"]
+    assert verification["ort_format"]["greedy_identical_to_onnx"]
+    assert verification["ort_format"]["loads_on"] == ["CPUExecutionProvider"]
+    xnnpack = verification["ort_format"]["xnnpack"]  # run where offered, else said so
+    assert xnnpack.get("greedy_identical_to_onnx") or "not offered" in xnnpack["skipped"]
+    assert verification["greedy"]["identical_to_pytorch"]
+    assert verification["logits_parity"]["decode_step"]["max_rel"] <= 1e-4
+    assert verification["perplexity"]["relative_difference"] <= 1e-4
+    assert (artifact / "model.ort").stat().st_size > 0
+    assert verification["ort_format"]["logits_vs_onnx"]["decode_step"]["max_rel"] <= 1e-5
+    assert json.loads((artifact / "manifest.json").read_text())["not_reproducible"]["files"] == [
+        "report.json",
+        "model.ort",
+    ]
+    assert not (artifact / "genai_config.json").exists()
+    ops = {node.op_type for node in onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph.node}
+    assert not ops & {"Reciprocal", "Neg", "Expand", "ReduceMean", "Unsqueeze", "Cos", "Sin", "Where", "Range"}
+
+
+def test_quantized_npu_artifact_keeps_its_plan(npu_artifact):
+    artifact = npu_artifact("llama", quantized=True)
+    report = read_report(artifact)
+    verification = report["verification"]
+    for step in ("prefill", "decode_step"):
+        assert verification["logits_parity"][step]["max_rel"] <= 1e-4
+    assert verification["ort_format"]["greedy_identical_to_onnx"]
+    assert report["parity_ladder"]["folded_fp_vs_eager"]["max_rel"] <= 1e-4
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["quantization"]["weight_format"] == "qdq8"
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    weight_types = {i.data_type for i in graph.initializer if i.name.endswith("_Q8")}
+    assert weight_types == {onnx.TensorProto.UINT8}  # 4-bit codes in 8-bit storage: the ORT format has no int4
+    assert report["mobile"]["execution_providers"]["nnapi"]["fraction"] >= 0.95
+
+
+def test_static_context_is_enforced(npu_artifact):
+    decoder = decoder_for(create_session(npu_artifact("llama"))[0])
+    ids = np.zeros((1, CONTEXT + 1), dtype=np.int64)
+    with pytest.raises(ValueError, match="static context"):
+        decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+
+
+@pytest.mark.parametrize("kind, expected", [("opt", "rotary-position"), ("gemma3_text", "sliding-window")])
+def test_architectures_the_static_graph_cannot_express_are_refused(tiny_model_dir, tmp_path, kind, expected):
+    config = tiny_build_config(tmp_path, tiny_model_dir(kind), target={"profile": "npu", "max_context": CONTEXT})
+    with pytest.raises(AqexportError, match=expected):
+        build(load_config(config), tmp_path)
+    assert not (tmp_path / "artifact").exists()
