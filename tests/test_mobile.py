@@ -153,7 +153,7 @@ def test_ort_copy_gives_the_onnx_logits_and_ships_its_operator_config(pair):
     ort_file, config = mobile / "model.ort", mobile / OPERATOR_CONFIG
     manifest = json.loads((mobile / "manifest.json").read_text())
     assert {"model.ort", OPERATOR_CONFIG} <= set(manifest["files"])
-    assert manifest["not_reproducible"]["files"] == ["report.json", "model.ort"]
+    assert manifest["not_reproducible"]["files"] == ["report.json", "report.html", "model.ort"]
     assert verify_artifact(mobile).ok
     session = ort.InferenceSession(str(ort_file), providers=["CPUExecutionProvider"])
     onnx_decoder = decoder_for(create_session(mobile)[0])

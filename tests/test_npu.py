@@ -90,6 +90,7 @@ def test_report_has_each_ep_verdict_and_the_ort_file(npu_artifact):
     assert verification["ort_format"]["logits_vs_onnx"]["decode_step"]["max_rel"] <= 1e-5
     assert json.loads((artifact / "manifest.json").read_text())["not_reproducible"]["files"] == [
         "report.json",
+        "report.html",
         "model.ort",
     ]
     assert not (artifact / "genai_config.json").exists()
