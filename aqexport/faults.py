@@ -61,6 +61,9 @@ def point(name: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "int":
+        # a Ctrl-C. A process started from a non-interactive shell's background job inherits SIGINT
+        # ignored (Python then installs no KeyboardInterrupt handler), so restore it first
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.raise_signal(signal.SIGINT)
     elif action == "raise":
         raise InjectedFault(f"fault injected at {name} ({ENV}={spec})")
