@@ -30,14 +30,19 @@ from _report import write_section  # noqa: E402
 CONTEXTS = (128, 512, 2048)
 
 
-def _cli_json(*args: str) -> dict:
+def _cli(*args: str) -> str:
+    """``aqexport <args>`` on the CUDA EP (artifacts copied to the GPU machine: no re-verify)."""
     done = subprocess.run(
-        [sys.executable, "-m", "aqexport.cli", *args, "--provider", "cuda", "--json", "--no-verify"],
+        [sys.executable, "-m", "aqexport.cli", *args, "--provider", "cuda", "--no-verify"],
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout.strip()
+
+
+def _cli_json(*args: str) -> dict:
+    return json.loads(_cli(*args, "--json").splitlines()[-1])
 
 
 def measure(ours: Path, builder: Path, text: Path, rounds: int) -> dict:
@@ -57,13 +62,7 @@ def measure(ours: Path, builder: Path, text: Path, rounds: int) -> dict:
     device = subprocess.run(
         ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
     ).stdout.strip()
-    answer = subprocess.run(
-        [sys.executable, "-m", "aqexport.cli", "run", str(ours), "--provider", "cuda", "--no-verify"]
-        + ["--prompt", "The capital of France is", "--max-new-tokens", "16"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    answer = _cli("run", str(ours), "--prompt", "The capital of France is", "--max-new-tokens", "16")
     paths = {name: str(path) for name, path in artifacts.items()}
     return {
         "device": device,
