@@ -32,6 +32,7 @@ from aqexport.passes import (
     GroupQueryAttentionPass,
     MobileOpsPass,
     OrtFusionsPass,
+    PackedQkvAttentionPass,
     PackMatMulNBitsPass,
     QuantizeEmbeddingPass,
     QuantizeWeightsPass,
@@ -99,7 +100,8 @@ def fusion_passes(target: Target, max_positions: int | None = None) -> list[ir.p
     ``MultiHeadAttention``), then ours: ``GroupQueryAttention`` with the KV cache and, given the
     context length ``max_positions`` for its tables, a fused ``RotaryEmbedding``; the shared KV
     buffer contract unless ``target.kv_cache`` is ``growing``; last, the ``MatMulNBits`` of q/k/v
-    and of gate/up merged into one each."""
+    and of gate/up merged into one each, and (cuda profile) the packed q/k/v fed to the attention
+    as one tensor that it splits and rotates itself."""
     shared = [] if target.kv_cache == "growing" else [SharedKvBufferPass(required=target.kv_cache == "shared_buffer")]
     return [
         common_passes.CheckerPass(full_check=True),
@@ -108,7 +110,12 @@ def fusion_passes(target: Target, max_positions: int | None = None) -> list[ir.p
         *shared,
         RemoveNoOpReshapesPass(),
         PackMatMulNBitsPass(),
-        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedNodesPass(),  # PackedQkvAttentionPass wants each split output read once
+        *(
+            [PackedQkvAttentionPass(), common_passes.RemoveUnusedNodesPass()]
+            if target.attention_takes_packed_qkv
+            else []
+        ),
         common_passes.TopologicalSortPass(),
     ]
 

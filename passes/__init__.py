@@ -31,6 +31,7 @@ from aqexport.passes.group_query_attention import GroupQueryAttentionPass
 from aqexport.passes.mobile_ops import MobileOpsPass
 from aqexport.passes.ort_fusions import OrtFusionsPass
 from aqexport.passes.pack_matmul_nbits import PackMatMulNBitsPass
+from aqexport.passes.packed_qkv_attention import PackedQkvAttentionPass
 from aqexport.passes.quantize_embedding import QuantizeEmbeddingPass
 from aqexport.passes.quantize_weights import QuantizeWeightsPass
 from aqexport.passes.remove_noop_reshapes import RemoveNoOpReshapesPass
@@ -47,6 +48,7 @@ __all__ = [
     "MobileOpsPass",
     "OrtFusionsPass",
     "PackMatMulNBitsPass",
+    "PackedQkvAttentionPass",
     "QuantizeEmbeddingPass",
     "QuantizeWeightsPass",
     "RemoveNoOpReshapesPass",
