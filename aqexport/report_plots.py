@@ -24,15 +24,20 @@ _RC = {"svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 
 _WIDTH, _HEIGHT = 6.4, 3.0
 
 
-def _render(name: str, draw: Callable[..., None], columns: int = 1) -> str:
+def _render(name: str, draw: Callable[..., None], columns: int = 1, fmt: str = "svg") -> str | bytes:
     """Draw on a new figure of ``columns`` axes (``draw(*axes)``) and return its SVG as a
-    ``data:`` URI; ``name`` salts its element ids."""
+    ``data:`` URI (``name`` salts its element ids), or with ``fmt="png"`` the PNG's bytes (the
+    benchmark plots under ``benchmarks/results/``)."""
     import matplotlib
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context({**_RC, "svg.hashsalt": f"aqexport-report-{name}"}):
         figure = Figure(figsize=(_WIDTH * (1 if columns == 1 else 1.4), _HEIGHT), layout="constrained")
         draw(*figure.subplots(1, columns, squeeze=False)[0])
+        if fmt == "png":
+            png = io.BytesIO()
+            figure.savefig(png, format="png", dpi=120, metadata={"Software": None})
+            return png.getvalue()
         buffer = io.StringIO()
         figure.savefig(buffer, format="svg", metadata={"Date": None})
     svg = _METADATA.sub("", buffer.getvalue())
@@ -50,21 +55,27 @@ def _positive(values: Sequence[float]) -> bool:
     return bool(values) and all(v is not None and math.isfinite(v) and v > 0 for v in values)
 
 
-def block_error_plot(blocks: Sequence[int], mse: Sequence[float]) -> str:
-    """Output MSE of each calibrated block against the float block's output."""
+def block_error_plot(
+    blocks: Sequence[int], mse: Sequence[float], fmt: str = "svg", baseline: tuple[str, Sequence[float]] | None = None
+) -> str | bytes:
+    """Output MSE of each calibrated block against the float block's output; ``baseline``: a
+    (label, MSE per block) series drawn beside it (the benchmark's RTN build)."""
 
     def draw(axis) -> None:
-        axis.plot(blocks, mse, marker="o", markersize=3, color="#c0392b")
-        if _positive(mse):
+        axis.plot(blocks, mse, marker="o", markersize=3, color="#c0392b", label="this build")
+        if baseline is not None:
+            axis.plot(blocks, baseline[1], marker="s", markersize=3, color="#7f8c8d", label=baseline[0])
+            axis.legend(fontsize=7)
+        if _positive([*mse, *(baseline[1] if baseline else [])]):
             axis.set_yscale("log")
         _integer_ticks(axis, "decoder block")
         axis.set_ylabel("output MSE vs float")
         axis.set_title("Calibrated block output error")
 
-    return _render("block-error", draw)
+    return _render("block-error", draw, fmt=fmt)
 
 
-def loss_curves_plot(curves: Mapping[int, Sequence[float]]) -> str:
+def loss_curves_plot(curves: Mapping[int, Sequence[float]], fmt: str = "svg") -> str | bytes:
     """Each block's training loss per epoch, coloured from the first block (dark) to the last."""
 
     def draw(axis) -> None:
@@ -84,12 +95,12 @@ def loss_curves_plot(curves: Mapping[int, Sequence[float]]) -> str:
         if len(curves) <= 8:
             axis.legend(title="block", fontsize=7)
 
-    return _render("loss-curves", draw)
+    return _render("loss-curves", draw, fmt=fmt)
 
 
 def transform_health_plot(
-    margins: Mapping[str, Mapping[int, float]], conditions: Mapping[str, Mapping[int, float]]
-) -> str:
+    margins: Mapping[str, Mapping[int, float]], conditions: Mapping[str, Mapping[int, float]], fmt: str = "svg"
+) -> str | bytes:
     """Per block and transform: the minimum dominance margin and the condition number."""
 
     def draw(*axes) -> None:
@@ -104,4 +115,4 @@ def transform_health_plot(
             axis.set_title(label.capitalize() + " of each transform")
         axes[0].legend(fontsize=7)
 
-    return _render("transform-health", draw, columns=2)
+    return _render("transform-health", draw, columns=2, fmt=fmt)

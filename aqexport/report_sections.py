@@ -291,22 +291,15 @@ def calibration(facts) -> str:
     return body
 
 
-def transforms(facts) -> str:
-    record = facts.report.get("calibration") or {}
-    body = ""
-    health = [
-        ("min dominance margin", record.get("min_dominance_margin")),
-        ("max condition number", record.get("max_condition_number")),
-        ("max inverse error", record.get("max_inverse_error")),
-    ]
-    if any(v is not None for _, v in health):
-        body += "<h3>Over all transforms</h3>" + table(None, [list(pair) for pair in health])
-    else:
-        body += missing("dominance margins and condition numbers")
+def transform_statistics(
+    plan_blocks: dict[int, dict[str, Any]],
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]], list[list[Any]]]:
+    """Per transform name, its minimum dominance margin and condition number by block, and one
+    table row per (block, transform), from the plan's ``matrix_reports``."""
     margins: dict[str, dict[int, float]] = {}
     conditions: dict[str, dict[int, float]] = {}
     rows = []
-    for block, plan in sorted(_plan_blocks(facts).items()):
+    for block, plan in sorted(plan_blocks.items()):
         for name, matrix in sorted((plan.get("matrix_reports") or {}).items()):
             if isinstance(matrix, dict):
                 margins.setdefault(name, {})[block] = matrix.get("min_dominance_margin")
@@ -320,6 +313,22 @@ def transforms(facts) -> str:
                         matrix.get("inverse_error"),
                     ]
                 )
+    return margins, conditions, rows
+
+
+def transforms(facts) -> str:
+    record = facts.report.get("calibration") or {}
+    body = ""
+    health = [
+        ("min dominance margin", record.get("min_dominance_margin")),
+        ("max condition number", record.get("max_condition_number")),
+        ("max inverse error", record.get("max_inverse_error")),
+    ]
+    if any(v is not None for _, v in health):
+        body += "<h3>Over all transforms</h3>" + table(None, [list(pair) for pair in health])
+    else:
+        body += missing("dominance margins and condition numbers")
+    margins, conditions, rows = transform_statistics(_plan_blocks(facts))
     if rows:
         body += image(transform_health_plot(margins, conditions), "dominance margin and condition number per block")
         body += _fold(
