@@ -46,6 +46,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,8 +70,8 @@ RUNTIME_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json",
 GPTQ_WINDOWS = (8, 256)  # windows × tokens fed to ORT's GPTQ
 
 
-class CalibrationReader:
-    """ORT's ``CalibrationDataReader`` protocol for our fp32 graph: prefill feeds of WikiText-2
+class CalibrationReader(CalibrationDataReader):
+    """ORT's ``CalibrationDataReader`` (its GPTQ iterates over one) for our fp32 graph: prefill feeds of WikiText-2
     valid windows with an empty cache (a zero shared buffer of the window's length)."""
 
     def __init__(self, directory: Path, windows: int, length: int) -> None:
