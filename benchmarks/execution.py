@@ -138,13 +138,15 @@ def hf_folder() -> Path:
     return folder
 
 
-def build_builder(name: str, precision: str) -> Path:
+def build_builder(name: str, precision: str, extra_options: str | None = None) -> Path:
+    """``extra_options``: the builder's ``--extra_options`` (``block_size=128``)."""
     directory = ARTIFACTS / _slug(name)
     if not (directory / "model.onnx").exists():
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
         command += ["-m", "HuggingFaceTB/SmolLM2-135M-Instruct", "-i", str(hf_folder())]
         command += ["-o", str(directory), "-p", precision, "-e", "cpu"]
         command += ["-c", str(ARTIFACTS / "builder-cache")]
+        command += ["--extra_options", extra_options] if extra_options else []
         subprocess.run(command, check=True, cwd=ROOT)
     return directory
 

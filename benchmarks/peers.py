@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _builds import DATA, OUT  # noqa: E402
 from _report import commit_id, write_section  # noqa: E402
 from _smollm2_variants import build as build_variant  # noqa: E402
-from execution import ARTIFACTS, build_builder, build_ours, hf_folder, size_bytes  # noqa: E402
+from execution import ARTIFACTS, build_builder, build_ours, size_bytes  # noqa: E402
 from skeleton import machine  # noqa: E402
 
 RESULTS = OUT / "peers.json"
@@ -70,6 +70,19 @@ RUNTIME_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json",
 GPTQ_WINDOWS = (8, 256)  # windows × tokens fed to ORT's GPTQ
 
 
+def prefill_feeds(inputs: dict[str, type], decoder: dict, tokens: list[int], past_length: int) -> dict:
+    """One batch-1 prefill of ``tokens`` from an empty cache, for a graph with ``inputs`` (name →
+    float dtype of its KV inputs): ``past_length`` 0, or for shared-buffer graphs a zero buffer
+    of the window's length. ``decoder``: ``genai_config.json``'s ``model.decoder``."""
+    ids = np.asarray(tokens, dtype=np.int64)[None]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+    shape = (1, decoder["num_key_value_heads"], past_length, decoder["head_size"])
+    feeds.update({name: np.zeros(shape, dtype) for name, dtype in inputs.items() if name.startswith("past_key_values")})
+    return feeds
+
+
 class CalibrationReader(CalibrationDataReader):
     """ORT's ``CalibrationDataReader`` (its GPTQ iterates over one) for our fp32 graph: prefill feeds of WikiText-2
     valid windows with an empty cache (a zero shared buffer of the window's length)."""
@@ -82,16 +95,12 @@ class CalibrationReader(CalibrationDataReader):
         tokens = AutoTokenizer.from_pretrained(directory)(
             (DATA / "valid.txt").read_text(encoding="utf-8")[:400_000], add_special_tokens=False
         )["input_ids"]
-        names = [value.name for value in onnx.load(str(directory / "model.onnx"), load_external_data=False).graph.input]
-        self.feeds = []
-        for index in range(windows):
-            ids = np.asarray(tokens[index * length : (index + 1) * length], dtype=np.int64)[None]
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            if "position_ids" in names:
-                feed["position_ids"] = np.arange(length, dtype=np.int64)[None]
-            shape = (1, decoder["num_key_value_heads"], length, decoder["head_size"])
-            feed.update({name: np.zeros(shape, np.float32) for name in names if name.startswith("past_key_values")})
-            self.feeds.append(feed)
+        graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+        inputs = {value.name: np.float32 for value in graph.input}  # the fp32 graph
+        self.feeds = [
+            prefill_feeds(inputs, decoder, tokens[index * length : (index + 1) * length], length)
+            for index in range(windows)
+        ]
         self.rewind()
 
     def get_next(self) -> dict | None:
@@ -117,10 +126,6 @@ def ort_nbits(name: str, algorithm: str) -> tuple[Path | None, float | None, str
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    directory = ARTIFACTS / name.replace(" ", "-")
-    timing = directory / "quantize_seconds.json"
-    if (directory / "model.onnx").exists() and timing.is_file():
-        return directory, json.loads(timing.read_text())["seconds"], None
     fp32 = _fp32_artifact()
     configs = {
         "default": lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False, accuracy_level=4),
@@ -130,33 +135,30 @@ def ort_nbits(name: str, algorithm: str) -> tuple[Path | None, float | None, str
             calibration_data_reader=CalibrationReader(fp32, *GPTQ_WINDOWS), block_size=128
         ),
     }
-    start = time.perf_counter()
-    try:
-        model = onnx.load(str(fp32 / "model.onnx"))
+
+    def quantize(directory: Path) -> None:
         quantizer = nbits.MatMulNBitsQuantizer(
-            model, bits=4, block_size=128, is_symmetric=False, accuracy_level=4, algo_config=configs[algorithm]()
+            onnx.load(str(fp32 / "model.onnx")),
+            bits=4,
+            block_size=128,
+            is_symmetric=False,
+            accuracy_level=4,
+            algo_config=configs[algorithm](),
         )
         quantizer.process()
-    except Exception as error:  # recorded in the table: which quantizer failed, and on what
-        return None, None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    seconds = time.perf_counter() - start
-    _copy_runtime_files(fp32, directory)
-    quantizer.model.save_model_to_file(str(directory / "model.onnx"), use_external_data_format=True)
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return directory, seconds, None
+        _copy_runtime_files(fp32, directory)
+        quantizer.model.save_model_to_file(str(directory / "model.onnx"), use_external_data_format=True)
+
+    return _ort_quantized(name, quantize)
 
 
 def ort_dynamic_int8(name: str) -> tuple[Path | None, float | None, str | None]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    directory = ARTIFACTS / name.replace(" ", "-")
-    timing = directory / "quantize_seconds.json"
-    if (directory / "model.onnx").exists() and timing.is_file():
-        return directory, json.loads(timing.read_text())["seconds"], None
     fp32 = _fp32_artifact()
-    _copy_runtime_files(fp32, directory)
-    start = time.perf_counter()
-    try:
+
+    def quantize(directory: Path) -> None:
+        _copy_runtime_files(fp32, directory)
         quantize_dynamic(
             fp32 / "model.onnx",
             directory / "model.onnx",
@@ -165,28 +167,26 @@ def ort_dynamic_int8(name: str) -> tuple[Path | None, float | None, str | None]:
             op_types_to_quantize=["MatMul"],
             use_external_data_format=True,
         )
+
+    return _ort_quantized(name, quantize)
+
+
+def _ort_quantized(name: str, quantize) -> tuple[Path | None, float | None, str | None]:
+    """(directory, seconds, why not run) of ``quantize(directory)``, an ONNX Runtime quantizer's
+    run; an exception is the row's record (which quantizer failed, and on what), not a crash."""
+    directory = ARTIFACTS / name.replace(" ", "-")
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return directory, timed_build(directory, lambda: quantize(directory), "quantize_seconds.json"), None
     except Exception as error:
         return None, None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    seconds = time.perf_counter() - start
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return directory, seconds, None
 
 
-def builder_g128(name: str) -> Path:
-    directory = ARTIFACTS / name.replace(" ", "-")
-    if not (directory / "model.onnx").exists():
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
-        command += ["-m", "HuggingFaceTB/SmolLM2-135M-Instruct", "-i", str(hf_folder())]
-        command += ["-o", str(directory), "-p", "int4", "-e", "cpu", "-c", str(ARTIFACTS / "builder-cache")]
-        command += ["--extra_options", "block_size=128"]
-        subprocess.run(command, check=True, cwd=ROOT)
-    return directory
-
-
-def timed_build(directory: Path, make) -> float:
-    """Seconds of ``make()`` (the builder's run), remembered beside the artifact."""
-    timing = directory / "build_seconds.json"
-    if timing.is_file():
+def timed_build(directory: Path, make, record: str = "build_seconds.json") -> float:
+    """Seconds of ``make()`` (a quantizer's or the builder's run), remembered beside the artifact
+    in ``record`` and read back on later runs, which then do not make it again."""
+    timing = directory / record
+    if timing.is_file() and (directory / "model.onnx").exists():
         return json.loads(timing.read_text())["seconds"]
     start = time.perf_counter()
     make()
@@ -282,21 +282,11 @@ def plain_ort_perplexity(directory: Path, windows: int) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    inputs = {value.name: np.float16 if "float16" in value.type else np.float32 for value in session.get_inputs()}
     total, count = 0.0, 0
     for index in range(windows):
         window = np.asarray(ids[index * 512 : (index + 1) * 512], dtype=np.int64)[None]
-        feeds = {"input_ids": window, "attention_mask": np.ones_like(window)}
-        for value in session.get_inputs():
-            if value.name == "position_ids":
-                feeds["position_ids"] = np.arange(512, dtype=np.int64)[None]
-            elif value.name.startswith("past_key_values"):
-                heads, head_size = (
-                    genai["model"]["decoder"]["num_key_value_heads"],
-                    genai["model"]["decoder"]["head_size"],
-                )
-                length = 512 if shared else 0
-                dtype = np.float16 if "float16" in value.type else np.float32
-                feeds[value.name] = np.zeros((1, heads, length, head_size), dtype=dtype)
+        feeds = prefill_feeds(inputs, genai["model"]["decoder"], window[0].tolist(), 512 if shared else 0)
         logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
         log_probs = (
             logits
@@ -368,16 +358,12 @@ def main() -> None:
         rows[name] = {"directory": directory, "build_seconds": seconds, "failure": failure}
     directory, seconds, failure = ort_dynamic_int8("ort quantize_dynamic int8")
     rows["ort quantize_dynamic int8"] = {"directory": directory, "build_seconds": seconds, "failure": failure}
-    for name, make in (
-        ("builder int4", lambda: build_builder("builder int4", "int4")),
-        ("builder int4 g128", lambda: builder_g128("builder int4 g128")),
-    ):
+    for name, options in (("builder int4", None), ("builder int4 g128", "block_size=128")):
         directory = ARTIFACTS / name.replace(" ", "-")
-        existed = (directory / "model.onnx").exists() and (directory / "build_seconds.json").is_file()
-        if not existed and (directory / "model.onnx").exists():
+        if (directory / "model.onnx").exists() and not (directory / "build_seconds.json").is_file():
             shutil.rmtree(directory)  # rebuilt once so its build is timed
         directory.mkdir(parents=True, exist_ok=True)
-        seconds = timed_build(directory, make)
+        seconds = timed_build(directory, lambda name=name, options=options: build_builder(name, "int4", options))
         rows[name] = {"directory": directory, "build_seconds": seconds}
     runnable = {name: row for name, row in rows.items() if row.get("directory") is not None}
     for name, row in runnable.items():
@@ -417,7 +403,6 @@ def main() -> None:
 
 def render(results: dict) -> str:
     rows = results["rows"]
-    fp_ppl = None
     lines = [
         "## Peers: SmolLM2-135M, ours beside ONNX Runtime's quantizers and the genai builder"
         + (" (quick run)" if results["args"].get("quick") else ""),
@@ -442,7 +427,6 @@ def render(results: dict) -> str:
             f"{row['perplexity']:.3f} | {row.get('perplexity_second', float('nan')):.3f} | {row['prefill_512']:.0f} | "
             f"{row['decode']:.1f} | {row['build_seconds']:.0f} |"
         )
-    del fp_ppl
     lines += [
         "",
         "Independent spot check (plain `onnxruntime.InferenceSession`, own tokenization and log-softmax):",
