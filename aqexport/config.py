@@ -107,14 +107,15 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "npu": {"max_context": 512, "npu": "coreml"},
 }
 #: What the mobile profile quantizes unless the config says otherwise (quantizing recipes only).
-MOBILE_QUANTIZATION_DEFAULTS = {"lm_head": "int4", "embedding": "int4"}
+MOBILE_QUANTIZATION_DEFAULTS = {"lm_head": "int4", "embedding": "auto"}
 
 
 class TargetSpec(_Section):
     profile: Literal["cpu", "cuda", "mobile", "npu"] = Field(
         "cpu",
         description="cpu: float32 activations, MatMulNBits; cuda: float16; mobile: the cpu graph sized for a "
-        "phone's CPU EP (int4 LM head and embedding unless set, accuracy_level 4, max_context, model.ort and "
+        "phone's CPU EP (int4 LM head, embedding tied to it or int4, unless set, accuracy_level 4, max_context, "
+        "model.ort and "
         "required_operators_and_types.config); npu: static step graph + model.ort + per-EP usability report",
     )
     npu: Literal["nnapi", "coreml", "qnn"] | None = Field(
@@ -248,6 +249,8 @@ class BuildConfig(_Section):
                 "target.formats ort with weight_format qdq: the ORT format has no 4-bit tensor type",
                 "use weight_format: qdq8 (same codes in 8-bit storage) or matmul_nbits",
             )
+        if getattr(self.quantization, "embedding", "float") == "tied":
+            _require_head_table(self)
         if target.kv_cache == "shared_buffer" and (target.profile == "npu" or not target.fuse):
             raise ConfigError(
                 "target.kv_cache shared_buffer needs the fused GroupQueryAttention graph, which "
@@ -338,6 +341,27 @@ def _require_npu(config: BuildConfig) -> None:
             "target.profile npu with quantization.embedding "
             f"'{config.quantization.embedding}': the quantized embedding is a com.microsoft op no NPU EP runs",
             "set quantization.embedding: float",
+        )
+
+
+def _require_head_table(config: BuildConfig) -> None:
+    """``embedding: tied`` reads the head's MatMulNBits codes: a quantized head in that format."""
+    if config.quantization.lm_head == "float":
+        raise ConfigError(
+            "quantization.embedding tied reads the quantized LM head's table, but lm_head is float",
+            "set quantization.lm_head: int4 or int8, or embedding: int4",
+        )
+    if config.target.profile == "cuda":
+        raise ConfigError(
+            "quantization.embedding tied on the cuda profile: its float16 lowering of a shared table has not "
+            "been checked on a GPU",
+            "use embedding: int4 on the cuda profile",
+        )
+    if config.target.weight_format != "matmul_nbits":
+        raise ConfigError(
+            f"quantization.embedding tied reads the head's MatMulNBits codes; weight_format "
+            f"{config.target.weight_format} stores none",
+            "use target.weight_format: matmul_nbits, or embedding: int4",
         )
 
 

@@ -40,6 +40,7 @@ from aqexport.passes import (
     SharedKvBufferPass,
     StableNamesPass,
     StatsPassResult,
+    TiedEmbeddingPass,
 )
 from aqexport.target import Target
 
@@ -132,18 +133,21 @@ def quantized_passes(
     embedding: Mapping[str, LinearPlan] | None,
     target: Target,
     max_positions: int | None = None,
+    tied_embedding: Mapping[str, str] | None = None,
 ) -> list[ir.passes.PassBase]:
     """Passes that lower a QuantPlan: names first (the plan is keyed by module path), then the
     input side of every transform, activation quantizers, and the weights last (the first two
     find linears by their float weights; format and accuracy level from ``target``), then ORT
     fusions of the float remainder. ``lm_head`` / ``embedding``: the model's ends, quantized
-    outside the plan (``aqexport.calibrate.edges``)."""
+    outside the plan (``aqexport.calibrate.edges``); ``tied_embedding``: embeddings that read a
+    head's table instead (``{embedding path: head path}``)."""
     return [
         StableNamesPass(),
         FoldAffinePass(plan),
         ActivationQuantPass(plan),
         QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, target),
         QuantizeEmbeddingPass(embedding or {}),
+        TiedEmbeddingPass(tied_embedding or {}),
         *cleanup_passes(),
         *(fusion_passes(target, max_positions) if target.fuse else []),
     ]

@@ -60,13 +60,21 @@ from aqexport.artifact import (
 )
 from aqexport.build_cache import build_identity, build_lock, portable_config, up_to_date
 from aqexport.calibrate.data import calibration_windows
-from aqexport.calibrate.edges import head_input_hessian, quantize_embedding, quantize_lm_head
+from aqexport.calibrate.edges import (
+    can_tie_embedding,
+    head_input_hessian,
+    quantize_embedding,
+    quantize_lm_head,
+    tie_embedding,
+)
 from aqexport.calibrate.fold import folded_float_weights
 from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
+from aqexport.calibrate.weight_error import linear_output_errors
 from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, export_static_onnx, untie_lm_head
 from aqexport.config import BuildConfig
+from aqexport.errors import ConfigError
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import LoweringResult, fp_passes, profile_passes, quantized_passes, run_passes
@@ -103,6 +111,8 @@ class Calibrated:
     embedding: dict[str, LinearPlan]
     report: dict[str, Any]
     parity_ladder: dict[str, Any] | None = None
+    #: ``{embedding path: head path}`` where the embedding reads the head's quantized table.
+    tied_embedding: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,12 @@ class Written:
 def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any]) -> Source:
     loaded = load_model(config.model, config_dir, identity["source_sha256"])
     untied = untie_lm_head(loaded.model)
+    if getattr(config.quantization, "embedding", None) == "tied" and not untied:  # before any calibration
+        raise ConfigError(
+            "quantization.embedding tied: the model does not tie its embedding to its LM head "
+            "(tie_word_embeddings is false), so there is no one table to share",
+            "set quantization.embedding: int4 (or auto)",
+        )
     return Source(loaded, cache_layout(loaded.model), untied)
 
 
@@ -147,18 +163,55 @@ def calibrate_stage(
     parity = None
     if ladder is not None:  # the float block copies go before the folded graph is built and run
         folded = folded_float_weights(float_blocks, plan)
+        report["linear_errors"] = _linear_errors(config, loaded, float_blocks, plan, folded[0])
         del float_blocks
         parity = ladder.fold(plan, *folded)
         del folded
     method = quant.head_method
     hessian = _head_hessian(config, loaded, report) if method == "gptq" else None
+    tie = _embedding_ties_head(config, source)
+    lm_head = quantize_lm_head(loaded.model, quant.lm_head, method or "rtn", hessian)
+    own_format = "int4" if quant.embedding == "auto" else quant.embedding
     return Calibrated(
         plan=plan,
-        lm_head=quantize_lm_head(loaded.model, quant.lm_head, method or "rtn", hessian),
-        embedding=quantize_embedding(loaded.model, quant.embedding),
+        lm_head=lm_head,
+        embedding={} if tie else quantize_embedding(loaded.model, own_format),
+        tied_embedding=tie_embedding(loaded.model, lm_head) if tie else {},
         report=report,
         parity_ladder=parity,
     )
+
+
+#: Calibration windows the per-linear output errors are measured on (report only).
+ERROR_WINDOWS = 2
+
+
+def _linear_errors(config: BuildConfig, loaded: LoadedModel, float_blocks, plan, transformed) -> dict[str, Any]:
+    """Per-linear output error of the plan and of plain RTN (``calibrate.weight_error``), on the
+    first calibration windows, with the seconds it took."""
+    spec = config.calibration
+    start = time.perf_counter()
+    windows = calibration_windows(loaded.tokenizer, spec.data, ERROR_WINDOWS, spec.seqlen, spec.seed)
+    errors = linear_output_errors(loaded.model, float_blocks, plan, transformed, windows)
+    return {"seconds": time.perf_counter() - start, "linears": errors}
+
+
+def _embedding_ties_head(config: BuildConfig, source: Source) -> bool:
+    """Whether the embedding reads the head's table: ``tied`` must (one clear error when it
+    cannot), ``auto`` does where it can and falls back to int4 (the report says which)."""
+    quant = config.quantization
+    if quant.embedding not in ("tied", "auto"):
+        return False
+    reason = can_tie_embedding(source.loaded.model, source.untied_lm_head, quant.lm_head)
+    if reason is None and config.target.weight_format != "matmul_nbits":
+        reason = f"weight_format {config.target.weight_format} stores no MatMulNBits table to share"
+    if reason is None and config.target.profile == "cuda":
+        reason = "the cuda profile's float16 lowering of a shared table has not been checked on a GPU"
+    if reason is not None and quant.embedding == "tied":
+        raise ConfigError(f"quantization.embedding tied: {reason}", "set quantization.embedding: int4 (or auto)")
+    if reason is not None:
+        logger.info("embedding: auto → int4 (%s)", reason)
+    return reason is None
 
 
 def _head_hessian(config: BuildConfig, loaded: LoadedModel, report: dict[str, Any]):
@@ -184,7 +237,14 @@ def lower_stage(
     if calibrated is None:
         passes = fp_passes(target, max_positions)
     else:
-        passes = quantized_passes(calibrated.plan, calibrated.lm_head, calibrated.embedding, target, max_positions)
+        passes = quantized_passes(
+            calibrated.plan,
+            calibrated.lm_head,
+            calibrated.embedding,
+            target,
+            max_positions,
+            tied_embedding=calibrated.tied_embedding,
+        )
     lowered = run_passes(exported_graph, [*passes, *profile_passes(target)])
     return lowered.model, lowered
 
@@ -447,6 +507,8 @@ def _linear_schemes(calibrated: Calibrated | None) -> dict[str, Any]:
     for role, entries in (("lm_head", calibrated.lm_head), ("embedding", calibrated.embedding)):
         for path, entry in entries.items():
             schemes[path] = {"weight": _scheme(entry.scheme), "activation": None, "role": role}
+    for path, head in calibrated.tied_embedding.items():
+        schemes[path] = {**schemes[head], "role": "embedding", "reads": head}
     return schemes
 
 

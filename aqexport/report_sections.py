@@ -376,10 +376,12 @@ def linears(facts) -> str:
         for index, block in _plan_blocks(facts).items()
         for name, entry in (block.get("linears") or {}).items()
     }
+    errors = _get(facts.report, "calibration", "linear_errors", "linears") or {}
     rows = []
     for path, entry in schemes.items():
         plan = planned.get(path) or {}
         activation = entry.get("activation")
+        error = errors.get(path) or {}
         rows.append(
             [
                 path,
@@ -392,10 +394,13 @@ def linears(facts) -> str:
                 entry.get("input_transform"),
                 _get(plan, "outlier", "channels"),
                 _get(plan, "stats", "tokens"),
+                error.get("plan"),
+                error.get("rtn"),
             ]
         )
     counts = Counter(f"{row[1]}: {row[2]}" for row in rows)
     body = table(["role and weight scheme", "linears"], [[k, v] for k, v in sorted(counts.items())])
+    body += _output_errors(errors)
     body += _fold(
         f"every linear ({len(rows)})",
         [
@@ -407,11 +412,39 @@ def linears(facts) -> str:
             "input transform",
             "outlier channels",
             "statistics tokens",
+            "output error (plan)",
+            "output error (RTN, no transform)",
         ],
         rows,
     )
-    body += missing(
-        "per-linear quantization error (each block's output error against the float block is under calibration)"
+    return body
+
+
+def _output_errors(errors: dict[str, Any]) -> str:
+    """Relative output error per linear (``aqexport.calibrate.weight_error``), summarised: the
+    plan's codes on the transformed input, beside plain RTN of the original weight on the raw one."""
+    pairs = [(e["plan"], e["rtn"]) for e in errors.values() if isinstance(e, dict) and e.get("rtn")]
+    if not pairs:
+        return missing("per-linear quantization error (measured with the parity ladder, without LLM.int8 splits)")
+    ratios = sorted(plan / rtn for plan, rtn in pairs)
+    worst = max(errors.items(), key=lambda item: item[1]["plan"])
+    tokens = next(iter(errors.values())).get("tokens")
+    body = note(
+        f"relative output error ‖x (W − Ŵ)ᵀ‖ / ‖x Wᵀ‖ per decoder linear on {tokens} calibration tokens: the "
+        "plan's codes on the input the quantized model feeds them (after the transform), beside round-to-nearest "
+        "of the untransformed weight in the same scheme on the input before the transform"
+    )
+    body += table(
+        ["linears", "plan below RTN", "median plan / RTN", "range plan / RTN", "largest plan error"],
+        [
+            [
+                len(pairs),
+                sum(ratio < 1 for ratio in ratios),
+                f"{ratios[len(ratios) // 2]:.3f}",
+                f"{ratios[0]:.3f} – {ratios[-1]:.3f}",
+                f"{worst[0]}: {worst[1]['plan']:.4f}",
+            ]
+        ],
     )
     return body
 

@@ -10,7 +10,10 @@ quantization keys below changed, so the tables compare what a user gets from the
 * ``rtn`` — round-to-nearest in the same format (no transforms, ``rounding: nearest``: the
   baseline people know as RTN), at the accuracy level its build measured;
 * ``rtn level4`` — the same plan with ``target.accuracy_level: 4`` forced, the builder's level
-  (the speed ceiling of the format, whatever it costs in perplexity).
+  (the speed ceiling of the format, whatever it costs in perplexity);
+* ``mobile`` — the default's plan lowered as ``examples/smollm2-mobile.yaml`` does, and
+  ``affinequant mobile edges`` the same edges on the cpu profile (its greedy reference);
+* ``affinequant tied`` — the default with ``embedding: tied`` (one int8 table for head and embedding).
 
 Built into ``benchmarks/out/artifacts/<slug>`` (plans beside them, so a rebuild only lowers).
 
@@ -38,6 +41,13 @@ VARIANTS: dict[str, dict] = {
     "affinequant kronecker": {"transform": "kronecker"},
     "affinequant block_diagonal": {"transform": "block_diagonal"},
     "affinequant diagonal": {"transform": "diagonal"},
+    # the shipped default's plan lowered as examples/smollm2-mobile.yaml lowers it: the mobile
+    # profile's edges (int4 head, embedding reading the head's table) and its 2048-token context
+    "mobile": {"lm_head": "int4", "embedding": "auto", "target": {"profile": "mobile"}, "plan": "affinequant"},
+    # the same plan and edges on the cpu profile: the mobile artifact's greedy reference
+    "affinequant mobile edges": {"lm_head": "int4", "embedding": "auto", "plan": "affinequant"},
+    # the shipped default with its embedding reading the int8 head's table instead of an int4 copy
+    "affinequant tied": {"embedding": "tied", "plan": "affinequant"},
 }
 
 

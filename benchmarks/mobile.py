@@ -3,11 +3,11 @@ size against the fp32 model, greedy tokens (our runtime and onnxruntime-genai), 
 decode tok/s from ``aqexport bench`` on this machine's CPU (a proxy for a phone's: same ONNX
 Runtime CPU EP kernels in their x86 form, not ARM's NEON / KleidiAI ones).
 
-The two artifacts are built beforehand (a mobile build lowers the cpu build's plan:
-``examples/smollm2-mobile.yaml`` reuses ``examples/smollm2-affinequant-w4a16g128.yaml``'s):
+By default the two artifacts are ``benchmarks/_smollm2_variants.py``'s ``affinequant`` (the
+shipped example) and ``mobile`` (its plan lowered as ``examples/smollm2-mobile.yaml`` lowers
+it), built or found up to date through ``aqexport build``'s cache; ``--cpu`` / ``--mobile`` take
+other artifact directories:
 
-    aqexport build examples/smollm2-affinequant-w4a16g128.yaml
-    aqexport build examples/smollm2-mobile.yaml
     python benchmarks/mobile.py [--cpu DIR] [--mobile DIR] [--threads 2] [--repeats 3]
 """
 
@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 from _report import commit_id, write_section  # noqa: E402
 from skeleton import machine  # noqa: E402
 
-BUILD = ROOT.parent / "build"
 PREFILL = (128, 512)
 MIB = 2**20
 
@@ -113,16 +112,23 @@ def facts(directory: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cpu", type=Path, default=BUILD / "smollm2-affinequant-w4a16g128")
-    parser.add_argument("--mobile", type=Path, default=BUILD / "smollm2-mobile")
+    parser.add_argument("--cpu", type=Path, help="default: the shipped example's artifact")
+    parser.add_argument("--cpu-same-edges", type=Path, help="default: its plan, cpu profile, mobile edges")
+    parser.add_argument("--mobile", type=Path, help="default: its plan lowered for the mobile profile")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="bench rounds, the two artifacts alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="bench rounds, the artifacts alternating")
     args = parser.parse_args()
+    from _smollm2_variants import build as build_variant
     from transformers import AutoTokenizer
 
-    artifacts = {"cpu": args.cpu.resolve(), "mobile": args.mobile.resolve()}
+    wanted = (
+        ("cpu", args.cpu, "affinequant"),
+        ("cpu, mobile edges", args.cpu_same_edges, "affinequant mobile edges"),
+        ("mobile", args.mobile, "mobile"),
+    )
+    artifacts = {name: (given or build_variant(variant)).resolve() for name, given, variant in wanted}
     load = os.getloadavg()[0]  # other jobs on the machine slow both rows alike
     measured = {name: facts(directory) for name, directory in artifacts.items()}
     fp32 = fp32_bytes(measured["cpu"]["manifest"])
@@ -135,7 +141,7 @@ def main() -> None:
         for name in list(artifacts)[:: 1 if round_index % 2 == 0 else -1]:
             measured[name]["bench"].append(bench(artifacts[name], args.threads, args.repeats))
             print(name, round_index, json.dumps(measured[name]["bench"][-1]))
-    reference = measured["cpu"]["greedy"]
+    reference = measured["cpu, mobile edges"]["greedy"]  # same plan, same edges: only the profile differs
     mobile = measured["mobile"]
     stored, out, width = head_bytes(artifacts["mobile"])
     int4 = int4_head_bytes(out, width)
@@ -157,9 +163,11 @@ def main() -> None:
         decode = spread([b["decode_tokens_per_second"]["median"] for b in runs], "{:.1f}")
         ort_size = "–" if m["ort_bytes"] is None else f"{m['ort_bytes'] / MIB:.1f} MiB ({m['ort_bytes'] / fp32:.3f}×)"
         greedy_same = {kind: m["greedy"][kind] == reference[kind] for kind in ("ours", "genai")}
-        same = "reference" if name == "cpu" else f"ours {greedy_same['ours']}, genai {greedy_same['genai']}"
+        same = (
+            "reference" if name == "cpu, mobile edges" else f"ours {greedy_same['ours']}, genai {greedy_same['genai']}"
+        )
         rows.append(
-            f"| {m['profile']} | {m['scheme']} | {m['context']} | {m['onnx_bytes'] / MIB:.1f} MiB "
+            f"| {name} | {m['scheme']} | {m['context']} | {m['onnx_bytes'] / MIB:.1f} MiB "
             f"({m['onnx_bytes'] / fp32:.3f}×) | {ort_size} | {m['ppl']:.2f} | {same} | {prefill} | "
             f"{decode} | {max(b['peak_rss_mib'] for b in runs):.0f} |"
         )
@@ -167,10 +175,13 @@ def main() -> None:
 ## Mobile profile: SmolLM2-135M-Instruct for a phone's CPU EP, beside the cpu profile
 
 `python benchmarks/mobile.py --threads {args.threads} --repeats {args.repeats} --rounds {args.rounds}` at commit
-{commit_id()}, {date.today()}. Machine: {machine()}. Both artifacts lower one plan; sizes against the fp32
+{commit_id()}, {date.today()}. Machine: {machine()}. All three artifacts lower one plan (the shipped
+default's): the cpu example as shipped, the same on the cpu profile with the mobile profile's
+edges (int4 head, embedding reading its table: the greedy reference), and the mobile
+profile's artifact (`examples/smollm2-mobile.yaml`'s config). Sizes against the fp32
 model ({fp32 / MIB:.1f} MiB: its {fp32 // 4:,} parameters in float32). Tokens: {args.tokens} greedy
 from "The capital of France is", our runtime and onnxruntime-genai, compared with the cpu
-artifact's. Speed: `aqexport bench --prefill {",".join(map(str, PREFILL))} --decode-context 128
+reference's. Speed: `aqexport bench --prefill {",".join(map(str, PREFILL))} --decode-context 128
 --decode-tokens 64`, {args.threads} threads: the median of {args.rounds} rounds' medians (min–max over rounds), the
 artifacts alternating (1-minute load average {load:.1f} at the start: other jobs shared the cores),
 on this x86 CPU: a proxy for a phone, whose
@@ -178,7 +189,7 @@ CPU EP runs the same graph on MLAS's ARM kernels. Perplexity: the build's verifi
 (WikiText-2 test). The reduced ONNX Runtime build from `required_operators_and_types.config`
 is not made here.
 
-| profile | quantization | context | model.onnx + data | model.ort | ppl (ORT) | greedy = cpu \
+| artifact | quantization | context | model.onnx + data | model.ort | ppl (ORT) | greedy = cpu \
 | prefill tok/s ({" / ".join(map(str, PREFILL))}) | decode tok/s | peak RSS MiB |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}

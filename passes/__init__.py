@@ -37,6 +37,7 @@ from aqexport.passes.quantize_weights import QuantizeWeightsPass
 from aqexport.passes.remove_noop_reshapes import RemoveNoOpReshapesPass
 from aqexport.passes.shared_kv_buffer import SharedKvBufferPass
 from aqexport.passes.stable_names import StableNamesPass
+from aqexport.passes.tied_embedding import TiedEmbeddingPass
 
 __all__ = [
     "AccuracyLevelPass",
@@ -55,4 +56,5 @@ __all__ = [
     "SharedKvBufferPass",
     "StableNamesPass",
     "StatsPassResult",
+    "TiedEmbeddingPass",
 ]

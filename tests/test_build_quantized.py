@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from aqexport.config import load_config
+from aqexport.errors import ConfigError
 from aqexport.pipeline import build
 from tests.conftest import read_report, tiny_build_config
 from tests.tiny_models import data_file
@@ -25,6 +26,8 @@ CASES = [
     ("qwen2", "omniquant", "w4a4", {}),  # q/k/v biases moved by the out and q·k transforms
     ("llama", "smoothquant", "w8a8", {"activations": "static", "target": {"weight_format": "qdq"}}),  # all QDQ
     ("qwen2", "rtn", "w4a16", {"lm_head": "int8", "embedding": "int8"}),  # auto: the int8 head at level 4
+    # the embedding reads the int8 head's table (hidden 64 in one padded block of 128: sliced after the lookup)
+    ("llama", "rtn", "w4a16g128", {"lm_head": "int8", "embedding": "tied"}),
     # GPTQ codes after the learned transforms, Hessians from 960 tokens (more than training's windows)
     ("qwen2", "affinequant", "w3a16g128", {"rounding": {"method": "gptq", "tokens": 960}}),
     # LLM.int8; random tiny weights rarely reach τ = 6, so a lower τ exercises the split
@@ -135,6 +138,12 @@ def test_quantized_artifact_matches_its_fake_quant_model(quantized_artifact, kin
     assert sum(info.get("role") == "lm_head" for info in linears.values()) == (extra.get("lm_head", "float") != "float")
     weights = {init.name for init in model.graph.initializer}
     assert not any(f"{path}.weight" in weights for path in linears)  # no planned float weight is left
+    errors = calibration["linear_errors"]["linears"]  # per decoder linear, for the report
+    decoder = {path for path, info in linears.items() if "role" not in info}
+    assert set(errors) == (set() if recipe == "llm_int8" else decoder)  # LLM.int8 splits are left out
+    assert all(0 < e["plan"] < 1 and 0 < e["rtn"] < 1 and e["tokens"] == 64 for e in errors.values())
+    if recipe == "rtn" and "rounding" not in extra:  # no transform, no clipping, no GPTQ: the plan's codes are RTN's
+        assert all(e["plan"] == pytest.approx(e["rtn"], rel=1e-4) for e in errors.values())
     rounding = extra.get("rounding", {})
     assert calibration["hessian_tokens"] == (rounding["tokens"] if rounding else 0)  # 30 windows of 32
     if extra.get("lm_head") == "int4":  # auto: GPTQ on the head's inputs for an int4 head, RTN for int8
@@ -166,6 +175,33 @@ def test_int4_artifact_is_smaller_than_fp32(quantized_artifact, tiny_artifact):
     extra = {"lm_head": "int4", "embedding": "int4"}
     quantized = read_report(quantized_artifact("llama", "affinequant", "w4a16g128", extra))["model_bytes"]
     assert quantized < 0.65 * read_report(tiny_artifact("llama"))["model_bytes"]
+
+
+def test_tied_embedding_stores_one_table(quantized_artifact):
+    """The tied tiny Llama's embedding reads the head's MatMulNBits codes: no table of its own."""
+    artifact = quantized_artifact("llama", "rtn", "w4a16g128", {"lm_head": "int8", "embedding": "tied"})
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    (lookup,) = [node for node in graph.node if node.op_type == "GatherBlockQuantized"]
+    (head,) = [node for node in graph.node if node.op_type == "MatMulNBits" and "lm_head" in node.input[1]]
+    assert lookup.input[0] == head.input[1] and any(node.op_type == "Slice" for node in graph.node)
+    assert "model.embed_tokens.weight" not in {init.name for init in graph.initializer}
+    linears = json.loads((artifact / "manifest.json").read_text())["quantization"]["linears"]
+    assert linears["model.embed_tokens"] == {**linears["lm_head"], "role": "embedding", "reads": "lm_head"}
+
+
+def test_tied_embedding_on_an_untied_model_is_one_clear_error(tiny_model_dir, tmp_path):
+    """Qwen2's tiny config unties them: ``tied`` stops at load, before calibration; ``auto`` is int4."""
+    quantization = {"recipe": "rtn", "preset": "w4a16", "lm_head": "int4", "embedding": "tied"}
+    calibration = {"data": str(data_file("valid")), "samples": 2, "seqlen": 32}
+    config = tiny_build_config(tmp_path, tiny_model_dir("qwen2"), quantization=quantization, calibration=calibration)
+    with pytest.raises(ConfigError, match="does not tie its embedding"):
+        build(load_config(config), tmp_path)
+    assert not (tmp_path / "artifact").exists()
+    quantization["embedding"] = "auto"
+    config = tiny_build_config(tmp_path, tiny_model_dir("qwen2"), quantization=quantization, calibration=calibration)
+    linears = json.loads((build(load_config(config), tmp_path) / "manifest.json").read_text())["quantization"]
+    embedding = linears["linears"]["model.embed_tokens"]
+    assert embedding["role"] == "embedding" and "reads" not in embedding and embedding["weight"]["bits"] == 4
 
 
 def test_build_reuses_a_finished_plan(quantized_artifact, tiny_model_dir, tmp_path):

@@ -63,6 +63,23 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
             "target.kv_cache shared_buffer",
         ),
         ({"target": {"kv_cache": "in_place"}, "output": {"dir": "out"}}, "target.kv_cache"),
+        (
+            {
+                "quantization": {"recipe": "rtn", "preset": "w4a16", "embedding": "tied"},
+                "calibration": {"data": str(data_file("valid"))},
+                "output": {"dir": "out"},
+            },
+            "but lm_head is float",
+        ),
+        (
+            {
+                "quantization": {"recipe": "rtn", "preset": "w4a16", "lm_head": "int4", "embedding": "tied"},
+                "calibration": {"data": str(data_file("valid"))},
+                "target": {"profile": "cuda"},
+                "output": {"dir": "out"},
+            },
+            "tied on the cuda profile",
+        ),
     ],
 )
 def test_config_errors_are_one_line_with_fix(tmp_path, capsys, sections, expected):

@@ -30,7 +30,7 @@ from tests.tiny_models import data_file
 CONTEXT = 96
 QUANTIZATION = {"recipe": "rtn", "preset": "w4a16"}
 #: what profile mobile quantizes by default, spelled out for the cpu build of the same plan
-EDGES = {"lm_head": "int4", "embedding": "int4"}
+EDGES = {"lm_head": "int4", "embedding": "tied"}
 PROMPT = [11, 42, 97, 150, 33, 7, 260]
 
 
@@ -65,6 +65,14 @@ def _ort_file_operators(path) -> set[tuple[str, str]]:
     return {(node.Domain().decode(), node.OpType().decode()) for node in nodes}
 
 
+def _ort_file_tables(path, rows: int) -> dict[str, list[int]]:
+    """Name → dims of every initializer of an ORT-format file with ``rows`` leading rows."""
+    graph = fbs.InferenceSession.InferenceSession.GetRootAsInferenceSession(path.read_bytes(), 0).Model().Graph()
+    tensors = (graph.Initializers(i) for i in range(graph.InitializersLength()))
+    dims = {t.Name().decode(): [t.Dims(j) for j in range(t.DimsLength())] for t in tensors}
+    return {name: shape for name, shape in dims.items() if shape and shape[0] == rows}
+
+
 def _prefill_and_step(decoder) -> list[np.ndarray]:
     prefix, last = np.asarray([PROMPT[:-1]]), np.asarray([PROMPT[-1:]])
     prefill, past = decoder.step(prefix, np.ones_like(prefix), decoder.empty_past(1))
@@ -83,7 +91,7 @@ def test_profile_defaults_fill_the_recorded_config(tmp_path):
             output={"dir": "out"},
         )
     )
-    assert (mobile.quantization.lm_head, mobile.quantization.embedding) == ("int4", "int4")
+    assert (mobile.quantization.lm_head, mobile.quantization.embedding) == ("int4", "auto")
     assert (mobile.target.max_context, mobile.target.accuracy_level) == (2048, 4)
     explicit = load_config(
         write_config(
@@ -116,6 +124,10 @@ def test_mobile_is_the_cpu_graph_sized_for_a_phone(pair):
     assert {a["accuracy_level"] for a in attributes} == {4} and {a["bits"] for a in attributes} == {4}
     head = [node for node in matmuls if node.output[0] == "logits" or "lm_head" in node.name]
     assert head, "the LM head is not a MatMulNBits"
+    # the tiny Llama ties its embedding to its head: one table, the head's codes, which the lookup reads
+    (lookup,) = [node for node in graph.node if node.op_type == "GatherBlockQuantized"]
+    assert lookup.input[0] == head[0].input[1]
+    assert not [i for i in graph.initializer if i.name.startswith("model.embed_tokens.weight")]
     # the rotary tables hold max_context positions (the cpu build's: the model's context)
     caches = {i.name: i.dims[0] for i in graph.initializer if i.name.startswith("gqa_cos_cache")}
     cpu_caches = {i.name: i.dims[0] for i in _graph(cpu).initializer if i.name.startswith("gqa_cos_cache")}
@@ -161,6 +173,13 @@ def test_ort_copy_gives_the_onnx_logits_and_ships_its_operator_config(pair):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     verification = read_report(mobile)["verification"]["ort_format"]
     assert verification["greedy_identical_to_onnx"] and verification["logits_vs_onnx"]["decode_step"]["max_rel"] <= 1e-5
+
+    # the tied table is stored once: ORT's optimizer folded no copy of the head's codes for the
+    # lookup (only of the scales, viewed as [vocab, blocks, 1])
+    vocab = onnx.load(str(mobile / "model.onnx"), load_external_data=False).graph.output[0].type
+    vocab = vocab.tensor_type.shape.dim[-1].dim_value
+    tables = _ort_file_tables(ort_file, vocab)
+    assert [name for name, shape in tables.items() if len(shape) == 3 and shape[-1] > 1] == ["lm_head.weight_Q4"]
 
     listed = operator_config_entries(config)  # ONNX Runtime's own parser of the config
     assert listed == _ort_file_operators(ort_file)

@@ -98,7 +98,7 @@ def test_page_loads_in_headless_chromium_with_every_section(work):
     assert "artifact (ONNX Runtime)" in text["checks"] and "Greedy text" in text["checks"]
     assert "affinequant" in text["calibration"]
     assert "min dominance margin" in text["transforms"]
-    assert "model.layers.1.mlp.down_proj" in text["linears"]
+    assert "model.layers.1.mlp.down_proj" in text["linears"] and "median plan / RTN" in text["linears"]
     assert "com.microsoft::MatMulNBits" in text["graph"]
     assert "UINT8" in text["sizes"]
     assert "not a mobile build" in text["mobile"]

@@ -11,6 +11,11 @@ axis (``MatMulNBits``), for the embedding the axis ``GatherBlockQuantized`` dequ
 along. The PyTorch model gets the dequantized weights, so it stays the fake-quant reference
 the artifact is verified against.
 
+A model that ties its embedding to its head can keep one table (``embedding: tied``, or ``auto``,
+the mobile default): the embedding then reads the head's quantized codes
+(``aqexport.passes.TiedEmbeddingPass``), so its rows are the head's dequantized rows, GPTQ'd or
+not, instead of an RTN copy. That is the onnxruntime-genai builder's ``shared_embeddings``.
+
 The head is quantized with GPTQ on its inputs from the calibrated (fake-quant) model by default:
 it is the matrix a decode step streams most of (SmolLM2: 28 MB at 8 bits), and at 4 bits RTN
 costs too much quality there (see ``aqexport.calibrate.gptq``). The embedding is a lookup, has
@@ -32,13 +37,18 @@ __all__ = [
     "EMBEDDING_SCHEMES",
     "HEAD_SCHEMES",
     "EdgeFormat",
+    "EmbeddingFormat",
     "HeadMethod",
+    "can_tie_embedding",
     "head_input_hessian",
     "quantize_embedding",
     "quantize_lm_head",
+    "tie_embedding",
 ]
 
 EdgeFormat = Literal["float", "int8", "int4"]
+#: The embedding's formats: an own table, or the head's (``tied``; ``auto``: tied where possible, else int4).
+EmbeddingFormat = Literal["float", "int8", "int4", "tied", "auto"]
 HeadMethod = Literal["gptq", "rtn"]
 
 #: Group 128 for the embedding: ``GatherBlockQuantized`` takes blocks, and a per-row range over
@@ -117,3 +127,27 @@ def quantize_embedding(model: nn.Module, fmt: EdgeFormat) -> dict[str, LinearPla
     embedding = model.get_input_embeddings()
     entry = _rtn(embedding.weight, EMBEDDING_SCHEMES[fmt])
     return {_module_path(model, embedding): _install(embedding.weight, entry)}
+
+
+def can_tie_embedding(model: nn.Module, untied: bool, head_format: EdgeFormat) -> str | None:
+    """Why the embedding cannot read the head's table, or None when it can: the source model
+    tied them (``untied``: ``capture.untie_lm_head`` split them at load), calibration left both
+    equal, and the head is quantized. Call before ``quantize_lm_head`` overwrites the head."""
+    if not untied:
+        return "the model does not tie its embedding to its LM head (tie_word_embeddings is false)"
+    if head_format == "float":
+        return "the LM head stays float (quantization.lm_head: float), so it has no quantized table to share"
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight.shape != embedding.weight.shape or not torch.equal(head.weight, embedding.weight):
+        return "calibration changed the LM head's weight, so it no longer equals the embedding"
+    return None
+
+
+@torch.no_grad()
+def tie_embedding(model: nn.Module, lm_head: dict[str, LinearPlan]) -> dict[str, str]:
+    """``{embedding path: head path}``; the PyTorch embedding becomes the head's dequantized
+    table, the rows ``GatherBlockQuantized`` returns from the head's codes."""
+    ((head_path, entry),) = lm_head.items()
+    embedding = model.get_input_embeddings()
+    _install(embedding.weight, entry)
+    return {_module_path(model, embedding): head_path}

@@ -94,8 +94,11 @@ class QuantizedRecipeConfig(RecipeConfig):
         description="GPTQ on the head's inputs from the calibrated model (calibration.head_tokens of them), "
         "or round-to-nearest; auto: GPTQ for int4, RTN for int8 (SmolLM2 int8 build: RTN 27.91, GPTQ 27.98)",
     )
-    embedding: Literal["float", "int8", "int4"] = Field(
-        "float", description="RTN of the token embedding, groups of 128 (GatherBlockQuantized)"
+    embedding: Literal["float", "int8", "int4", "tied", "auto"] = Field(
+        "float",
+        description="the token embedding as GatherBlockQuantized: int8/int4 RTN in groups of 128, or tied: it "
+        "reads the quantized LM head's table (models that tie the two; one table stored instead of two); auto: "
+        "tied where the model ties them and the head is quantized, int4 otherwise",
     )
 
     @field_validator("rounding", mode="before")
