@@ -169,7 +169,7 @@ def calibrate_stage(
         del folded
     method = quant.head_method
     hessian = _head_hessian(config, loaded, report) if method == "gptq" else None
-    tie = _embedding_ties_head(config, source)
+    tie = _embedding_ties_head(config, source, report)
     lm_head = quantize_lm_head(loaded.model, quant.lm_head, method or "rtn", hessian)
     own_format = "int4" if quant.embedding == "auto" else quant.embedding
     return Calibrated(
@@ -196,9 +196,10 @@ def _linear_errors(config: BuildConfig, loaded: LoadedModel, float_blocks, plan,
     return {"seconds": time.perf_counter() - start, "linears": errors}
 
 
-def _embedding_ties_head(config: BuildConfig, source: Source) -> bool:
+def _embedding_ties_head(config: BuildConfig, source: Source, report: dict[str, Any]) -> bool:
     """Whether the embedding reads the head's table: ``tied`` must (one clear error when it
-    cannot), ``auto`` does where it can and falls back to int4 (the report says which)."""
+    cannot), ``auto`` does where it can and falls back to int4 (``report["embedding"]`` says
+    which, and why)."""
     quant = config.quantization
     if quant.embedding not in ("tied", "auto"):
         return False
@@ -211,6 +212,7 @@ def _embedding_ties_head(config: BuildConfig, source: Source) -> bool:
         raise ConfigError(f"quantization.embedding tied: {reason}", "set quantization.embedding: int4 (or auto)")
     if reason is not None:
         logger.info("embedding: auto → int4 (%s)", reason)
+    report["embedding"] = {"reads_lm_head": reason is None, "why_not": reason}
     return reason is None
 
 

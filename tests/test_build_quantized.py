@@ -199,9 +199,12 @@ def test_tied_embedding_on_an_untied_model_is_one_clear_error(tiny_model_dir, tm
     assert not (tmp_path / "artifact").exists()
     quantization["embedding"] = "auto"
     config = tiny_build_config(tmp_path, tiny_model_dir("qwen2"), quantization=quantization, calibration=calibration)
-    linears = json.loads((build(load_config(config), tmp_path) / "manifest.json").read_text())["quantization"]
+    artifact = build(load_config(config), tmp_path)
+    linears = json.loads((artifact / "manifest.json").read_text())["quantization"]
     embedding = linears["linears"]["model.embed_tokens"]
     assert embedding["role"] == "embedding" and "reads" not in embedding and embedding["weight"]["bits"] == 4
+    record = read_report(artifact)["calibration"]["embedding"]
+    assert record["reads_lm_head"] is False and "does not tie" in record["why_not"]
 
 
 def test_build_reuses_a_finished_plan(quantized_artifact, tiny_model_dir, tmp_path):
