@@ -93,6 +93,16 @@ def spread(values: list[float], form: str) -> str:
     return middle if len(values) == 1 else f"{middle} ({form.format(min(values))}–{form.format(max(values))})"
 
 
+def embedding_format(manifest: dict) -> str:
+    """As lowered, not as configured (``auto`` resolves per model): the head's table, or its own."""
+    linears = manifest["quantization"].get("linears", {})
+    embedding = next((entry for entry in linears.values() if entry.get("role") == "embedding"), None)
+    if embedding is None:
+        return "float"
+    bits = f"int{embedding['weight']['bits']}"
+    return f"{bits} = the head's table" if embedding.get("reads") else bits
+
+
 def facts(directory: Path) -> dict:
     manifest = json.loads((directory / "manifest.json").read_text())
     report = json.loads((directory / "report.json").read_text())
@@ -103,7 +113,8 @@ def facts(directory: Path) -> dict:
         "manifest": manifest,
         "onnx_bytes": onnx,
         "ort_bytes": files.get("model.ort", {}).get("bytes"),
-        "scheme": f"head {quant['lm_head']}, embedding {quant['embedding']}, accuracy_level {quant['accuracy_level']}",
+        "scheme": f"head {quant['lm_head']}, embedding {embedding_format(manifest)}, "
+        f"accuracy_level {quant['accuracy_level']}",
         "ppl": report["verification"].get("perplexity", {}).get("onnx", {}).get("perplexity"),
         "context": json.loads((directory / "genai_config.json").read_text())["model"]["context_length"],
         "profile": manifest["config"]["target"]["profile"],
