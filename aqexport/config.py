@@ -351,12 +351,6 @@ def _require_head_table(config: BuildConfig) -> None:
             "quantization.embedding tied reads the quantized LM head's table, but lm_head is float",
             "set quantization.lm_head: int4 or int8, or embedding: int4",
         )
-    if config.target.profile == "cuda":
-        raise ConfigError(
-            "quantization.embedding tied on the cuda profile: its float16 lowering of a shared table has not "
-            "been checked on a GPU",
-            "use embedding: int4 on the cuda profile",
-        )
     if config.target.weight_format != "matmul_nbits":
         raise ConfigError(
             f"quantization.embedding tied reads the head's MatMulNBits codes; weight_format "

@@ -206,8 +206,6 @@ def _embedding_ties_head(config: BuildConfig, source: Source, report: dict[str, 
     reason = can_tie_embedding(source.loaded.model, source.untied_lm_head, quant.lm_head)
     if reason is None and config.target.weight_format != "matmul_nbits":
         reason = f"weight_format {config.target.weight_format} stores no MatMulNBits table to share"
-    if reason is None and config.target.profile == "cuda":
-        reason = "the cuda profile's float16 lowering of a shared table has not been checked on a GPU"
     if reason is not None and quant.embedding == "tied":
         raise ConfigError(f"quantization.embedding tied: {reason}", "set quantization.embedding: int4 (or auto)")
     if reason is not None:

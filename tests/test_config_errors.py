@@ -75,10 +75,10 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
             {
                 "quantization": {"recipe": "rtn", "preset": "w4a16", "lm_head": "int4", "embedding": "tied"},
                 "calibration": {"data": str(data_file("valid"))},
-                "target": {"profile": "cuda"},
+                "target": {"weight_format": "qdq"},
                 "output": {"dir": "out"},
             },
-            "tied on the cuda profile",
+            "weight_format qdq stores none",
         ),
     ],
 )

@@ -17,13 +17,15 @@ from tests.tiny_models import data_file
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-@pytest.fixture(scope="module")
-def cuda_artifact(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["int4", "tied"])
+def cuda_artifact(request, tiny_model_dir, tmp_path_factory):
+    """The tiny Llama's int4 build, its embedding an own int4 table or the head's (``tied``: the
+    head's float16 scales viewed as [vocab, blocks, 1] for the lookup)."""
     work = tmp_path_factory.mktemp("cuda")
     config = tiny_build_config(
         work,
         tiny_model_dir("llama"),
-        quantization={"recipe": "rtn", "preset": "w4a16g128", "lm_head": "int4", "embedding": "int4"},
+        quantization={"recipe": "rtn", "preset": "w4a16g128", "lm_head": "int4", "embedding": request.param},
         calibration={"data": str(data_file("valid")), "samples": 2, "seqlen": 32},
         target={"profile": "cuda", "providers": ["cuda"]},
     )
@@ -36,8 +38,11 @@ def test_cuda_artifact_is_float16_throughout(cuda_artifact):
     kv_and_logits = [v for v in [*graph.input, *graph.output] if v.name.startswith(("past", "present", "logits"))]
     assert kv_and_logits and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in kv_and_logits)
     initializers = {init.name: init for init in graph.initializer}
-    scales = [
-        initializers[node.input[2]] for node in graph.node if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    producers = {out: node for node in graph.node for out in node.output}
+    scales = [  # a tied lookup reads the head's scales through a Reshape
+        initializers.get(node.input[2]) or initializers[producers[node.input[2]].input[0]]
+        for node in graph.node
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized")
     ]
     assert scales and all(s.data_type == onnx.TensorProto.FLOAT16 for s in scales)
     float32 = [init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
