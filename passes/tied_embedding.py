@@ -104,7 +104,8 @@ class TiedEmbeddingPass(ir.passes.InPlacePass):
                     "run StableNamesPass first and untie the LM head from the embedding",
                 )
             node = _head_node(graph, head)
-            if node is None or any(value is None or value.const_value is None for value in node.inputs[1:]):
+            weights = [] if node is None else [value for value in node.inputs[1:4] if value is not None]
+            if node is None or any(value.const_value is None for value in weights):
                 raise PreconditionFailed(
                     f"the LM head '{head}' is not one MatMulNBits with constant weights",
                     "quantize the head (quantization.lm_head: int4 or int8) with weight_format: matmul_nbits",
@@ -129,7 +130,8 @@ class TiedEmbeddingPass(ir.passes.InPlacePass):
     @staticmethod
     def _replace(graph: ir.Graph, embedding: str, head: str, gathers: list[ir.Node]) -> int:
         node = _head_node(graph, head)
-        codes, scales, *zero_points = (value for value in node.inputs[1:] if value is not None)
+        codes, scales = node.inputs[1], node.inputs[2]
+        zero_points = [node.inputs[3]] if len(node.inputs) > 3 and node.inputs[3] is not None else []
         vocab, blocks, _ = codes.const_value.shape
         bits, block_size, hidden = (_attribute(node, name) for name in ("bits", "block_size", "K"))
         per_block = _const(graph, f"{embedding}.tied_block_shape", [vocab, blocks, 1])
