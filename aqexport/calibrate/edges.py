@@ -37,7 +37,6 @@ __all__ = [
     "EMBEDDING_SCHEMES",
     "HEAD_SCHEMES",
     "EdgeFormat",
-    "EmbeddingFormat",
     "HeadMethod",
     "can_tie_embedding",
     "head_input_hessian",
@@ -47,8 +46,6 @@ __all__ = [
 ]
 
 EdgeFormat = Literal["float", "int8", "int4"]
-#: The embedding's formats: an own table, or the head's (``tied``; ``auto``: tied where possible, else int4).
-EmbeddingFormat = Literal["float", "int8", "int4", "tied", "auto"]
 HeadMethod = Literal["gptq", "rtn"]
 
 #: Group 128 for the embedding: ``GatherBlockQuantized`` takes blocks, and a per-row range over
