@@ -68,9 +68,9 @@ from aqexport.calibrate.edges import (
     tie_embedding,
 )
 from aqexport.calibrate.fold import folded_float_weights
+from aqexport.calibrate.linear_error import linear_output_errors
 from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
-from aqexport.calibrate.weight_error import linear_output_errors
 from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, export_static_onnx, untie_lm_head
 from aqexport.config import BuildConfig
@@ -187,7 +187,7 @@ ERROR_WINDOWS = 2
 
 
 def _linear_errors(config: BuildConfig, loaded: LoadedModel, float_blocks, plan, transformed) -> dict[str, Any]:
-    """Per-linear output error of the plan and of plain RTN (``calibrate.weight_error``), on the
+    """Per-linear output error of the plan and of plain RTN (``calibrate.linear_error``), on the
     first calibration windows, with the seconds it took."""
     spec = config.calibration
     start = time.perf_counter()

@@ -421,7 +421,7 @@ def linears(facts) -> str:
 
 
 def _output_errors(errors: dict[str, Any]) -> str:
-    """Relative output error per linear (``aqexport.calibrate.weight_error``), summarised: the
+    """Relative output error per linear (``aqexport.calibrate.linear_error``), summarised: the
     plan's codes on the transformed input, beside plain RTN of the original weight on the raw one."""
     pairs = [(e["plan"], e["rtn"]) for e in errors.values() if isinstance(e, dict) and e.get("rtn")]
     if not pairs:
