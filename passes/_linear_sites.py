@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["LinearSite", "find_linear", "new_initializer", "take_over"]
+from aqexport.passes._contract import BUG_FIX, PostconditionFailed
+
+__all__ = ["LinearSite", "check_tables_unused", "find_linear", "new_initializer", "table_lookups", "take_over"]
 
 
 @dataclass
@@ -82,3 +84,23 @@ def take_over(old: ir.Value, new: ir.Value) -> None:
     new.name = name
     new.type, new.shape = old.type, old.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
+
+
+def table_lookups(graph: ir.Graph, path: str) -> list[ir.Node] | None:
+    """The ``Gather(W, ids, axis=0)`` nodes reading the embedding table ``<path>.weight``; None
+    unless they are all of its uses (a tied LM head would be another)."""
+    table = graph.initializers.get(f"{path}.weight")
+    uses = [] if table is None else list(table.uses())
+    gathers = [node for node, index in uses if node.op_type == "Gather" and index == 0]
+    axes = [node.attributes.get("axis") for node in gathers]
+    if not gathers or len(gathers) != len(uses) or any(axis is not None and axis.value != 0 for axis in axes):
+        return None
+    return gathers
+
+
+def check_tables_unused(model: ir.Model, paths) -> None:
+    """Postcondition of the embedding passes: no float table ``<path>.weight`` is read any more."""
+    for path in paths:
+        table = model.graph.initializers.get(f"{path}.weight")
+        if table is not None and len(table.uses()) > 0:
+            raise PostconditionFailed(f"the float table '{path}.weight' is still used", BUG_FIX)

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from aqexport.passes._contract import BUG_FIX, PostconditionFailed, PreconditionFailed
-from aqexport.passes._linear_sites import new_initializer, take_over
+from aqexport.passes._contract import PreconditionFailed
+from aqexport.passes._linear_sites import check_tables_unused, new_initializer, table_lookups, take_over
 from aqexport.passes._packing import pack_nibbles
 from aqexport.passes._result import StatsPassResult
 
@@ -48,11 +48,6 @@ __all__ = ["QuantizeEmbeddingPass"]
 logger = logging.getLogger(__name__)
 
 
-def _gather_axis(node: ir.Node) -> int:
-    attribute = node.attributes.get("axis")
-    return 0 if attribute is None else attribute.value
-
-
 def _check_scheme(entry: LinearPlan, path: str) -> None:
     scheme = entry.scheme
     if scheme.symmetric or scheme.group_size is None or scheme.bits not in (4, 8):
@@ -62,17 +57,6 @@ def _check_scheme(entry: LinearPlan, path: str) -> None:
         )
     if scheme.bits == 4 and entry.codes.shape[1] % 2:
         raise PreconditionFailed(f"the embedding '{path}' has an odd hidden size", "keep it in float")
-
-
-def _gathers(graph: ir.Graph, path: str) -> list[ir.Node] | None:
-    """The ``Gather(W, ids, axis=0)`` nodes reading ``<path>.weight``; None unless they are all
-    of its uses."""
-    weight = graph.initializers.get(f"{path}.weight")
-    uses = [] if weight is None else list(weight.uses())
-    gathers = [node for node, index in uses if node.op_type == "Gather" and index == 0]
-    if not gathers or len(gathers) != len(uses) or any(_gather_axis(node) != 0 for node in gathers):
-        return None
-    return gathers
 
 
 def uniform_block_size(width: int, group_size: int) -> int:
@@ -108,7 +92,7 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         for path, entry in self.embeddings.items():
-            if _gathers(model.graph, path) is None:
+            if table_lookups(model.graph, path) is None:
                 raise PreconditionFailed(
                     f"'{path}.weight' is not used only as a Gather table in the graph",
                     "run StableNamesPass first and untie the LM head from the embedding",
@@ -116,16 +100,13 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
             _check_scheme(entry, path)
 
     def ensures(self, model: ir.Model) -> None:
-        for path in self.embeddings:
-            weight = model.graph.initializers.get(f"{path}.weight")
-            if weight is not None and len(weight.uses()) > 0:
-                raise PostconditionFailed(f"the float table '{path}.weight' is still used", BUG_FIX)
+        check_tables_unused(model, self.embeddings)
 
     def call(self, model: ir.Model) -> StatsPassResult:
         graph = model.graph
         lookups = 0
         for path, entry in self.embeddings.items():
-            lookups += self._replace(graph, path, entry, _gathers(graph, path))
+            lookups += self._replace(graph, path, entry, table_lookups(graph, path))
         if lookups and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
         logger.info("quantize_embedding: %d lookups to GatherBlockQuantized", lookups)

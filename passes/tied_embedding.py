@@ -46,8 +46,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from aqexport.passes._contract import BUG_FIX, PostconditionFailed, PreconditionFailed
-from aqexport.passes._linear_sites import new_initializer, take_over
+from aqexport.passes._contract import PreconditionFailed
+from aqexport.passes._linear_sites import check_tables_unused, new_initializer, table_lookups, take_over
 from aqexport.passes._result import StatsPassResult
 
 __all__ = ["TiedEmbeddingPass"]
@@ -65,18 +65,6 @@ def _head_node(graph: ir.Graph, head: str) -> ir.Node | None:
         if len(users) == 1:
             return users[0]
     return None
-
-
-def _lookups(graph: ir.Graph, embedding: str) -> list[ir.Node] | None:
-    """The ``Gather(W, ids, axis=0)`` nodes reading ``<embedding>.weight``; None unless they are
-    all of its uses."""
-    table = graph.initializers.get(f"{embedding}.weight")
-    uses = [] if table is None else list(table.uses())
-    gathers = [node for node, index in uses if node.op_type == "Gather" and index == 0]
-    axes = [node.attributes.get("axis") for node in gathers]
-    if not gathers or len(gathers) != len(uses) or any(axis is not None and axis.value != 0 for axis in axes):
-        return None
-    return gathers
 
 
 def _attribute(node: ir.Node, name: str) -> int:
@@ -97,7 +85,7 @@ class TiedEmbeddingPass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         graph = model.graph
         for embedding, head in self.ties.items():
-            gathers = _lookups(graph, embedding)
+            gathers = table_lookups(graph, embedding)
             if gathers is None or any(gather.inputs[1].shape is None for gather in gathers):
                 raise PreconditionFailed(
                     f"'{embedding}.weight' is not used only as a Gather table of ids with a known rank",
@@ -112,16 +100,13 @@ class TiedEmbeddingPass(ir.passes.InPlacePass):
                 )
 
     def ensures(self, model: ir.Model) -> None:
-        for embedding in self.ties:
-            table = model.graph.initializers.get(f"{embedding}.weight")
-            if table is not None and len(table.uses()) > 0:
-                raise PostconditionFailed(f"the float table '{embedding}.weight' is still used", BUG_FIX)
+        check_tables_unused(model, self.ties)
 
     def call(self, model: ir.Model) -> StatsPassResult:
         graph = model.graph
         lookups = 0
         for embedding, head in self.ties.items():
-            lookups += self._replace(graph, embedding, head, _lookups(graph, embedding))
+            lookups += self._replace(graph, embedding, head, table_lookups(graph, embedding))
         if lookups and "com.microsoft" not in model.opset_imports:
             model.opset_imports["com.microsoft"] = 1
         logger.info("tied_embedding: %d lookups read the LM head's table", lookups)
