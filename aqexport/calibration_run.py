@@ -15,6 +15,8 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import torch
 from aqexport.atomic_files import out_of_space, write_atomically
 from aqexport.build_cache import plan_lock
 from aqexport.calibrate.data import calibration_windows
+from aqexport.calibrate.data_parallel import DataParallel, from_environment
 from aqexport.calibrate.engine import calibrate
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.recipe import CalibrationRecipe
@@ -49,7 +52,9 @@ __all__ = [
 def recipe_from_config(config: BuildConfig) -> CalibrationRecipe:
     """The engine's settings for the config's recipe (through the recipe registry)."""
     require_calibratable(config)
-    return calibration_recipe(config.quantization, config.calibration.epochs, config.calibration.seed)
+    spec = config.calibration
+    recipe = calibration_recipe(config.quantization, spec.epochs, spec.seed)
+    return replace(recipe, windows_per_step=spec.windows_per_step)
 
 
 def _file_sha256(path: Path) -> str:
@@ -98,18 +103,29 @@ def calibrate_loaded(
     recipe = recipe_from_config(config)
     windows = calibration_windows(loaded.tokenizer, spec.data, spec.samples, spec.seqlen, spec.seed)
     hessian_windows = hessian_windows_for(loaded, spec, recipe.rounding.hessian_tokens)
-    with plan_lock(config.plan_dir()):  # one calibration per plan_dir (build_cache.plan_lock)
-        plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), plan_identity(loaded, spec))
+    parallel = from_environment(recipe.windows_per_step)
+    # one calibration per plan_dir (build_cache.plan_lock), held by the rank that writes it
+    with plan_lock(config.plan_dir()) if parallel.writes else nullcontext():
+        plan = _open_plan(config, recipe, plan_identity(loaded, spec), parallel)
         resumed = len(plan.blocks)
         start = time.perf_counter()
         calibrate(
-            loaded.model, windows, recipe, plan, layout.head_dims[0], layout.kv_heads[0], on_block, hessian_windows
+            loaded.model,
+            windows,
+            recipe,
+            plan,
+            layout.head_dims[0],
+            layout.kv_heads[0],
+            on_block,
+            hessian_windows,
+            parallel,
         )
     return plan, {
         "recipe": recipe.as_dict(),
         "plan_dir": str(plan.directory),
         "calibration_seconds": time.perf_counter() - start,
         "resumed_from_block": resumed,
+        "ranks": parallel.world,
         "samples": spec.samples,
         "seqlen": spec.seqlen,
         "hessian_tokens": int((windows if hessian_windows is None else hessian_windows).numel())
@@ -117,6 +133,19 @@ def calibrate_loaded(
         else 0,
         **plan_health(plan),
     }
+
+
+def _open_plan(config: BuildConfig, recipe: CalibrationRecipe, identity: dict[str, Any], parallel: DataParallel):
+    """The plan to fill: rank 0 opens (or resumes) the one in ``plan_dir``; the other ranks then
+    read the blocks it found and keep their copy in memory only."""
+    if parallel.writes:
+        plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), identity)
+    parallel.barrier()
+    if not parallel.writes:
+        plan = QuantPlan.open(config.plan_dir(), recipe.as_dict(), identity)
+        plan.directory = None
+    parallel.barrier()  # before rank 0 can finish (and write) a block the others would then skip
+    return plan
 
 
 def plan_health(plan: QuantPlan) -> dict[str, Any]:
@@ -142,10 +171,16 @@ def torch_perplexity(model, windows) -> float | None:
 
 def run_calibration(
     config: BuildConfig, config_dir: Path, on_block: Callable[[int, int], None] = lambda d, t: None
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """Calibrate, evaluate and write ``report.json`` into the plan directory; under ``torchrun``
+    every rank calibrates, only rank 0 evaluates and writes, the others return ``None``."""
     require_calibratable(config)
+    parallel = from_environment(config.calibration.windows_per_step)
     loaded = load_model(config.model, config_dir)
     layout = cache_layout(loaded.model)
+    if not parallel.writes:
+        calibrate_loaded(config, loaded, layout)
+        return None
     windows = evaluation_windows(config, loaded.tokenizer)
     fp = torch_perplexity(loaded.model, windows)
     plan, report = calibrate_loaded(config, loaded, layout, on_block)

@@ -148,6 +148,9 @@ def calibrate(config: Path) -> None:
     """Calibrate CONFIG's recipe into a QuantPlan and report its fake-quant perplexity.
 
     Resumes from the last finished block if a plan for the same recipe and model is there.
+    Under torchrun (torchrun --standalone --nproc-per-node N --no-python aqexport calibrate
+    CONFIG) the N ranks share each training step's calibration.windows_per_step windows and
+    rank 0 writes the plan; `aqexport build CONFIG` then lowers it.
     """
     from rich.progress import Progress
 
@@ -160,6 +163,8 @@ def calibrate(config: Path) -> None:
         report = run_calibration(
             cfg, config.parent.resolve(), lambda done, total: progress.update(task, completed=done, total=total)
         )
+    if report is None:  # a torchrun rank other than 0: rank 0 writes and reports
+        return
     click.echo(f"plan: {report['plan_dir']}  ({report['calibration_seconds']:.0f} s)")
     ev = report["evaluation"]
     if ev:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
+from aqexport.calibrate.data_parallel import SINGLE_PROCESS, DataParallel, StepGradients
 from aqexport.calibrate.finite import check_fake_quant_block, check_float_block, check_plan_tensors
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remove_input_hooks
@@ -394,7 +395,12 @@ def _train_block(
     y_fp: torch.Tensor,
     kwargs: dict,
     index: int,
+    parallel: DataParallel,
 ) -> list[float]:
+    """Train ``params`` for ``recipe.epochs`` epochs; return each epoch's loss (mean over its
+    steps). A step's gradient is the mean over its ``windows_per_step`` windows, each window's
+    gradient taken on its own (batch 1) and summed in float64 (``data_parallel.StepGradients``)
+    whichever of ``parallel``'s ranks took it."""
     losses: list[float] = []
     if not recipe.trains:
         return losses
@@ -410,6 +416,7 @@ def _train_block(
     if params.lwc_parameters():
         groups.append({"params": params.lwc_parameters(), "lr": recipe.lr_lwc})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    trained = [param for group in groups for param in group["params"]]
     generator = torch.Generator().manual_seed(recipe.seed * 100_003 + index)
     for param in block.parameters():
         param.requires_grad_(False)
@@ -419,18 +426,25 @@ def _train_block(
         for epoch in range(recipe.epochs):
             masks = _Masks(params, recipe, epoch)
             total = 0.0
-            for sample in torch.randperm(x_q.shape[0], generator=generator).tolist():
-                overrides = _quantized_overrides(block, structure, params, masks, recipe, state, dtype)
-                out = _output(functional_call(block, overrides, (x_q[sample : sample + 1],), kwargs))
-                loss = torch.nn.functional.mse_loss(out, y_fp[sample : sample + 1])
-                if y_aug is not None:
-                    loss = loss + torch.nn.functional.mse_loss(out, y_aug[sample : sample + 1])
+            order = torch.randperm(x_q.shape[0], generator=generator).tolist()
+            steps = [order[i : i + recipe.windows_per_step] for i in range(0, len(order), recipe.windows_per_step)]
+            for step in steps:
+                gradients = StepGradients(trained)
+                for sample in parallel.share(step):
+                    overrides = _quantized_overrides(block, structure, params, masks, recipe, state, dtype)
+                    out = _output(functional_call(block, overrides, (x_q[sample : sample + 1],), kwargs))
+                    loss = torch.nn.functional.mse_loss(out, y_fp[sample : sample + 1])
+                    if y_aug is not None:
+                        loss = loss + torch.nn.functional.mse_loss(out, y_aug[sample : sample + 1])
+                    if len(step) > 1:  # the step's loss is the mean over its windows
+                        loss = loss / len(step)
+                    gradients.add(torch.autograd.grad(loss, trained, allow_unused=True))
+                    total += loss.item()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                parallel.install_gradients(gradients)
                 optimizer.step()
                 _guard_(params, masks, recipe)
-                total += loss.item()
-            losses.append(total / x_q.shape[0])
+            losses.append(parallel.sum(total) / len(steps))
             logger.debug("block %d epoch %d loss %.3e", index, epoch, losses[-1])
     finally:
         install_input_hooks(block, structure, InputState())
@@ -454,6 +468,7 @@ def calibrate(
     kv_heads: int,
     on_block: Callable[[int, int], None] = lambda done, total: None,
     hessian_windows: torch.Tensor | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> QuantPlan:
     """Calibrate ``model`` in place (it ends up as the fake-quant model) and fill ``plan``.
 
@@ -464,6 +479,9 @@ def calibrate(
     from instead of the training windows. They run only forward, through each block as
     calibrated (quantized blocks before it included), so a data-aware rounding can see many more
     tokens than training can afford; ``None``: the training windows.
+
+    ``parallel``: this process's rank among those sharing each training step
+    (``data_parallel``); every rank fills an identical ``plan``.
     """
     blocks_path, blocks = decoder_blocks(model)
     plan.blocks_path = blocks_path
@@ -487,7 +505,7 @@ def calibrate(
         else:
             structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
             params = BlockParameters(block, structure, recipe, collector.stats)
-            losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index)
+            losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index, parallel)
             block_plan, weights = _freeze(
                 block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}"
             )

@@ -95,6 +95,7 @@ class CalibrationRecipe:
     norm_form: str = "dense"
     norm_block: int | None = None  # block_diagonal: block size k (None: the largest divisor of d ≤ 64)
     norm_factors: tuple[int, int] | None = None  # kronecker: (d₁, d₂) (None: d₁ the divisor closest to √d)
+    windows_per_step: int = 1  # calibration windows whose mean loss makes one optimizer step
 
     @property
     def norm_side_form(self) -> str:
@@ -108,7 +109,8 @@ class CalibrationRecipe:
     def as_dict(self) -> dict:
         """The recipe's identity in a plan. The LLM.int8 fields are left out for other methods
         (τ only counts outliers in their statistics), so plans made before those fields existed
-        stay reusable; likewise the norm-side form fields while they are dense (format-4 plans)."""
+        stay reusable; likewise the norm-side form fields while they are dense (format-4 plans), and
+        ``windows_per_step`` at 1."""
         data = asdict(self)
         if self.norm_form == "dense" and self.norm_block is None and self.norm_factors is None:
             data.pop("norm_form"), data.pop("norm_block"), data.pop("norm_factors")
@@ -118,6 +120,8 @@ class CalibrationRecipe:
             data.pop("outlier_split"), data.pop("outlier_layers")
             if self.outlier_threshold == 6.0:
                 data.pop("outlier_threshold")
+        if self.windows_per_step == 1:  # the schedule every plan had before the field existed
+            data.pop("windows_per_step")
         data["weight"] = asdict(self.weight)
         data["activation"] = None if self.activation is None else asdict(self.activation)
         return data
