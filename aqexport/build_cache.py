@@ -166,6 +166,7 @@ def portable_config(config: BuildConfig, base: Path) -> dict[str, Any]:
 def _config_sha256(config: BuildConfig) -> str:
     dumped = config.model_dump(mode="json")
     del dumped["output"]["dir"], dumped["calibration"]["plan_dir"], dumped["model"]["source"]
+    del dumped["build"]  # how the build may use the machine, not what it makes
     for section, key, path in (
         ("calibration", "data", config.calibration.data),
         ("evaluation", "text", config.evaluation.text),

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from aqexport.errors import ConfigError, explain_validation_error
+from aqexport.memory_budget import parse_size
 from aqexport.recipes import RecipeConfig, recipe_config, recipe_entry, recipe_names
 from aqexport.recipes.none import NoQuantizationConfig
 from aqexport.yaml_files import read_yaml_mapping
@@ -85,6 +86,12 @@ class CalibrationSpec(_Section):
     seqlen: int = Field(256, ge=16)
     seed: int = 2
     epochs: int = Field(4, ge=2)
+    windows_per_step: int = Field(
+        1,
+        ge=1,
+        description="calibration windows whose mean loss makes one optimizer step; under torchrun the ranks "
+        "share each step's windows (aqexport.calibrate.data_parallel), so it must be at least the rank count",
+    )
     plan_dir: Path | None = Field(None, description="where the QuantPlan lives; default: <output.dir>.plan")
     head_tokens: int = Field(
         16384,
@@ -187,6 +194,25 @@ class EvaluationSpec(_Section):
     _resolve = field_validator("text")(_resolve_path)
 
 
+class BuildSpec(_Section):
+    """How the build may use this machine (``aqexport.memory_budget``); nothing here changes the
+    artifact, so none of it is in the build identity."""
+
+    max_memory: str | float | None = Field(
+        None,
+        description="memory the build may hold: a size such as 16GB or 512MiB, or a number of GiB; the build "
+        "is refused before loading when the model's weights alone exceed it, and stopped with one clear error "
+        "when its resident memory passes it (default: 90% of the machine's)",
+    )
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            parse_size(value)  # ValueError: pydantic reports the key and the expected form
+        return value
+
+
 class OutputSpec(_Section):
     dir: Path
 
@@ -203,6 +229,7 @@ class BuildConfig(_Section):
     quantization: QuantizationSpec = NoQuantizationConfig()
     target: TargetSpec = TargetSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    build: BuildSpec = BuildSpec()
     output: OutputSpec
 
     @model_validator(mode="before")

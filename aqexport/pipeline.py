@@ -60,6 +60,7 @@ from aqexport.artifact import (
 )
 from aqexport.build_cache import build_identity, build_lock, portable_config, up_to_date
 from aqexport.calibrate.data import calibration_windows
+from aqexport.calibrate.data_parallel import refuse_ranks
 from aqexport.calibrate.edges import (
     can_tie_embedding,
     head_input_hessian,
@@ -78,11 +79,12 @@ from aqexport.errors import ConfigError
 from aqexport.genai_config import build_genai_config
 from aqexport.ladder import FpLadder
 from aqexport.lowering import LoweringResult, fp_passes, profile_passes, quantized_passes, run_passes
+from aqexport.memory_budget import MemoryGuard, budget_bytes, budget_origin, check_source_fits
 from aqexport.mobile import OPERATOR_CONFIG, ep_usability, operator_config_entries, write_ort_for_cpu, write_ort_format
 from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
 from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
-from aqexport.sources import LoadedModel, load_model
+from aqexport.sources import LoadedModel, load_model, resolve_source
 from aqexport.target import Target
 from aqexport.verify import verify_artifact, verify_ort_format
 
@@ -396,7 +398,7 @@ def finalize_stage(
             "model_files": sizes,
             "quantization": quantization,
             "timings": timings,
-            "memory": {"peak_rss_mib": peak_rss_mib, "measure": _RSS_MEASURE},
+            "memory": {"peak_rss_mib": peak_rss_mib, "measure": _RSS_MEASURE, "budget": _budget(config)},
         }
     )
     # absolute paths the report would hold (plan dir, evaluation text, tokenizer folder) -> relative
@@ -559,6 +561,12 @@ _RSS_MEASURE = (
 )
 
 
+def _budget(config: BuildConfig) -> dict[str, Any] | None:
+    """The memory budget the build ran under (``aqexport.memory_budget``), for the report."""
+    budget = budget_bytes(config.build.max_memory)
+    return None if budget is None else {"mib": round(budget / 2**20), "from": budget_origin(config.build.max_memory)}
+
+
 def _peak_rss_mib() -> float | None:
     try:
         import resource
@@ -600,7 +608,11 @@ def build(
     Holds the output's lock throughout (``ConfigError`` if another build holds it). Unless
     ``force``, an artifact already there with this build's identity whose files match its
     manifest is returned as it is: ``on_stage("up to date")`` is the only stage reported."""
+    refuse_ranks("aqexport build", "torchrun ... aqexport calibrate CONFIG, then aqexport build CONFIG lowers its plan")
     final = Path(output_dir) if output_dir is not None else config.output.dir
+    source = resolve_source(config.model, Path(config_dir))
+    if source.kind != "hub":  # before hashing or loading it; a Hub model's files are not here yet
+        check_source_fits(Path(source.location), source.gguf_file, config.model.dtype, config.build.max_memory)
     with build_lock(final):
         for line in recover_interrupted(final):  # leftovers of a killed build into this output
             logger.warning("%s", line)
@@ -624,5 +636,12 @@ def build(
                 "timings": {},
                 "peak_rss_mib": {},
             }
-            _run_stages(STAGES, values, on_stage)
+            max_memory = config.build.max_memory
+            with MemoryGuard(budget_bytes(max_memory), budget_origin(max_memory)) as guard:
+
+                def entering(name: str) -> None:
+                    guard.stage = name
+                    on_stage(name)
+
+                _run_stages(STAGES, values, entering)
     return final

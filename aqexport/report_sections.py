@@ -95,6 +95,9 @@ def stages(facts) -> str:
     body = table(["stage", "seconds", "", "peak RSS after it (MiB)"], rows)
     if peaks:
         body += note(_get(facts.report, "memory", "measure") or "the process's peak resident set size")
+        budget = _get(facts.report, "memory", "budget")
+        if isinstance(budget, dict) and "mib" in budget:
+            body += note(f"memory budget {budget['mib']} MiB ({budget.get('from', 'build.max_memory')})")
     else:
         body += missing("peak memory")
     extra = [
