@@ -11,12 +11,14 @@ these rungs catch the rest, before any rounding:
   the float model: the build's check that the algebra of ``fold.py`` and the graph agree.
 
 Both are prefill logits of the evaluation prompt on ONNX Runtime's CPU EP; thresholds (1e-4
-relative) are applied by the caller. The graphs are run from in-memory protos, so this is
-skipped for models near protobuf's 2 GB limit (the report says so).
+relative) are applied by the caller. Each graph runs in a session of its own, which holds a
+copy of the weights: skipped above ``PROTO_LIMIT_BYTES`` of weights (the report says so).
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,11 +38,18 @@ __all__ = ["FpLadder"]
 PROTO_LIMIT_BYTES = 1_800_000_000
 
 
-def _prefill_logits(proto_bytes: bytes, prompt: list[int]) -> np.ndarray:
-    session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
-    decoder = decoder_for(session)
-    ids = np.asarray([prompt], dtype=np.int64)
-    logits, _ = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+def _prefill_logits(model: ir.Model, prompt: list[int]) -> np.ndarray:
+    """The graph goes to ONNX Runtime as a file with external data in a temporary folder, written
+    straight from the tensors: an in-memory proto would hold two more copies of every weight (the
+    proto and its serialized bytes) beside the session's own (SmolLM2: +1.6 GiB at the peak)."""
+    with tempfile.TemporaryDirectory(prefix="aqexport-ladder-") as folder:
+        path = Path(folder) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        decoder = decoder_for(session)
+        ids = np.asarray([prompt], dtype=np.int64)
+        logits, _ = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+        del decoder, session
     return logits
 
 
@@ -49,30 +58,32 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 
 class FpLadder:
-    """Taken in two steps because the exported graph's initializers share memory with the
-    PyTorch parameters, which calibration overwrites with fake-quant values: the float graph is
-    copied (and its rung run) *before* calibration, folded after it."""
+    """Taken in two steps: the exported rung before calibration, the folded one after it. The
+    exported graph's initializers share memory with the PyTorch parameters, and calibration
+    overwrites the planned linears' weights and biases with fake-quant values; the folded rung
+    replaces exactly those (``FloatWeightsPass``), so it runs on a clone of the exported graph
+    (``ir.Model.clone``: new nodes and values, the same tensors), not on a copy of its weights."""
 
     def __init__(self, graph: ir.Model, prompt: list[int], eager_logits: np.ndarray) -> None:
         self.prompt, self.eager_logits = prompt, eager_logits
         size = _initializer_bytes(graph)
-        self.proto = None
+        self.graph: ir.Model | None = None
         self.report: dict[str, Any] = {"prompt_tokens": len(prompt)}
         if size > PROTO_LIMIT_BYTES:
             self.report["skipped"] = f"{size / 2**30:.1f} GiB of weights is too large to run from memory"
             return
-        self.proto = ir.serde.serialize_model(graph)
-        self.exported_logits = _prefill_logits(self.proto.SerializeToString(), prompt)
+        self.graph = graph
+        self.exported_logits = _prefill_logits(graph, prompt)
         self.report["exported_fp_vs_eager"] = compare_logits(self.exported_logits, eager_logits)
 
     def fold(
         self, plan: QuantPlan, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
-        """The folded fp rung from the float copy; returns the ladder's report."""
-        if self.proto is None:
+        """The folded fp rung; returns the ladder's report."""
+        if self.graph is None:
             return self.report
-        folded_model = ir.serde.deserialize_model(self.proto)
-        self.proto = None
+        folded_model = self.graph.clone()
+        self.graph = None
         passes = (
             StableNamesPass(),
             FoldAffinePass(plan),
@@ -81,7 +92,7 @@ class FpLadder:
         )
         for graph_pass in passes:
             graph_pass(folded_model)
-        folded = _prefill_logits(ir.serde.serialize_model(folded_model).SerializeToString(), self.prompt)
+        folded = _prefill_logits(folded_model, self.prompt)
         self.report["folded_fp_vs_eager"] = compare_logits(folded, self.eager_logits)
         self.report["folded_fp_vs_exported_fp"] = compare_logits(folded, self.exported_logits)
         return self.report
