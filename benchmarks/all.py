@@ -50,6 +50,8 @@ FULL = [
     ["benchmarks/npu.py"],
     ["benchmarks/diff.py"],
     ["benchmarks/reproducible.py"],
+    ["benchmarks/data_parallel.py"],
+    ["benchmarks/build_memory.py"],
     ["benchmarks/plots.py"],
 ]
 PACKAGES = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-genai", "numpy")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,11 +61,11 @@ class DataParallel:
         """Set each parameter's ``.grad`` to the step's gradient: the float64 sums of every rank
         (one ``all_reduce`` of one flat buffer) cast to the parameter's dtype; ``None`` where
         no window of the step reached the parameter, as a lone ``backward`` would leave it."""
-        flat = torch.cat([total.reshape(-1) for total in gradients.totals] + [gradients.reached])
+        totals, reached = gradients.totals, gradients.reached
         if self.world > 1:
+            flat = torch.cat([total.reshape(-1) for total in totals] + [reached])
             dist.all_reduce(flat)
-        sizes = [total.numel() for total in gradients.totals] + [len(gradients.parameters)]
-        *totals, reached = flat.split(sizes)
+            *totals, reached = flat.split([total.numel() for total in totals] + [len(totals)])
         for param, total, count in zip(gradients.parameters, totals, reached.tolist(), strict=True):
             param.grad = total.view_as(param).to(param.dtype) if count else None
 
@@ -103,6 +104,7 @@ class StepGradients:
 
 
 SINGLE_PROCESS = DataParallel()
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
 
 
 def _world_size() -> int:
@@ -128,5 +130,7 @@ def from_environment(windows_per_step: int) -> DataParallel:
             f"set calibration.windows_per_step to {world} or a multiple of it",
         )
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # Rank 0 measures the float model's perplexity before calibrating while the others wait at
+        # the plan's barrier: on a large model that outlasts gloo's 30-minute default.
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return DataParallel(dist.get_rank(), dist.get_world_size())

@@ -1,0 +1,182 @@
+"""Peak resident memory and time of ``aqexport build`` per stage, and how they grow with the model.
+
+Rows (issue 17's scaling table, as far as a build that holds the whole model goes):
+
+* SmolLM2-135M, the shipped default (``_smollm2_variants``' ``affinequant tied``: affinequant
+  w4a16g128, GPTQ rounding, int8 head read by the embedding), its plan reused;
+* a randomly initialised Llama of 1.17 B parameters (hidden 2048, 16 layers, intermediate 8192,
+  32 heads / 8 KV heads, SmolLM2's tokenizer and vocabulary), RTN w4a16g128, written once to
+  ``benchmarks/out/random-llama-1b``;
+* a Llama-2-7B-shaped checkpoint (6.74 B parameters, 25.1 GiB of float32): a sparse safetensors
+  file, because the build is refused from its header before any weight is read
+  (``build.max_memory``), which is the row's point: today a 7B model does not fit this machine.
+
+Each build is its own ``aqexport build`` process; stage peaks and times come from its
+``report.json`` (``memory.peak_rss_mib``: the process's running peak at the end of each stage).
+
+    python benchmarks/build_memory.py
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from _report import commit_id, write_section  # noqa: E402
+from _smollm2_variants import build as build_variant  # noqa: E402
+from _smollm2_variants import write_config as variant_config  # noqa: E402
+from skeleton import machine  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "out"
+RESULTS = ROOT / "benchmarks" / "results" / "build_memory.json"
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+AQEXPORT = str(Path(sys.executable).parent / "aqexport")
+
+
+def random_llama_1b(folder: Path) -> Path:
+    """Random weights in a Llama 3.2 1B-like shape, with SmolLM2's tokenizer."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from aqexport.config import ModelSpec
+    from aqexport.sources import resolve_source
+
+    source = resolve_source(ModelSpec(source="default"))
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sparse_llama_7b(folder: Path) -> Path:
+    """A Llama-2-7B-shaped safetensors whose data is a hole: the header is all the check reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hidden, intermediate, vocab, layers = 4096, 11008, 32000, 32
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
+    shapes["lm_head.weight"] = [vocab, hidden]
+    for i in range(layers):
+        block = f"model.layers.{i}."
+        for name in ("q", "k", "v", "o"):
+            shapes[f"{block}self_attn.{name}_proj.weight"] = [hidden, hidden]
+        shapes |= {
+            f"{block}mlp.gate_proj.weight": [intermediate, hidden],
+            f"{block}mlp.up_proj.weight": [intermediate, hidden],
+            f"{block}mlp.down_proj.weight": [hidden, intermediate],
+            f"{block}input_layernorm.weight": [hidden],
+            f"{block}post_attention_layernorm.weight": [hidden],
+        }
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header)
+    text += " " * (-len(text) % 8)
+    with open(folder / "model.safetensors", "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text.encode())
+        handle.truncate(8 + len(text) + offset)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_config(name: str, model: Path) -> Path:
+    import yaml
+
+    config = {
+        "model": {"source": str(model)},
+        "quantization": {"recipe": "rtn", "preset": "w4a16g128"},
+        "calibration": {"data": str(DATA / "valid.txt")},
+        "evaluation": {"text": str(DATA / "test.txt"), "seqlen": 512, "max_windows": 4},
+        "output": {"dir": str(OUT / "artifacts" / name)},
+    }
+    path = OUT / "artifacts" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_build(config: Path) -> dict:
+    """One ``aqexport build`` process (an artifact already up to date is read, not rebuilt: its
+    report holds the build that made it); ``build_s`` is the sum of the report's stage times."""
+    import yaml
+
+    start = time.perf_counter()
+    done = subprocess.run([AQEXPORT, "build", str(config)], capture_output=True, text=True)
+    said = done.stderr.strip().splitlines()[-1:]
+    row = {"wall_s": time.perf_counter() - start, "exit": done.returncode, "said": said}
+    if done.returncode == 0:
+        output = Path(yaml.safe_load(config.read_text())["output"]["dir"])
+        report = json.loads((output / "report.json").read_text())
+        timings = report["timings"]
+        row |= {"peak_rss_mib": report["memory"]["peak_rss_mib"], "timings": timings, "build_s": sum(timings.values())}
+    return row
+
+
+def main() -> None:
+    rows = {}
+    build_variant("affinequant tied")
+    default = run_build(variant_config("affinequant tied"))
+    rows["SmolLM2-135M, shipped default (affinequant, GPTQ)"] = {"params_b": 0.1345, **default}
+    big = random_llama_1b(OUT / "random-llama-1b")
+    rows["random Llama 1.17B, RTN w4a16g128"] = {"params_b": 1.17, **run_build(write_config("random-llama-1b", big))}
+    sparse = sparse_llama_7b(OUT / "sparse-llama-7b")
+    refused = run_build(write_config("sparse-llama-7b", sparse))
+    rows["Llama-2-7B shape 6.74B, RTN w4a16g128"] = {"params_b": 6.74, **refused}
+    RESULTS.write_text(json.dumps({"commit": commit_id(), "machine": machine(), "rows": rows}, indent=1) + "\n")
+    stages = ("load", "capture", "calibrate", "lower", "write", "verify")
+    lines, refusals = [], []
+    for name, row in rows.items():
+        if row["exit"] != 0:
+            lines.append(f"| {name} | refused in {row['wall_s']:.1f} s (below) |" + " — |" * 7)
+            refusals.append(f"{name}: `{' '.join(row['said'])}`")
+            continue
+        peaks, times = row["peak_rss_mib"], row["timings"]
+        cells = " | ".join(f"{times[s]:.0f} s / {peaks[s]:.0f}" for s in stages)
+        fp32 = row["params_b"] * 4e9 / 2**20
+        lines.append(f"| {name} | {row['build_s']:.0f} s | {cells} | {max(peaks.values()) / fp32:.1f}× |")
+    body = f"""
+## Build memory and time per stage, by model size
+
+`python benchmarks/build_memory.py` at commit {commit_id()}, {date.today()}. Machine: {machine()}. Each row is
+one `aqexport build` process (the shipped default's artifact is the one its benchmarks use, read
+if up to date); per stage: its seconds / the process's peak RSS in MiB at
+the end of it (`report.json` `memory.peak_rss_mib`, a running peak). The last column is the
+build's peak over the model's float32 weights. A build holds the whole model today (issue 17's
+block streaming is not built), so the 7B row is refused from its safetensors header by
+`build.max_memory` (default 90 % of RAM) before any weight is read; its checkpoint is a sparse
+file for that reason.
+
+| model, recipe | build | load | capture | calibrate | lower | write | verify | peak ÷ fp32 weights |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(lines)}
+
+{chr(10).join(refusals)}
+"""
+    print(write_section("build-memory", body))
+
+
+if __name__ == "__main__":
+    main()
