@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_FRACTION = 0.9
 POLL_SECONDS = 0.2
 GIB = 2**30
+#: The fix both refusals name.
+_FIX = "build on a machine with more memory, or raise build.max_memory if this machine can spare it"
 _UNITS = {"": GIB, "b": 1, "k": 2**10, "m": 2**20, "g": GIB, "t": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -160,7 +162,7 @@ def check_source_fits(folder: Path, gguf_file: str | None, dtype: str, max_memor
         f"the model has {parameters / 1e9:.2f} B parameters ({how}): {_gib(weights)} of {dtype} weights, which "
         f"a build holds in memory whole (its peak is 2-3x that), on top of the {_gib(held)} this process holds; "
         f"the budget is {_gib(budget)} ({budget_origin(max_memory)})",
-        "build on a machine with more memory, or raise build.max_memory if this machine can spare it",
+        _FIX,
     )
 
 
@@ -222,5 +224,5 @@ class MemoryGuard:
         return MemoryBudgetError(
             f"the build's resident memory reached {_gib(self._seen)} in stage {self.stage}, over its budget of "
             f"{_gib(self.budget)} ({self.what}); nothing was written",
-            "build on a machine with more memory, or raise build.max_memory if this machine can spare it",
+            _FIX,
         )
