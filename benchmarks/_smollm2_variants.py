@@ -13,7 +13,11 @@ quantization keys below changed, so the tables compare what a user gets from the
   (the speed ceiling of the format, whatever it costs in perplexity);
 * ``mobile`` — the default's plan lowered as ``examples/smollm2-mobile.yaml`` does, and
   ``affinequant mobile edges`` the same edges on the cpu profile (its greedy reference);
-* ``affinequant tied`` — the default with ``embedding: tied`` (one int8 table for head and embedding).
+* ``affinequant tied`` — the default with ``embedding: tied`` (one int8 table for head and embedding);
+* the other recipes for issue 18's peer table, each on the default's edges (int8 head, tied
+  embedding) and calibration budget: ``affinequant nearest`` (the default without GPTQ rounding),
+  ``rtn gptq`` (plain GPTQ), ``smoothquant`` / ``smoothquant gptq``, ``omniquant`` /
+  ``omniquant gptq`` (w4a16g128), and ``llm int8`` (W8A8 with the outlier split: its own format).
 
 Built into ``benchmarks/out/artifacts/<slug>`` (plans beside them, so a rebuild only lowers).
 
@@ -48,6 +52,14 @@ VARIANTS: dict[str, dict] = {
     "affinequant mobile edges": {"lm_head": "int4", "embedding": "auto", "plan": "affinequant"},
     # the shipped default with its embedding reading the int8 head's table instead of an int4 copy
     "affinequant tied": {"embedding": "tied", "plan": "affinequant"},
+    "affinequant nearest": {"rounding": "nearest"},
+    "rtn gptq": {"recipe": "rtn"},
+    "smoothquant": {"recipe": "smoothquant", "rounding": "nearest"},
+    "smoothquant gptq": {"recipe": "smoothquant"},
+    "omniquant": {"recipe": "omniquant", "rounding": "nearest"},
+    "omniquant gptq": {"recipe": "omniquant"},
+    # W8A8 per token: the method fixes its own schemes (no preset)
+    "llm int8": {"recipe": "llm_int8", "preset": None, "rounding": "nearest"},
 }
 
 
@@ -65,6 +77,7 @@ def write_config(name: str) -> Path:
     config["target"] = {**config.get("target", {}), **variant.pop("target", {})}
     plan = variant.pop("plan", name)  # variants that differ only in lowering share one plan
     config["quantization"].update(variant)
+    config["quantization"] = {key: value for key, value in config["quantization"].items() if value is not None}
     for section, key in (("calibration", "data"), ("evaluation", "text")):
         config[section][key] = str((EXAMPLE.parent / config[section][key]).resolve())
     config["calibration"]["plan_dir"] = str(ARTIFACTS / f"{slug(plan)}.plan")
