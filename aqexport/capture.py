@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from aqexport.capture_weights import ModelWeights, WeightSource, fold_weight_transposes
 from aqexport.errors import AqexportError
 
 __all__ = [
@@ -116,8 +117,12 @@ def untie_lm_head(model: nn.Module) -> bool:
     return True
 
 
-def export_onnx(model: nn.Module, layout: CacheLayout, opset: int = 21) -> tuple[ir.Model, float]:
-    """``torch.export`` + dynamo lowering; returns the ONNX IR model and the seconds it took."""
+def export_onnx(
+    model: nn.Module, layout: CacheLayout, opset: int = 21, weights: WeightSource | None = None
+) -> tuple[ir.Model, float]:
+    """``torch.export`` + dynamo lowering; returns the ONNX IR model and the seconds it took.
+    ``weights``: where the graph's weights come from (``aqexport.capture_weights``; default the
+    model's own)."""
     wrapper = KVCacheWrapper(model).eval()
     batch, seq, past = 2, 3, 4
     example = (
@@ -137,7 +142,9 @@ def export_onnx(model: nn.Module, layout: CacheLayout, opset: int = 21) -> tuple
         "past_key_values": tuple(({0: b, 2: p}, {0: b, 2: p}) for _ in range(layout.num_layers)),
     }
     with torch.no_grad():
-        return _dynamo_export(wrapper, example, layout.input_names(), layout.output_names(), opset, dynamic_shapes)
+        return _dynamo_export(
+            wrapper, example, layout.input_names(), layout.output_names(), opset, weights, dynamic_shapes
+        )
 
 
 def _dynamo_export(
@@ -146,8 +153,12 @@ def _dynamo_export(
     input_names: list[str],
     output_names: list[str],
     opset: int,
+    weights: WeightSource | None,
     dynamic_shapes: dict | None = None,
 ) -> tuple[ir.Model, float]:
+    """Exported unoptimized, the weights attached from ``weights`` without the exporter's
+    transposed copy of every linear, then optimized as the exporter would
+    (``aqexport.capture_weights``)."""
     start = time.perf_counter()
     program = torch.onnx.export(
         wrapper,
@@ -157,10 +168,12 @@ def _dynamo_export(
         output_names=output_names,
         dynamo=True,
         opset_version=opset,
-        optimize=True,
+        optimize=False,
         external_data=True,
         verbose=False,
     )
+    fold_weight_transposes(program.model, weights or ModelWeights())
+    program.optimize()
     seconds = time.perf_counter() - start
     logger.info("exported %s in %.1f s", type(wrapper).__name__, seconds)
     return program.model, seconds
@@ -240,7 +253,9 @@ def static_input_names(layout: CacheLayout) -> list[str]:
     return names
 
 
-def export_static_onnx(model: nn.Module, layout: CacheLayout, context: int, opset: int = 21) -> tuple[ir.Model, float]:
+def export_static_onnx(
+    model: nn.Module, layout: CacheLayout, context: int, opset: int = 21, weights: WeightSource | None = None
+) -> tuple[ir.Model, float]:
     """The npu step graph: every shape fixed (batch 1, one token, ``context`` cache slots)."""
     layer_types = getattr(model.config, "layer_types", None) or []
     if "sliding_attention" in layer_types:
@@ -257,4 +272,4 @@ def export_static_onnx(model: nn.Module, layout: CacheLayout, context: int, opse
     )
     with torch.no_grad(), _rotary_tables(model, context + 1):
         wrapper = StaticStepWrapper(model).eval()
-        return _dynamo_export(wrapper, example, static_input_names(layout), layout.output_names(), opset)
+        return _dynamo_export(wrapper, example, static_input_names(layout), layout.output_names(), opset, weights)

@@ -23,17 +23,16 @@ default 90 % of the machine's memory, checked twice:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 import signal
-import struct
 import threading
 from pathlib import Path
 
 from aqexport.errors import AqexportError, ConfigError
+from aqexport.source_tensors import safetensors_header
 
 __all__ = [
     "DEFAULT_FRACTION",
@@ -121,14 +120,9 @@ def source_parameters(folder: Path, gguf_file: str | None) -> tuple[int, str] | 
 
 
 def safetensors_numel(file: Path) -> int:
-    """Parameters in a safetensors file, from its header alone: the 8-byte little-endian header
-    length, then the JSON header (the format's whole spec). Not ``safetensors.safe_open``: it
-    maps the whole file, and mapping a 27 GB checkpoint fails (ENOMEM) on a machine with strict
-    overcommit, which is exactly the machine this check is for."""
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    """Parameters in a safetensors file, from its header alone (``source_tensors.safetensors_header``)."""
+    header, _ = safetensors_header(file)
+    return sum(math.prod(entry["shape"]) for entry in header.values())
 
 
 def _count_parameters(folder: Path, gguf_file: str | None) -> tuple[int, str] | None:

@@ -74,6 +74,7 @@ from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.calibration_run import calibrate_loaded, evaluation_windows, torch_perplexity
 from aqexport.capture import CacheLayout, cache_layout, export_onnx, export_static_onnx, untie_lm_head
+from aqexport.capture_weights import CheckpointWeights, skeleton_model
 from aqexport.config import BuildConfig
 from aqexport.errors import ConfigError
 from aqexport.genai_config import build_genai_config
@@ -136,11 +137,27 @@ def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any]) 
 
 
 def capture_stage(source: Source, target: Target) -> tuple[ir.Model, float]:
-    """The float graph and the export's seconds."""
+    """The float graph and the export's seconds. A local safetensors checkpoint is the graph's
+    weights (read when used, ``aqexport.capture_weights``) and what is traced is a skeleton of
+    the model without weights: the graph neither holds nor shares the loaded model's memory."""
     model = source.loaded.model
+    weights = _checkpoint_weights(source)
+    if weights is not None:
+        dtype = next(model.parameters()).dtype
+        model = skeleton_model(type(model), copy.deepcopy(model.config), dtype)
     if target.static_graph:
-        return export_static_onnx(model, source.layout, target.max_context, target.opset)
-    return export_onnx(model, source.layout, target.opset)
+        return export_static_onnx(model, source.layout, target.max_context, target.opset, weights)
+    return export_onnx(model, source.layout, target.opset, weights)
+
+
+def _checkpoint_weights(source: Source) -> CheckpointWeights | None:
+    origin = source.loaded.source
+    if origin.kind != "local" or origin.gguf_file:  # a GGUF's tensors are not the model's until converted
+        return None
+    weights = CheckpointWeights.for_model(Path(origin.location), source.loaded.model, source.untied_lm_head)
+    if weights is not None:
+        logger.info("capture: a weightless skeleton, the graph reading its weights from %s", origin.location)
+    return weights
 
 
 def calibrate_stage(
@@ -159,16 +176,20 @@ def calibrate_stage(
         prompt = loaded.tokenizer(config.evaluation.prompt, add_special_tokens=False)["input_ids"]
         eager, _ = torch_step(loaded.model, np.asarray([prompt]), None, 0)
         ladder = FpLadder(exported_graph, prompt, eager)
-        float_blocks = copy.deepcopy(list(decoder_blocks(loaded.model)[1]))
+        if ladder.graph is not None:  # a float copy of every block, only where the folded rung runs
+            float_blocks = copy.deepcopy(list(decoder_blocks(loaded.model)[1]))
     plan, report = calibrate_loaded(config, loaded, source.layout, on_block)
     report["fp_perplexity"] = fp
     parity = None
-    if ladder is not None:  # the float block copies go before the folded graph is built and run
+    if float_blocks is not None:  # the float block copies go before the folded graph is built and run
         folded = folded_float_weights(float_blocks, plan)
         report["linear_errors"] = _linear_errors(config, loaded, float_blocks, plan, folded[0])
         del float_blocks
         parity = ladder.fold(plan, *folded)
         del folded
+    elif ladder is not None:
+        report["linear_errors"] = {"skipped": f"with the folded rung: {ladder.report['skipped']}"}
+        parity = ladder.report
     method = quant.head_method
     hessian = _head_hessian(config, loaded, report) if method == "gptq" else None
     tie = _embedding_ties_head(config, source, report)

@@ -14,11 +14,12 @@ Rows (issue 17's scaling table, as far as a build that holds the whole model goe
 Each build is its own ``aqexport build`` process; stage peaks and times come from its
 ``report.json`` (``memory.peak_rss_mib``: the process's running peak at the end of each stage).
 
-    python benchmarks/build_memory.py
+    python benchmarks/build_memory.py [--rows default 1b 7b]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 import subprocess
@@ -98,8 +99,20 @@ def sparse_llama_7b(folder: Path) -> Path:
     with open(folder / "model.safetensors", "wb") as handle:
         handle.write(struct.pack("<Q", len(text)) + text.encode())
         handle.truncate(8 + len(text) + offset)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden}
-    (folder / "config.json").write_text(json.dumps(config))
+    from transformers import LlamaConfig
+
+    heads = hidden // 128
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    config.to_json_file(folder / "config.json")
     return folder
 
 
@@ -135,32 +148,57 @@ def run_build(config: Path) -> dict:
     return row
 
 
-def main() -> None:
-    rows = {}
-    build_variant("affinequant tied")
-    default = run_build(variant_config("affinequant tied"))
-    rows["SmolLM2-135M, shipped default (affinequant, GPTQ)"] = {"params_b": 0.1345, **default}
-    big = random_llama_1b(OUT / "random-llama-1b")
-    rows["random Llama 1.17B, RTN w4a16g128"] = {"params_b": 1.17, **run_build(write_config("random-llama-1b", big))}
+#: row key (``--rows``) -> the table's row name
+ROWS = {
+    "default": "SmolLM2-135M, shipped default (affinequant, GPTQ)",
+    "1b": "random Llama 1.17B, RTN w4a16g128",
+    "7b": "Llama-2-7B shape 6.74B, RTN w4a16g128",
+}
+
+
+def measure(key: str) -> dict:
+    if key == "default":
+        build_variant("affinequant tied")
+        return {"params_b": 0.1345, **run_build(variant_config("affinequant tied"))}
+    if key == "1b":
+        big = random_llama_1b(OUT / "random-llama-1b")
+        return {"params_b": 1.17, **run_build(write_config("random-llama-1b", big))}
     sparse = sparse_llama_7b(OUT / "sparse-llama-7b")
-    refused = run_build(write_config("sparse-llama-7b", sparse))
-    rows["Llama-2-7B shape 6.74B, RTN w4a16g128"] = {"params_b": 6.74, **refused}
-    RESULTS.write_text(json.dumps({"commit": commit_id(), "machine": machine(), "rows": rows}, indent=1) + "\n")
+    return {"params_b": 6.74, **run_build(write_config("sparse-llama-7b", sparse))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="re-measure these; keep the others recorded"
+    )
+    args = parser.parse_args()
+    recorded = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": {}}
+    rows = {}
+    for key, name in ROWS.items():
+        if key in args.rows:
+            rows[name] = {**measure(key), "commit": commit_id(), "date": str(date.today())}
+        elif name in recorded["rows"]:  # rows written before per-row commits carry the file's
+            rows[name] = {"commit": recorded.get("commit"), **recorded["rows"][name]}
+    RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
     stages = ("load", "capture", "calibrate", "lower", "write", "verify")
     lines, refusals = [], []
     for name, row in rows.items():
         if row["exit"] != 0:
-            lines.append(f"| {name} | refused in {row['wall_s']:.1f} s (below) |" + " — |" * 7)
+            lines.append(f"| {name} | {row['commit']} | refused in {row['wall_s']:.1f} s (below) |" + " — |" * 7)
             refusals.append(f"{name}: `{' '.join(row['said'])}`")
             continue
         peaks, times = row["peak_rss_mib"], row["timings"]
         cells = " | ".join(f"{times[s]:.0f} s / {peaks[s]:.0f}" for s in stages)
         fp32 = row["params_b"] * 4e9 / 2**20
-        lines.append(f"| {name} | {row['build_s']:.0f} s | {cells} | {max(peaks.values()) / fp32:.1f}× |")
+        lines.append(
+            f"| {name} | {row['commit']} | {row['build_s']:.0f} s | {cells} | {max(peaks.values()) / fp32:.1f}× |"
+        )
     body = f"""
 ## Build memory and time per stage, by model size
 
-`python benchmarks/build_memory.py` at commit {commit_id()}, {date.today()}. Machine: {machine()}. Each row is
+`python benchmarks/build_memory.py` (`--rows` re-measures some rows and keeps the others: each
+row names the commit it was measured at), last run {date.today()}. Machine: {machine()}. Each row is
 one `aqexport build` process (the shipped default's artifact is the one its benchmarks use, read
 if up to date); per stage: its seconds / the process's peak RSS in MiB at
 the end of it (`report.json` `memory.peak_rss_mib`, a running peak). The last column is the
@@ -169,8 +207,8 @@ block streaming is not built), so the 7B row is refused from its safetensors hea
 `build.max_memory` (default 90 % of RAM) before any weight is read; its checkpoint is a sparse
 file for that reason.
 
-| model, recipe | build | load | capture | calibrate | lower | write | verify | peak ÷ fp32 weights |
-|---|---|---|---|---|---|---|---|---|
+| model, recipe | commit | build | load | capture | calibrate | lower | write | verify | peak ÷ fp32 weights |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
 {chr(10).join(refusals)}
