@@ -205,6 +205,13 @@ class BuildSpec(_Section):
         "when its resident memory passes it (default: 90% of the machine's)",
     )
 
+    stream: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="load the model one decoder block at a time from its safetensors checkpoint (the same "
+        "artifact, byte for byte; every pass over the model reads the weights again): auto when the weights "
+        "exceed 40% of max_memory (aqexport.stream_choice)",
+    )
+
     @field_validator("max_memory")
     @classmethod
     def _size(cls, value: str | float | None) -> str | float | None:

@@ -69,12 +69,19 @@ class FpLadder:
         size = _initializer_bytes(graph)
         self.graph: ir.Model | None = None
         self.report: dict[str, Any] = {"prompt_tokens": len(prompt)}
+        #: why the folded rung will not run (``None`` while it can)
+        self.why_not_folded: str | None = None
         if size > PROTO_LIMIT_BYTES:
-            self.report["skipped"] = f"{size / 2**30:.1f} GiB of weights is too large to run from memory"
+            self.report["skipped"] = self.why_not_folded = f"{size / 2**30:.1f} GiB of weights is too large to run"
             return
         self.graph = graph
         self.exported_logits = _prefill_logits(graph, prompt)
         self.report["exported_fp_vs_eager"] = compare_logits(self.exported_logits, eager_logits)
+
+    def skip_folded(self, why: str) -> None:
+        """Keep the exported rung only (the caller has no float copy of the blocks to fold)."""
+        self.graph = None
+        self.report["folded_skipped"] = self.why_not_folded = why
 
     def fold(
         self, plan: QuantPlan, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]

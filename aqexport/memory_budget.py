@@ -53,7 +53,10 @@ DEFAULT_FRACTION = 0.9
 POLL_SECONDS = 0.2
 GIB = 2**30
 #: The fix both refusals name.
-_FIX = "build on a machine with more memory, or raise build.max_memory if this machine can spare it"
+_FIX = (
+    "build on a machine with more memory, or raise build.max_memory if this machine can spare it; a local "
+    "safetensors checkpoint streams one block at a time (build.stream)"
+)
 _UNITS = {"": GIB, "b": 1, "k": 2**10, "m": 2**20, "g": GIB, "t": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -139,10 +142,15 @@ def _count_parameters(folder: Path, gguf_file: str | None) -> tuple[int, str] | 
     return None
 
 
-def check_source_fits(folder: Path, gguf_file: str | None, dtype: str, max_memory: str | float | None) -> None:
-    """Refuse, before loading, a build whose weights alone cannot fit its budget."""
+def check_source_fits(
+    folder: Path, gguf_file: str | None, dtype: str, max_memory: str | float | None, streamed: bool = False
+) -> None:
+    """Refuse, before loading, a build whose weights alone cannot fit its budget. A streamed
+    build (``aqexport.stream_choice``) never holds them all, so only ``MemoryGuard`` watches it."""
     import torch
 
+    if streamed:
+        return
     budget = budget_bytes(max_memory)
     counted = source_parameters(folder, gguf_file)
     if budget is None or counted is None:

@@ -86,6 +86,7 @@ from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
 from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
 from aqexport.sources import LoadedModel, load_model, resolve_source
+from aqexport.stream_choice import Streaming, choose_streaming
 from aqexport.target import Target
 from aqexport.verify import verify_artifact, verify_ort_format
 
@@ -102,6 +103,8 @@ class Source:
     loaded: LoadedModel
     layout: CacheLayout
     untied_lm_head: bool
+    #: whether the model holds one block at a time, and why (``aqexport.stream_choice``)
+    streaming: Streaming = Streaming(False, "")
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,8 @@ class Written:
     mobile: dict[str, Any] | None = None
 
 
-def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any]) -> Source:
-    loaded = load_model(config.model, config_dir, identity["source_sha256"])
+def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any], streaming: Streaming) -> Source:
+    loaded = load_model(config.model, config_dir, identity["source_sha256"], streaming.streamed)
     untied = untie_lm_head(loaded.model)
     if getattr(config.quantization, "embedding", None) == "tied" and not untied:  # before any calibration
         raise ConfigError(
@@ -133,7 +136,7 @@ def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any]) 
             "(tie_word_embeddings is false), so there is no one table to share",
             "set quantization.embedding: int4 (or auto)",
         )
-    return Source(loaded, cache_layout(loaded.model), untied)
+    return Source(loaded, cache_layout(loaded.model), untied, streaming)
 
 
 def capture_stage(source: Source, target: Target) -> tuple[ir.Model, float]:
@@ -176,6 +179,8 @@ def calibrate_stage(
         prompt = loaded.tokenizer(config.evaluation.prompt, add_special_tokens=False)["input_ids"]
         eager, _ = torch_step(loaded.model, np.asarray([prompt]), None, 0)
         ladder = FpLadder(exported_graph, prompt, eager)
+        if ladder.graph is not None and source.streaming.streamed:
+            ladder.skip_folded("a streamed build holds no float copy of its blocks")
         if ladder.graph is not None:  # a float copy of every block, only where the folded rung runs
             float_blocks = copy.deepcopy(list(decoder_blocks(loaded.model)[1]))
     plan, report = calibrate_loaded(config, loaded, source.layout, on_block)
@@ -188,7 +193,7 @@ def calibrate_stage(
         parity = ladder.fold(plan, *folded)
         del folded
     elif ladder is not None:
-        report["linear_errors"] = {"skipped": f"with the folded rung: {ladder.report['skipped']}"}
+        report["linear_errors"] = {"skipped": f"with the folded rung: {ladder.why_not_folded}"}
         parity = ladder.report
     method = quant.head_method
     hessian = _head_hessian(config, loaded, report) if method == "gptq" else None
@@ -419,7 +424,12 @@ def finalize_stage(
             "model_files": sizes,
             "quantization": quantization,
             "timings": timings,
-            "memory": {"peak_rss_mib": peak_rss_mib, "measure": _RSS_MEASURE, "budget": _budget(config)},
+            "memory": {
+                "peak_rss_mib": peak_rss_mib,
+                "measure": _RSS_MEASURE,
+                "budget": _budget(config),
+                "streamed": {"streamed": source.streaming.streamed, "why": source.streaming.why},
+            },
         }
     )
     # absolute paths the report would hold (plan dir, evaluation text, tokenizer folder) -> relative
@@ -546,7 +556,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("load", load_stage, ("config", "config_dir", "identity"), ("source",)),
+    Stage("load", load_stage, ("config", "config_dir", "identity", "streaming"), ("source",)),
     Stage("capture", capture_stage, ("source", "target"), ("exported_graph", "export_seconds")),
     Stage("calibrate", calibrate_stage, ("config", "source", "exported_graph", "on_block"), ("calibrated",)),
     Stage("lower", lower_stage, ("source", "exported_graph", "calibrated", "target"), ("lowered_graph", "lowering")),
@@ -632,8 +642,12 @@ def build(
     refuse_ranks("aqexport build", "torchrun ... aqexport calibrate CONFIG, then aqexport build CONFIG lowers its plan")
     final = Path(output_dir) if output_dir is not None else config.output.dir
     source = resolve_source(config.model, Path(config_dir))
+    max_memory = config.build.max_memory
+    streaming = choose_streaming(
+        config.build.stream, source.kind, Path(source.location), source.gguf_file, config.model.dtype, max_memory
+    )
     if source.kind != "hub":  # before hashing or loading it; a Hub model's files are not here yet
-        check_source_fits(Path(source.location), source.gguf_file, config.model.dtype, config.build.max_memory)
+        check_source_fits(Path(source.location), source.gguf_file, config.model.dtype, max_memory, streaming.streamed)
     with build_lock(final):
         for line in recover_interrupted(final):  # leftovers of a killed build into this output
             logger.warning("%s", line)
@@ -653,11 +667,11 @@ def build(
                 "identity": identity,
                 "staging": staging,
                 "target": Target.from_spec(config.target),
+                "streaming": streaming,
                 "on_block": on_block,
                 "timings": {},
                 "peak_rss_mib": {},
             }
-            max_memory = config.build.max_memory
             with MemoryGuard(budget_bytes(max_memory), budget_origin(max_memory)) as guard:
 
                 def entering(name: str) -> None:

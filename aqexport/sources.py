@@ -146,9 +146,13 @@ def source_sha256(spec: ModelSpec, base_dir: Path | None = None) -> str:
     return _weights_sha256(source, config)
 
 
-def load_model(spec: ModelSpec, base_dir: Path | None = None, weights_sha256: str | None = None) -> LoadedModel:
+def load_model(
+    spec: ModelSpec, base_dir: Path | None = None, weights_sha256: str | None = None, streamed: bool = False
+) -> LoadedModel:
     """``weights_sha256``: the source's hash when the caller already has it (a build computed it
-    for its up-to-date check), so a multi-GB checkpoint is not read twice just to hash it."""
+    for its up-to-date check), so a multi-GB checkpoint is not read twice just to hash it.
+    ``streamed``: the model holds one decoder block's weights at a time (``aqexport.streamed_model``;
+    a local safetensors checkpoint, ``aqexport.stream_choice``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(spec, base_dir)
@@ -159,18 +163,22 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None, weights_sha256: st
     config = _load_config(source, spec.trust_remote_code)
     architecture = check_architecture(config.model_type, source.location, getattr(config, "architectures", None))
     kwargs = source.from_pretrained_kwargs()
-    logger.info("loading %s model from %s", source.kind, source.location)
-    model = load_weights(
-        lambda **extra: AutoModelForCausalLM.from_pretrained(
+    logger.info("loading %s model from %s%s", source.kind, source.location, " (streamed)" if streamed else "")
+    model = (
+        _streamed(config, source, spec)
+        if streamed
+        else load_weights(
+            lambda **extra: AutoModelForCausalLM.from_pretrained(
+                source.location,
+                dtype=getattr(torch, spec.dtype),
+                trust_remote_code=spec.trust_remote_code,
+                attn_implementation="sdpa",
+                **kwargs,
+                **extra,
+            ),
             source.location,
-            dtype=getattr(torch, spec.dtype),
-            trust_remote_code=spec.trust_remote_code,
-            attn_implementation="sdpa",
-            **kwargs,
-            **extra,
-        ),
-        source.location,
-    ).eval()
+        ).eval()
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=spec.trust_remote_code, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
@@ -183,3 +191,24 @@ def load_model(spec: ModelSpec, base_dir: Path | None = None, weights_sha256: st
     if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
         del model.config.quantization_config
     return LoadedModel(model, tokenizer, source, architecture, weights_sha256 or _weights_sha256(source, config))
+
+
+def _streamed(config: Any, source: ResolvedSource, spec: ModelSpec) -> torch.nn.Module:
+    """The causal LM over its checkpoint, one block resident at a time, with the generation
+    settings ``from_pretrained`` would have read."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from aqexport.streamed_model import streamed_model
+
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ConfigError(
+            f"a {config.model_type} model (remote code) cannot be streamed", "set build.stream: never"
+        ) from None
+    model = streamed_model(model_class, config, Path(source.location), getattr(torch, spec.dtype))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source.location)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one made from the config
+        pass
+    return model

@@ -35,6 +35,7 @@ from aqexport.calibrate.outliers import OutlierSplit, outlier_mode, split_outlie
 from aqexport.calibrate.plan import BlockPlan, LinearPlan, QuantPlan
 from aqexport.calibrate.quantizer import fake_quantize, quantize_codes, quantize_params
 from aqexport.calibrate.recipe import CalibrationRecipe
+from aqexport.calibrate.residency import resident, stream_from_plan
 from aqexport.calibrate.statistics import ChannelStats, StatisticsCollector
 from aqexport.calibrate.structure import BlockStructure, decoder_blocks, discover_block, rotary_pair_matrix
 from aqexport.calibrate.transforms import (
@@ -339,6 +340,12 @@ def apply_block_plan(block: nn.Module, plan: BlockPlan) -> None:
         linear.weight.copy_(entry.effective_weight().to(linear.weight.dtype))
         if entry.bias is not None:
             linear.bias.copy_(entry.bias.to(linear.bias.dtype))
+    install_plan_input_hooks(block, plan)
+
+
+def install_plan_input_hooks(block: nn.Module, plan: BlockPlan) -> None:
+    """The input side of ``apply_block_plan`` alone (a block whose weights come from elsewhere:
+    ``aqexport.streamed_model``)."""
     install_input_hooks(block, plan.structure, _input_state(plan))
 
 
@@ -489,43 +496,46 @@ def calibrate(
         # ``model`` must hold float weights; input hooks of an earlier fake-quant run on the same
         # object would transform inputs twice and hide the norm → linear structure.
         remove_input_hooks(block)
+    stream_from_plan(model, None)  # a streamed model's blocks load float until the plan is done
     inputs = catch_block_inputs(model, blocks, windows)
     x_fp = inputs.hidden
     x_q = x_fp.clone()
     h_q = None if hessian_windows is None else catch_block_inputs(model, blocks, hessian_windows).hidden
     for index, block in enumerate(blocks):
-        kwargs = inputs.kwargs[index]
-        start = time.perf_counter()
-        with StatisticsCollector(block, recipe.outlier_threshold) as collector:
-            y_fp = _run_block(block, x_fp, kwargs)
-        name = f"{blocks_path}.{index}"
-        check_float_block(block, name, index, x_fp, y_fp, kwargs, plan.directory)
-        if index in plan.blocks:
-            block_plan = plan.blocks[index]
-        else:
-            structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
-            params = BlockParameters(block, structure, recipe, collector.stats)
-            losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index, parallel)
-            block_plan, weights = _freeze(
-                block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}"
-            )
-            block_plan.loss_curve = losses
-            if recipe.rounding.needs_hessians:
-                seen = x_q if h_q is None else h_q
-                recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, seen, kwargs))
-            if recipe.static_activations and recipe.activation is not None:
-                _calibrate_static_ranges(block, block_plan, x_q, kwargs)
-        apply_block_plan(block, block_plan)
-        x_q_next = _run_block(block, x_q, kwargs)
-        if h_q is not None:
-            h_q = _run_block(block, h_q, kwargs, FORWARD_BATCH)
-        check_fake_quant_block(block, name, index, x_q, x_q_next, kwargs, plan.directory)
-        block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))
-        if index not in plan.blocks:
-            block_plan.seconds = time.perf_counter() - start
-            check_plan_tensors(block_plan.tensors(), name, index, plan.directory)
-            plan.add_block(block_plan)
-        x_fp, x_q = y_fp, x_q_next
-        on_block(index + 1, len(blocks))
-        logger.info("block %d: output mse %.3e", index, block_plan.output_mse)
+        with resident(block):  # a streamed model's block holds its weights for this iteration only
+            kwargs = inputs.kwargs[index]
+            start = time.perf_counter()
+            with StatisticsCollector(block, recipe.outlier_threshold) as collector:
+                y_fp = _run_block(block, x_fp, kwargs)
+            name = f"{blocks_path}.{index}"
+            check_float_block(block, name, index, x_fp, y_fp, kwargs, plan.directory)
+            if index in plan.blocks:
+                block_plan = plan.blocks[index]
+            else:
+                structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
+                params = BlockParameters(block, structure, recipe, collector.stats)
+                losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index, parallel)
+                block_plan, weights = _freeze(
+                    block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}"
+                )
+                block_plan.loss_curve = losses
+                if recipe.rounding.needs_hessians:
+                    seen = x_q if h_q is None else h_q
+                    recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, seen, kwargs))
+                if recipe.static_activations and recipe.activation is not None:
+                    _calibrate_static_ranges(block, block_plan, x_q, kwargs)
+            apply_block_plan(block, block_plan)
+            x_q_next = _run_block(block, x_q, kwargs)
+            if h_q is not None:
+                h_q = _run_block(block, h_q, kwargs, FORWARD_BATCH)
+            check_fake_quant_block(block, name, index, x_q, x_q_next, kwargs, plan.directory)
+            block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))
+            if index not in plan.blocks:
+                block_plan.seconds = time.perf_counter() - start
+                check_plan_tensors(block_plan.tensors(), name, index, plan.directory)
+                plan.add_block(block_plan)
+            x_fp, x_q = y_fp, x_q_next
+            on_block(index + 1, len(blocks))
+            logger.info("block %d: output mse %.3e", index, block_plan.output_mse)
+    stream_from_plan(model, plan)  # and from now on as fake-quant, as a loaded model's blocks are
     return plan

@@ -1,0 +1,58 @@
+"""Whether a build loads its model whole or one decoder block at a time (``build.stream``).
+
+A streamed build (``aqexport.streamed_model``) holds the embedding, the LM head and one block's
+weights instead of the whole model, reading each block from the safetensors checkpoint when it
+runs; it writes the same artifact, byte for byte (``tests/test_streamed_build.py``), and pays
+for it in reads: every forward pass over the model reads every block's weights again (from the
+page cache when the checkpoint fits in it). So ``auto`` streams only when the weights would take
+more than ``STREAM_SHARE`` of the memory budget, and only a local safetensors checkpoint can
+stream (a GGUF's tensors are converted on load; a ``.bin`` is one pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aqexport.errors import ConfigError
+from aqexport.memory_budget import budget_bytes, source_parameters
+
+__all__ = ["STREAM_SHARE", "Streaming", "choose_streaming"]
+
+#: ``auto`` streams when the weights alone exceed this share of the budget (a build that holds
+#: the model needs 2-3x its weights at its peak)
+STREAM_SHARE = 0.4
+
+
+@dataclass(frozen=True)
+class Streaming:
+    streamed: bool
+    why: str
+
+
+def choose_streaming(
+    stream: str, kind: str, folder: Path, gguf_file: str | None, dtype: str, max_memory: str | float | None
+) -> Streaming:
+    if stream == "never":
+        return Streaming(False, "build.stream: never")
+    streamable = kind == "local" and not gguf_file and any(Path(folder).glob("*.safetensors"))
+    if stream == "always":
+        if not streamable:
+            raise ConfigError(
+                "build.stream: always needs a local safetensors checkpoint (this source is "
+                f"{'a GGUF file' if gguf_file else 'a Hub id' if kind == 'hub' else 'not safetensors'})",
+                "set build.stream: auto, or save the model with save_pretrained to a folder and build from it",
+            )
+        return Streaming(True, "build.stream: always")
+    if not streamable:
+        return Streaming(False, "auto: only a local safetensors checkpoint streams")
+    budget, counted = budget_bytes(max_memory), source_parameters(Path(folder), None)
+    if budget is None or counted is None:
+        return Streaming(False, "auto: the budget or the model's size is unknown")
+    weights = counted[0] * torch.finfo(getattr(torch, dtype)).bits // 8
+    share = weights / budget
+    if share > STREAM_SHARE:
+        return Streaming(True, f"auto: the weights are {share:.0%} of the budget (> {STREAM_SHARE:.0%})")
+    return Streaming(False, f"auto: the weights are {share:.0%} of the budget (<= {STREAM_SHARE:.0%})")

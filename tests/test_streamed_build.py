@@ -1,0 +1,99 @@
+"""Block-streamed builds (``build.stream``, ``aqexport.streamed_model``): the model holds one
+decoder block's weights at a time, and the artifact is the one a build holding the whole model
+writes, byte for byte."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aqexport.calibrate.residency import resident
+from aqexport.config import load_config
+from aqexport.errors import AqexportError, ConfigError
+from aqexport.pipeline import build
+from aqexport.stream_choice import STREAM_SHARE, choose_streaming
+from aqexport.streamed_model import streamed_model
+from tests.conftest import ARCHITECTURES, tiny_build_config
+from tests.tiny_models import data_file
+
+#: every file of an artifact that is not a measurement (report.json, report.html: timings,
+#: memory; manifest.json: the config, which says build.stream)
+_SAME = ("model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json")
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_a_streamed_model_computes_the_loaded_models_logits(kind, tiny_model_dir):
+    folder = tiny_model_dir(kind)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    streamed = streamed_model(type(loaded), loaded.config, folder, torch.float32)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, streamed(ids).logits)
+    blocks = [m for m in streamed.modules() if hasattr(m, "_hf_hook")]
+    assert len(blocks) == loaded.config.num_hidden_layers
+    # between forwards a block holds nothing; resident() lends it its weights
+    assert all(p.device.type == "meta" for block in blocks for p in block.parameters())
+    with resident(blocks[0]):
+        assert all(p.device.type == "cpu" for p in blocks[0].parameters())
+    assert all(p.device.type == "meta" for p in blocks[0].parameters())
+
+
+def test_a_checkpoint_without_the_models_names_is_refused_with_the_fix(tmp_path, tiny_model_dir):
+    folder = tiny_model_dir("qwen2")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(AqexportError, match="holds no safetensors"):
+        streamed_model(type(loaded), loaded.config, tmp_path, torch.float32)
+
+
+def _config(work: Path, model: Path, stream: str, quantization: dict) -> Path:
+    return tiny_build_config(
+        work,
+        model,
+        quantization=quantization,
+        calibration={"data": str(data_file("valid")), "samples": 2, "seqlen": 32, "epochs": 2},
+        build={"stream": stream},
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, quantization",
+    [
+        ("llama", {"recipe": "rtn", "preset": "w4a16g32", "lm_head": "int8", "embedding": "tied"}),
+        ("qwen2", {"recipe": "affinequant", "preset": "w4a16g32", "rounding": "gptq"}),
+    ],
+)
+def test_a_streamed_build_writes_the_same_artifact(kind, quantization, tiny_model_dir, tmp_path):
+    artifacts = {}
+    for stream in ("never", "always"):
+        work = tmp_path / stream
+        work.mkdir()
+        artifacts[stream] = build(load_config(_config(work, tiny_model_dir(kind), stream, quantization)), work)
+    for name in _SAME:
+        assert filecmp.cmp(artifacts["never"] / name, artifacts["always"] / name, shallow=False), name
+    never, always = (json.loads((artifacts[s] / "report.json").read_text()) for s in ("never", "always"))
+    assert always["memory"]["streamed"] == {"streamed": True, "why": "build.stream: always"}
+    assert never["memory"]["streamed"]["streamed"] is False
+    # the same verification: the streamed fake-quant model is the same reference
+    for side in ("onnx", "pytorch"):
+        figures = [r["verification"]["perplexity"][side]["perplexity"] for r in (always, never)]
+        assert figures[0] == figures[1], side
+    assert "folded_skipped" in always["parity_ladder"]
+
+
+def test_auto_streams_when_the_weights_take_more_than_their_share_of_the_budget(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    below = choose_streaming("auto", "local", folder, None, "float32", f"{int(weights / STREAM_SHARE * 1.2)}B")
+    above = choose_streaming("auto", "local", folder, None, "float32", f"{int(weights / STREAM_SHARE * 0.8)}B")
+    assert (below.streamed, above.streamed) == (False, True), (below, above)
+    assert not choose_streaming("auto", "local", folder, "model.gguf", "float32", 1.0).streamed
+
+
+def test_always_on_a_source_that_cannot_stream_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="build.stream: always needs a local safetensors"):
+        choose_streaming("always", "gguf", tmp_path, "model.gguf", "float32", None)
