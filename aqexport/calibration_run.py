@@ -154,7 +154,7 @@ def plan_health(plan: QuantPlan) -> dict[str, Any]:
         "min_dominance_margin": min((r["min_dominance_margin"] for r in reports), default=None),
         "max_condition_number": max((r["condition_number"] for r in reports), default=None),
         "max_inverse_error": max((r["inverse_error"] for r in reports), default=None),
-        "blocks": {i: {"output_mse": b.output_mse, "seconds": b.seconds} for i, b in sorted(plan.blocks.items())},
+        "blocks": {i: {"output_mse": b.output_mse, "seconds": b.seconds} for i, b in plan.blocks.items()},
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -145,7 +146,7 @@ def quantized_passes(
         StableNamesPass(),
         FoldAffinePass(plan),
         ActivationQuantPass(plan),
-        QuantizeWeightsPass({**plan.linears(), **(lm_head or {})}, target),
+        QuantizeWeightsPass(ChainMap(dict(lm_head or {}), plan.linears()), target),
         QuantizeEmbeddingPass(embedding or {}),
         TiedEmbeddingPass(tied_embedding or {}),
         *cleanup_passes(),

@@ -114,7 +114,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
 
     def _groups(self):
         """``(norm path, linear paths)`` of every planned transform, in plan order."""
-        for index, block in sorted(self.plan.blocks.items()):
+        for index, block in self.plan.blocks.items():
             prefix = f"{self.plan.blocks_path}.{index}"
             for norm in block.norm_transforms:
                 linears = [f"{prefix}.{name}" for name, e in block.linears.items() if e.input_transform == norm]
@@ -128,7 +128,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
                     f"the linears fed by '{norm}' ({', '.join(linears)}) do not share one input in the graph",
                     "lower a plan made for this model, after StableNamesPass and before QuantizeWeightsPass",
                 )
-        for index, block in sorted(self.plan.blocks.items()):
+        for index, block in self.plan.blocks.items():
             for norm in block.norm_transforms:
                 try:
                     _check_structure(block, norm, f"{self.plan.blocks_path}.{index}.{norm}")
@@ -146,7 +146,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
         placements: Counter[str] = Counter()
         transforms: dict[str, dict[str, Any]] = {}
         total = RunTimeCost()
-        for index, block in sorted(self.plan.blocks.items()):
+        for index, block in self.plan.blocks.items():
             for norm, matrix in block.norm_transforms.items():
                 record, cost = self._fold(model.graph, index, block, norm, as_float64(matrix))
                 placements[record["placement"]] += 1

@@ -145,7 +145,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def __init__(self, linears: Mapping[str, LinearPlan], target: Target | None = None) -> None:
         super().__init__()
-        self.linears = dict(linears)
+        self.linears = linears  # a plan's are read block by block as they are walked: not copied
         self.target = target or Target()
         if self.target.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.target.weight_format!r}")

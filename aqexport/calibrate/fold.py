@@ -122,7 +122,7 @@ def folded_float_weights(
     compute what the float model does if the folding is right."""
     weights: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
-    for index, block_plan in sorted(plan.blocks.items()):
+    for index, block_plan in plan.blocks.items():
         prefix = f"{plan.blocks_path}.{index}"
         transforms = plan_transforms(block_plan)
         block_weights, block_biases = transformed_weights(

@@ -59,7 +59,7 @@ def linear_output_errors(
     calibrated ``model``, over ``windows`` [N, L] token ids; ``transformed``: ``W'`` by path."""
     sums: dict[str, _Sums] = {}
     handles = []
-    for index, block_plan in sorted(plan.blocks.items()):
+    for index, block_plan in plan.blocks.items():
         for name, entry in block_plan.linears.items():
             if entry.outlier is not None:  # LLM.int8: the hook splits x itself, no W' · x to compare with
                 continue

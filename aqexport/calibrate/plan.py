@@ -57,6 +57,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +77,7 @@ from aqexport.calibrate.statistics import ChannelStats
 from aqexport.calibrate.structure import BlockStructure
 from aqexport.errors import AqexportError
 
-__all__ = ["PLAN_FORMAT", "BlockPlan", "LinearPlan", "QuantPlan"]
+__all__ = ["PLAN_FORMAT", "BlockPlan", "BlockStore", "LinearPlan", "PlanLinears", "QuantPlan"]
 
 PLAN_FORMAT = 5
 TIMINGS_FILE = "timings.json"
@@ -217,29 +219,139 @@ def _differences(path: str, saved: Any, wanted: Any) -> list[str]:
     return [f"{path}: {shown[0]} != {shown[1]}"]
 
 
+class BlockStore(MutableMapping[int, BlockPlan]):
+    """A plan's blocks by index, in index order, holding at most ``KEPT`` of them in memory once
+    they are in their files: the plan holds a byte of codes per weight (6.5 GB for a 7B model),
+    more than a streamed build holds of the model (``aqexport.streamed_model``). A block written
+    to (or read from) its file keeps its ``plan.json`` metadata and wall time here and is read
+    back, its sha256 checked, when asked for; a block with no file (a plan with no directory)
+    stays in memory. Callers that walk every block (lowering, the reports) therefore hold one
+    block at a time, as long as they do not keep the blocks themselves."""
+
+    KEPT = 2
+
+    def __init__(self) -> None:
+        self._held: dict[int, BlockPlan] = {}  # blocks without a file
+        self._filed: dict[int, tuple[Path, str, dict[str, Any], float]] = {}  # file, sha256, meta, seconds
+        self._recent: OrderedDict[int, BlockPlan] = OrderedDict()
+
+    def file(self, index: int, path: Path, sha256: str, block: BlockPlan) -> None:
+        """``block`` is in ``path`` now: keep its metadata, read it back from there."""
+        self._held.pop(index, None)
+        self._filed[index] = (path, sha256, block.metadata(), block.seconds)
+        self._remember(index, block)
+
+    def metadata(self, index: int) -> tuple[dict[str, Any], float]:
+        """A block's ``plan.json`` metadata and wall time, without reading its tensors."""
+        if index in self._filed:
+            return self._filed[index][2], self._filed[index][3]
+        block = self._held[index]
+        return block.metadata(), block.seconds
+
+    def _remember(self, index: int, block: BlockPlan) -> None:
+        self._recent[index] = block
+        self._recent.move_to_end(index)
+        while len(self._recent) > self.KEPT:
+            self._recent.popitem(last=False)
+
+    def __getitem__(self, index: int) -> BlockPlan:
+        if index in self._held:
+            return self._held[index]
+        if index in self._recent:
+            self._recent.move_to_end(index)
+            return self._recent[index]
+        path, sha256, meta, seconds = self._filed[index]  # KeyError: no such block
+        read = _read_block(path, sha256)
+        if isinstance(read, str):
+            raise AqexportError(
+                f"{read or repr(str(path)) + ' is gone'}: the plan's block {index} changed during the build",
+                "rebuild; do not modify calibration.plan_dir while a build reads it",
+            )
+        block = BlockPlan.from_saved(meta, read[0], seconds)
+        self._remember(index, block)
+        return block
+
+    def __setitem__(self, index: int, block: BlockPlan) -> None:
+        self._filed.pop(index, None)
+        self._recent.pop(index, None)
+        self._held[index] = block
+
+    def __delitem__(self, index: int) -> None:
+        found = [store.pop(index, None) for store in (self._held, self._filed, self._recent)]
+        if found[0] is None and found[1] is None:
+            raise KeyError(index)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted({*self._held, *self._filed}))
+
+    def __len__(self) -> int:
+        return len(self._held) + len(self._filed)
+
+    def __contains__(self, index: object) -> bool:
+        return index in self._held or index in self._filed
+
+
+class PlanLinears(Mapping[str, LinearPlan]):
+    """Every planned linear by its full module path (``model.layers.3.mlp.up_proj``), read
+    block by block from the plan's ``BlockStore`` as it is walked."""
+
+    def __init__(self, plan: QuantPlan) -> None:
+        self._plan = plan
+
+    def _split(self, path: str) -> tuple[int, str] | None:
+        prefix = f"{self._plan.blocks_path}."
+        index, _, name = path.removeprefix(prefix).partition(".")
+        if not path.startswith(prefix) or not index.isdigit():
+            return None
+        return int(index), name
+
+    def __getitem__(self, path: str) -> LinearPlan:
+        split = self._split(path)
+        if split is None or split[0] not in self._plan.blocks:
+            raise KeyError(path)
+        return self._plan.blocks[split[0]].linears[split[1]]
+
+    def __iter__(self) -> Iterator[str]:
+        for index in self._plan.blocks:
+            meta, _ = self._plan.blocks.metadata(index)
+            for name in meta["linears"]:
+                yield f"{self._plan.blocks_path}.{index}.{name}"
+
+    def __len__(self) -> int:
+        return sum(len(self._plan.blocks.metadata(index)[0]["linears"]) for index in self._plan.blocks)
+
+    def items(self):  # one block read per block, not one per linear
+        for index in self._plan.blocks:
+            for name, entry in self._plan.blocks[index].linears.items():
+                yield f"{self._plan.blocks_path}.{index}.{name}", entry
+
+    def values(self):
+        return (entry for _, entry in self.items())
+
+
 @dataclass
 class QuantPlan:
     recipe: dict[str, Any]
     model: dict[str, Any]
     directory: Path | None = None
     blocks_path: str = ""
-    blocks: dict[int, BlockPlan] = field(default_factory=dict)
+    blocks: BlockStore = field(default_factory=BlockStore)
     # sha256 of each block's file bytes (written or read), for plan.json's block_sha256
     _block_sha256: dict[int, str] = field(default_factory=dict, repr=False)
 
-    def linears(self) -> dict[str, LinearPlan]:
-        """Every planned linear by its full module path (``model.layers.3.mlp.up_proj``)."""
-        return {
-            f"{self.blocks_path}.{index}.{name}": entry
-            for index, block in sorted(self.blocks.items())
-            for name, entry in block.linears.items()
-        }
+    def linears(self) -> PlanLinears:
+        """Every planned linear by its full module path (``model.layers.3.mlp.up_proj``), read
+        block by block (``BlockStore``): walk it, do not copy it into a dict."""
+        return PlanLinears(self)
 
     def add_block(self, block: BlockPlan) -> None:
         self.blocks[block.index] = block
         if self.directory is not None:
             self._write_block(block)
             self._write_index()
+            self.blocks.file(
+                block.index, self.directory / _block_file(block.index), self._block_sha256[block.index], block
+            )
             faults.point("calibrate.block")
 
     def _write_block(self, block: BlockPlan) -> None:
@@ -248,8 +360,9 @@ class QuantPlan:
         self._write(_block_file(block.index), data)
 
     def _write_index(self) -> None:
-        blocks = {str(i): b.metadata() for i, b in sorted(self.blocks.items())}
-        timings = {"blocks": {str(i): b.seconds for i, b in sorted(self.blocks.items())}}
+        recorded = {i: self.blocks.metadata(i) for i in self.blocks}
+        blocks = {str(i): meta for i, (meta, _) in recorded.items()}
+        timings = {"blocks": {str(i): seconds for i, (_, seconds) in recorded.items()}}
         payload = {
             "format": PLAN_FORMAT,
             "recipe": self.recipe,
@@ -273,9 +386,16 @@ class QuantPlan:
     def save(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for block in self.blocks.values():
+        written = []
+        for index in self.blocks:
+            block = self.blocks[index]
             self._write_block(block)
+            written.append(block)
         self._write_index()
+        for block in written:
+            self.blocks.file(
+                block.index, self.directory / _block_file(block.index), self._block_sha256[block.index], block
+            )
 
     @classmethod
     def open(cls, directory: Path, recipe: dict[str, Any], model: dict[str, Any]) -> QuantPlan:
@@ -323,8 +443,8 @@ class QuantPlan:
                 block = BlockPlan.from_saved(_UPGRADES[found](saved["blocks"][key]), tensors, seconds.get(key, 0.0))
             except SchemaError as error:
                 raise AqexportError(f"'{file}' does not match '{index}' ({error})", fresh) from error
-            plan.blocks[int(key)] = block
             plan._block_sha256[int(key)] = digest
+            plan.blocks.file(int(key), file, digest, block)
         return plan
 
 
