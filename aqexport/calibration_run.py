@@ -34,7 +34,8 @@ from aqexport.config import BuildConfig, CalibrationSpec, require_calibratable
 from aqexport.recipes import calibration_recipe
 from aqexport.reference import torch_logits_of
 from aqexport.runtime import perplexity
-from aqexport.sources import LoadedModel, load_model
+from aqexport.sources import LoadedModel, load_model, resolve_source
+from aqexport.stream_choice import choose_streaming
 from aqexport.verify import EVALUATION_TEXT, text_windows
 
 __all__ = [
@@ -176,7 +177,12 @@ def run_calibration(
     every rank calibrates, only rank 0 evaluates and writes, the others return ``None``."""
     require_calibratable(config)
     parallel = from_environment(config.calibration.windows_per_step)
-    loaded = load_model(config.model, config_dir)
+    source = resolve_source(config.model, config_dir)
+    spec = config.build
+    streaming = choose_streaming(
+        spec.stream, source.kind, Path(source.location), source.gguf_file, config.model.dtype, spec.max_memory
+    )  # every torchrun rank holds the model: streamed, one block each
+    loaded = load_model(config.model, config_dir, streamed=streaming.streamed)
     layout = cache_layout(loaded.model)
     if not parallel.writes:
         calibrate_loaded(config, loaded, layout)

@@ -26,12 +26,13 @@ AQEXPORT = str(Path(sys.executable).parent / "aqexport")
 TOLERANCE = 1e-6
 
 
-def _config(tmp_path: Path, model_dir: Path, name: str) -> Path:
+def _config(tmp_path: Path, model_dir: Path, name: str, stream: str = "never") -> Path:
     work = tmp_path / name
     work.mkdir()
     return tiny_build_config(
         work,
         model_dir,
+        build={"stream": stream},
         quantization={"recipe": "affinequant", "preset": "w4a16g128"},
         calibration={
             "data": str(data_file("valid")),
@@ -57,8 +58,10 @@ def _plan(config: Path) -> QuantPlan:
 
 
 def test_two_gloo_ranks_make_the_plan_one_process_makes(tiny_model_dir, tmp_path):
+    """The ranks also stream the model (``build.stream: always``: one block each), the single
+    process holds it whole: the plan must not tell."""
     model_dir = tiny_model_dir("llama")
-    single, shared = _config(tmp_path, model_dir, "single"), _config(tmp_path, model_dir, "shared")
+    single, shared = _config(tmp_path, model_dir, "single"), _config(tmp_path, model_dir, "shared", "always")
     _run([AQEXPORT, "calibrate", str(single)], single.parent)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     _run([*torchrun, "--no-python", AQEXPORT, "calibrate", str(shared)], shared.parent)
