@@ -149,23 +149,47 @@ def check_source_fits(
     build (``aqexport.stream_choice``) never holds them all, so only ``MemoryGuard`` watches it."""
     import torch
 
-    if streamed:
-        return
     budget = budget_bytes(max_memory)
     counted = source_parameters(folder, gguf_file)
     if budget is None or counted is None:
         return
     parameters, how = counted
-    weights = parameters * torch.finfo(getattr(torch, dtype)).bits // 8
+    width = torch.finfo(getattr(torch, dtype)).bits // 8
+    weights = parameters * width
     held = resident_bytes() or 0
-    if held + weights <= budget:
+    if streamed:  # the embedding, the head and one block at a time
+        resident = streamed_parameters(folder) * width
+        kept = f"streamed, a build still holds {_gib(resident)} of them (all but the blocks, and the largest block)"
+    else:
+        resident = weights
+        kept = "which a build holds in memory whole (its peak is 2-3x that)"
+    if held + resident <= budget:
         return
     raise ConfigError(
-        f"the model has {parameters / 1e9:.2f} B parameters ({how}): {_gib(weights)} of {dtype} weights, which "
-        f"a build holds in memory whole (its peak is 2-3x that), on top of the {_gib(held)} this process holds; "
-        f"the budget is {_gib(budget)} ({budget_origin(max_memory)})",
+        f"the model has {parameters / 1e9:.2f} B parameters ({how}): {_gib(weights)} of {dtype} weights, {kept}, "
+        f"on top of the {_gib(held)} this process holds; the budget is {_gib(budget)} ({budget_origin(max_memory)})",
         _FIX,
     )
+
+
+#: a decoder block's tensors: ``model.layers.7.``, ``transformer.h.7.``, ``model.decoder.layers.7.``
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def streamed_parameters(folder: Path) -> int:
+    """Parameters a streamed build holds from a safetensors checkpoint's headers: every tensor
+    outside the numbered blocks, plus the largest block."""
+    outside, blocks = 0, {}
+    for file in sorted(folder.glob("*.safetensors")):
+        header, _ = safetensors_header(file)
+        for name, entry in header.items():
+            count = math.prod(entry["shape"])
+            block = _BLOCK.match(name)
+            if block is None:
+                outside += count
+            else:
+                blocks[block.group(1)] = blocks.get(block.group(1), 0) + count
+    return outside + max(blocks.values(), default=0)
 
 
 class MemoryBudgetError(AqexportError):

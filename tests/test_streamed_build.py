@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from aqexport.calibrate.residency import resident
 from aqexport.config import load_config
 from aqexport.errors import AqexportError, ConfigError
+from aqexport.memory_budget import streamed_parameters
 from aqexport.pipeline import build
 from aqexport.stream_choice import STREAM_SHARE, choose_streaming
 from aqexport.streamed_model import streamed_model
@@ -97,3 +98,17 @@ def test_auto_streams_when_the_weights_take_more_than_their_share_of_the_budget(
 def test_always_on_a_source_that_cannot_stream_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="build.stream: always needs a local safetensors"):
         choose_streaming("always", "gguf", tmp_path, "model.gguf", "float32", None)
+
+
+def test_the_pre_check_counts_what_a_streamed_build_holds(tiny_model_dir):
+    """All but the blocks, and the largest block: from the headers, as the model counts it."""
+    folder = tiny_model_dir("qwen2")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    blocks = model.model.layers
+    in_blocks = sum(p.numel() for p in blocks.parameters())
+    expected = (
+        sum(p.numel() for p in model.parameters())
+        - in_blocks
+        + max(sum(p.numel() for p in block.parameters()) for block in blocks)
+    )
+    assert streamed_parameters(folder) == expected
