@@ -59,8 +59,9 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 class FpLadder:
     """Taken in two steps: the exported rung before calibration, the folded one after it. The
-    exported graph's initializers share memory with the PyTorch parameters, and calibration
-    overwrites the planned linears' weights and biases with fake-quant values; the folded rung
+    exported graph's initializers may share memory with the PyTorch parameters (a source that is
+    not a safetensors checkpoint: ``aqexport.capture_weights``), and calibration overwrites the
+    planned linears' weights and biases with fake-quant values; the folded rung
     replaces exactly those (``FloatWeightsPass``), so it runs on a clone of the exported graph
     (``ir.Model.clone``: new nodes and values, the same tensors), not on a copy of its weights."""
 
