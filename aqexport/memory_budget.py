@@ -145,8 +145,8 @@ def _count_parameters(folder: Path, gguf_file: str | None) -> tuple[int, str] | 
 def check_source_fits(
     folder: Path, gguf_file: str | None, dtype: str, max_memory: str | float | None, streamed: bool = False
 ) -> None:
-    """Refuse, before loading, a build whose weights alone cannot fit its budget. A streamed
-    build (``aqexport.stream_choice``) never holds them all, so only ``MemoryGuard`` watches it."""
+    """Refuse, before loading, a build whose weights alone cannot fit its budget; for a streamed
+    build (``aqexport.stream_choice``), the weights it holds at once (``streamed_parameters``)."""
     import torch
 
     budget = budget_bytes(max_memory)

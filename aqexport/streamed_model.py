@@ -13,7 +13,7 @@ model larger than memory compares the artifact with.
 
 Peak memory: the parts outside the blocks, plus one block's parameters, plus the activations.
 The forward is the model's own code on the same values: its logits equal the loaded model's
-(``tests/test_streamed_model.py``).
+(``tests/test_streamed_build.py``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from torch import nn
 
 from aqexport.calibrate.engine import install_plan_input_hooks
 from aqexport.calibrate.plan import QuantPlan
-from aqexport.calibrate.residency import resident
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.errors import AqexportError
 from aqexport.source_tensors import SafetensorsTensors
 
-__all__ = ["CheckpointMap", "resident", "streamed_model", "streams"]
+__all__ = ["CheckpointMap", "streamed_model"]
 
 
 class CheckpointMap(Mapping[str, torch.Tensor]):
@@ -73,11 +72,6 @@ class CheckpointMap(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._names)
-
-
-def streams(model: nn.Module) -> bool:
-    """Whether ``model`` was made by ``streamed_model``."""
-    return isinstance(getattr(model, "streamed_weights", None), CheckpointMap)
 
 
 def _ties_head(config) -> bool:
