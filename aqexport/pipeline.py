@@ -10,7 +10,9 @@ the artifact appears only after the last stage (verification included) succeeded
 
 Values available to the first stage: ``config``, ``config_dir``, ``staging`` (the temp artifact
 directory), ``output_dir`` (where it will be moved), ``identity`` (``build_cache.build_identity``),
-``target`` (``aqexport.target.Target``, resolved once), ``on_block``, and ``timings`` and
+``target`` (``aqexport.target.Target``, resolved once), ``streaming`` (whether the model is
+loaded one block at a time, ``aqexport.stream_choice``, decided before the memory pre-check),
+``on_block``, and ``timings`` and
 ``peak_rss_mib`` (filled by the loop after each stage, read by ``finalize``).
 
 Before any stage, ``build`` takes the output directory's lock, cleans up after a build into it
