@@ -18,6 +18,7 @@ The forward is the model's own code on the same values: its logits equal the loa
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -74,6 +75,24 @@ class CheckpointMap(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
+#: glibc's ``mallopt`` parameter for the size from which an allocation is its own ``mmap``
+_M_MMAP_THRESHOLD = -3
+
+
+def _return_block_memory() -> None:
+    """Make glibc give a block's freed weights back to the system. Its malloc raises the size
+    above which it maps allocations (dynamically, up to 32 MiB) after the first large free, and
+    keeps freed heap memory for reuse: reloading each block for every forward then leaves its
+    RSS 350 MiB above what the model holds (the 1.17B model: 1487 against 1136 MiB after six
+    forwards of a streamed model; the same with a fixed 1 MiB threshold). Other C libraries:
+    nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def _ties_head(config) -> bool:
     return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
 
@@ -95,6 +114,7 @@ def streamed_model(
             f"'{folder}' holds no safetensors checkpoint to stream from",
             "convert the checkpoint to safetensors (save_pretrained writes it)",
         )
+    _return_block_memory()
     with init_empty_weights(include_buffers=False):
         model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
     head = model.get_output_embeddings()
