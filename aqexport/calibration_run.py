@@ -35,7 +35,7 @@ from aqexport.recipes import calibration_recipe
 from aqexport.reference import torch_logits_of
 from aqexport.runtime import perplexity
 from aqexport.sources import LoadedModel, load_model, resolve_source
-from aqexport.stream_choice import choose_streaming
+from aqexport.stream_choice import streaming_for
 from aqexport.verify import EVALUATION_TEXT, text_windows
 
 __all__ = [
@@ -178,10 +178,7 @@ def run_calibration(
     require_calibratable(config)
     parallel = from_environment(config.calibration.windows_per_step)
     source = resolve_source(config.model, config_dir)
-    spec = config.build
-    streaming = choose_streaming(
-        spec.stream, source.kind, Path(source.location), source.gguf_file, config.model.dtype, spec.max_memory
-    )  # every torchrun rank holds the model: streamed, one block each
+    streaming = streaming_for(config, source)  # under torchrun every rank holds the model: one block each
     loaded = load_model(config.model, config_dir, streamed=streaming.streamed)
     layout = cache_layout(loaded.model)
     if not parallel.writes:

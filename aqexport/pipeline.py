@@ -88,7 +88,7 @@ from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
 from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
 from aqexport.sources import LoadedModel, load_model, resolve_source
-from aqexport.stream_choice import Streaming, choose_streaming
+from aqexport.stream_choice import Streaming, streaming_for
 from aqexport.target import Target
 from aqexport.verify import verify_artifact, verify_ort_format
 
@@ -645,9 +645,7 @@ def build(
     final = Path(output_dir) if output_dir is not None else config.output.dir
     source = resolve_source(config.model, Path(config_dir))
     max_memory = config.build.max_memory
-    streaming = choose_streaming(
-        config.build.stream, source.kind, Path(source.location), source.gguf_file, config.model.dtype, max_memory
-    )
+    streaming = streaming_for(config, source)
     if source.kind != "hub":  # before hashing or loading it; a Hub model's files are not here yet
         check_source_fits(Path(source.location), source.gguf_file, config.model.dtype, max_memory, streaming.streamed)
     with build_lock(final):

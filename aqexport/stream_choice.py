@@ -19,7 +19,7 @@ import torch
 from aqexport.errors import ConfigError
 from aqexport.memory_budget import budget_bytes, source_parameters
 
-__all__ = ["STREAM_SHARE", "Streaming", "choose_streaming"]
+__all__ = ["STREAM_SHARE", "Streaming", "choose_streaming", "streaming_for"]
 
 #: ``auto`` streams when the weights alone exceed this share of the budget (a build that holds
 #: the model needs 2-3x its weights at its peak)
@@ -56,3 +56,12 @@ def choose_streaming(
     if share > STREAM_SHARE:
         return Streaming(True, f"auto: the weights are {share:.0%} of the budget (> {STREAM_SHARE:.0%})")
     return Streaming(False, f"auto: the weights are {share:.0%} of the budget (<= {STREAM_SHARE:.0%})")
+
+
+def streaming_for(config, source) -> Streaming:
+    """``choose_streaming`` for a ``BuildConfig`` and its resolved source (``sources.resolve_source``):
+    what ``aqexport build`` and ``aqexport calibrate`` both decide before loading."""
+    spec = config.build
+    return choose_streaming(
+        spec.stream, source.kind, Path(source.location), source.gguf_file, config.model.dtype, spec.max_memory
+    )
