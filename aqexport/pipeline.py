@@ -90,7 +90,7 @@ from aqexport.report_html import REPORT_FILE, write_report
 from aqexport.sources import LoadedModel, load_model, resolve_source
 from aqexport.stream_choice import Streaming, streaming_for
 from aqexport.target import Target
-from aqexport.verify import verify_artifact, verify_ort_format
+from aqexport.verify import release_weights, torch_reference, verify_artifact, verify_ort_format
 
 __all__ = ["STAGES", "Calibrated", "Source", "Stage", "build"]
 
@@ -338,18 +338,20 @@ def verify_stage(
             "passed onnx.checker and its structure is tested, run 'aqexport eval --provider cuda' on a GPU"
         }
     loaded = source.loaded
-    torch_results: dict[str, Any] = {}  # the PyTorch side, computed once however often we verify
+    # The PyTorch side first and once, however often we verify; then the model's weights go, so
+    # ONNX Runtime's sessions never share the process with them (``TorchReference``).
+    reference = torch_reference(loaded.model, loaded.tokenizer, config.evaluation)
+    release_weights(loaded.model)
 
     def verify() -> dict[str, Any]:
         return verify_artifact(
             staging,
-            loaded.model,
+            reference,
             loaded.tokenizer,
             config.evaluation,
             target.providers,
             target.session_accuracy_level,
             target.weight_format,
-            torch_results,
         )
 
     if target.measures_accuracy_level and low_bit_matmuls(written.path):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from tqdm import tqdm
 
 from aqexport.config import EvaluationSpec
@@ -29,14 +31,17 @@ from aqexport.runtime import (
     perplexity,
     split_windows,
 )
-from aqexport.runtime.perplexity import onnx_logits_of
+from aqexport.runtime.perplexity import PerplexityResult, onnx_logits_of
 
 __all__ = [
     "EVALUATION_TEXT",
+    "TorchReference",
     "compare_logits",
     "logits_parity",
+    "release_weights",
     "text_windows",
     "tokenize_text",
+    "torch_reference",
     "verify_artifact",
     "verify_ort_format",
 ]
@@ -90,45 +95,78 @@ def _prompt_tokens(tokenizer: Any, spec: EvaluationSpec) -> list[int]:
     return prompt * 2 if len(prompt) < 2 else prompt
 
 
-def logits_parity(model: Any, decoder: OnnxDecoder, prompt_tokens: list[int]) -> dict[str, Any]:
-    """Prefill on all but the last prompt token, then one cached step on the last."""
-    prefix, last = np.asarray([prompt_tokens[:-1]]), np.asarray([prompt_tokens[-1:]])
-    ref_prefill, cache = torch_step(model, prefix, None, 0)
-    ref_step, _ = torch_step(model, last, cache, prefix.shape[1])
+@dataclass
+class TorchReference:
+    """Everything the PyTorch side contributes to a verification, computed before any ONNX
+    Runtime session exists (``torch_reference``): the build then lets the model's weights go
+    (``release_weights``), so the session's copy of the quantized weights never shares the
+    process with the float model (a 7B build: ~1 GiB of float embedding and head, a decoder
+    block, and the forward's activations), and a build that verifies twice (the accuracy-level
+    choice) runs the PyTorch side once."""
+
+    prompt: list[int]
+    #: logits of a prefill on all but the last prompt token, then of one cached step on the last
+    prefill_logits: np.ndarray
+    step_logits: np.ndarray
+    #: Hugging Face ``generate``'s greedy tokens (``None``: not compared)
+    greedy: list[int] | None = None
+    #: perplexity on the evaluation windows and its seconds (``None``: not compared)
+    perplexity: tuple[PerplexityResult, float] | None = None
+
+
+def torch_reference(model: Any, tokenizer: Any, spec: EvaluationSpec) -> TorchReference:
+    prompt = _prompt_tokens(tokenizer, spec)
+    prefix, last = np.asarray([prompt[:-1]]), np.asarray([prompt[-1:]])
+    prefill, cache = torch_step(model, prefix, None, 0)
+    step, _ = torch_step(model, last, cache, prefix.shape[1])
+    reference = TorchReference(prompt, prefill, step)
+    if spec.generate_tokens and spec.compare_pytorch:
+        reference.greedy = torch_greedy(model, prompt, spec.generate_tokens)
+    if spec.text is not None and spec.compare_pytorch:
+        windows = text_windows(tokenizer, spec.text, spec.seqlen, spec.max_windows, EVALUATION_TEXT)
+        start = time.perf_counter()
+        ref = perplexity(torch_logits_of(model), windows, lambda it: tqdm(it, desc="ppl torch", leave=False))
+        reference.perplexity = (ref, time.perf_counter() - start)
+    return reference
+
+
+def release_weights(model: torch.nn.Module) -> None:
+    """Move every parameter and buffer to the meta device: the memory goes back wherever else the
+    model is still referenced. For a model whose last forward has run (``torch_reference``)."""
+    model.to("meta")
+
+
+def logits_parity(reference: TorchReference, decoder: OnnxDecoder) -> dict[str, Any]:
+    """The artifact's prefill and cached step against the reference's (``torch_reference``)."""
+    prompt = reference.prompt
+    prefix, last = np.asarray([prompt[:-1]]), np.asarray([prompt[-1:]])
     ours_prefill, past = decoder.step(prefix, np.ones_like(prefix), decoder.empty_past(1))
-    ours_step, _ = decoder.step(last, np.ones((1, len(prompt_tokens)), dtype=np.int64), past)
+    ours_step, _ = decoder.step(last, np.ones((1, len(prompt)), dtype=np.int64), past)
     return {
-        "prefill": compare_logits(ours_prefill, ref_prefill),
-        "decode_step": compare_logits(ours_step, ref_step),
+        "prefill": compare_logits(ours_prefill, reference.prefill_logits),
+        "decode_step": compare_logits(ours_step, reference.step_logits),
     }
 
 
 def verify_artifact(
     artifact_dir: Path,
-    model: Any,
+    reference: TorchReference,
     tokenizer: Any,
     spec: EvaluationSpec,
     providers: tuple[str, ...] = ("cpu",),
     accuracy_level: int = 0,
     weight_format: str | None = None,
-    torch_results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``torch_results``: a dict kept between calls on the same model (the build verifies twice
-    when it measures the accuracy level): the PyTorch side is computed once and reused."""
-    torch_results = {} if torch_results is None else torch_results
+    """The artifact against ``reference`` (``torch_reference`` of the same plan's model)."""
     session, info = create_session(artifact_dir, providers, accuracy_level=accuracy_level, weight_format=weight_format)
     decoder = decoder_for(session)
-    prompt = _prompt_tokens(tokenizer, spec)
+    prompt = reference.prompt
     report: dict[str, Any] = {"providers": info.as_dict(), "prompt": spec.prompt}
-    report["logits_parity"] = logits_parity(model, decoder, prompt)
+    report["logits_parity"] = logits_parity(reference, decoder)
 
     if spec.generate_tokens:
         ours = generate(decoder, prompt, spec.generate_tokens)
-        theirs = None
-        if spec.compare_pytorch:
-            if "greedy" not in torch_results:
-                torch_results["greedy"] = torch_greedy(model, prompt, spec.generate_tokens)
-            theirs = torch_results["greedy"]
+        theirs = reference.greedy
         same, diverged = None, None
         if theirs is not None:
             pairs = zip(ours.new_tokens, theirs)
@@ -153,12 +191,8 @@ def verify_artifact(
         start = time.perf_counter()
         onnx = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="ppl onnx", leave=False))
         section["onnx"] = {**onnx.as_dict(), "seconds": time.perf_counter() - start}
-        if spec.compare_pytorch:
-            if "perplexity" not in torch_results:
-                start = time.perf_counter()
-                ref = perplexity(torch_logits_of(model), windows, lambda it: tqdm(it, desc="ppl torch", leave=False))
-                torch_results["perplexity"] = (ref, time.perf_counter() - start)
-            ref, seconds = torch_results["perplexity"]
+        if reference.perplexity is not None:
+            ref, seconds = reference.perplexity
             section["pytorch"] = {**ref.as_dict(), "seconds": seconds}
             section["relative_difference"] = abs(onnx.perplexity - ref.perplexity) / ref.perplexity
         report["perplexity"] = section
