@@ -66,13 +66,21 @@ def find_linear(graph: ir.Graph, weight_name: str) -> LinearSite | None:
     return LinearSite(node, node.inputs[0], output, None, None)
 
 
-def new_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+def new_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray | ir.LazyTensor, dtype: ir.DataType | None = None
+) -> ir.Value:
     """Register ``array`` under ``name`` (made unique), never replacing an existing one;
-    ``dtype`` for types numpy has no name for (``UINT4``)."""
+    ``dtype`` for types numpy has no name for (``UINT4``). A ``LazyTensor`` is registered as it
+    is: its data is made when the writer reads it."""
     unique, k = name, 1
     while unique in graph.initializers:
         unique, k = f"{name}_{k}", k + 1
-    value = ir.Value(name=unique, const_value=ir.tensor(np.ascontiguousarray(array), dtype=dtype, name=unique))
+    if isinstance(array, ir.LazyTensor):
+        array.name = unique
+        tensor = array
+    else:
+        tensor = ir.tensor(np.ascontiguousarray(array), dtype=dtype, name=unique)
+    value = ir.Value(name=unique, const_value=tensor)
     graph.register_initializer(value)
     return value
 

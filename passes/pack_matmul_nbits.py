@@ -94,8 +94,19 @@ class PackMatMulNBitsPass(ir.passes.InPlacePass):
         stem = first.inputs[1].name.rsplit(".", 2)[0]
 
         def concatenated(index: int, suffix: str) -> ir.Value:
-            arrays = [node.inputs[index].const_value.numpy() for node in nodes]
-            return new_initializer(graph, f"{stem}.packed_{suffix}", np.concatenate(arrays, axis=0))
+            tensors = [node.inputs[index].const_value for node in nodes]
+            name = f"{stem}.packed_{suffix}"
+            if not any(isinstance(tensor, ir.LazyTensor) for tensor in tensors):
+                return new_initializer(graph, name, np.concatenate([tensor.numpy() for tensor in tensors], axis=0))
+            # lazy parts (``lazy_packed_codes``) stay lazy: concatenated when the writer reads them
+            first_shape = list(tensors[0].shape)
+            shape = ir.Shape([sum(tensor.shape[0] for tensor in tensors), *first_shape[1:]])
+            lazy = ir.LazyTensor(
+                lambda: ir.tensor(np.concatenate([tensor.numpy() for tensor in tensors], axis=0)),
+                tensors[0].dtype,
+                shape,
+            )
+            return new_initializer(graph, name, lazy)
 
         attributes = {name: attr.value for name, attr in first.attributes.items()}
         attributes["N"] = sum(widths)

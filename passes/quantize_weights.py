@@ -62,7 +62,7 @@ from aqexport.target import Target
 if TYPE_CHECKING:
     from aqexport.calibrate.plan import LinearPlan
 
-__all__ = ["QuantizeWeightsPass", "pack_matmul_nbits"]
+__all__ = ["QuantizeWeightsPass", "lazy_packed_codes", "pack_matmul_nbits"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,10 @@ def _block_size(entry: LinearPlan, name: str) -> int:
     return group
 
 
-def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """``(B [N, blocks, blob], scales [N, blocks], zero_points [N, ·], bits)`` for MatMulNBits;
-    ``zero_points`` is None where every one is the default ``2^(bits−1)`` (symmetric codes)."""
+def _blocked(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(codes [N, K], scales [N, blocks], zero [N, blocks], bits)`` in MatMulNBits' terms:
+    unsigned codes (symmetric ones offset by ``2^(b−1)``), per-channel rows repeated per block,
+    ``bits`` the container (4 or 8)."""
     scheme = entry.scheme
     codes = entry.codes.numpy().astype(np.int32)
     scale = entry.scale.float().numpy()
@@ -97,17 +98,49 @@ def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, n
     if scheme.group_size is None:
         scale = np.repeat(scale.reshape(n, 1), blocks, axis=1)
         zero = np.repeat(zero.reshape(n, 1), blocks, axis=1)
-    bits = 4 if scheme.bits <= 4 else 8
+    return codes, scale.astype(np.float32), zero, 4 if scheme.bits <= 4 else 8
+
+
+def _packed_codes(codes: np.ndarray, zero: np.ndarray, block_size: int, bits: int) -> np.ndarray:
+    """``B [N, blocks, blob]``: a ragged last block padded with the zero-point code."""
+    n, k = codes.shape
+    blocks = zero.shape[1]
     padded = np.repeat(zero, block_size, axis=1)[:, : blocks * block_size].copy()
     padded[:, :k] = codes
     padded = padded.astype(np.uint8)
     packed = pack_nibbles(padded) if bits == 4 else padded
+    return packed.reshape(n, blocks, block_size * bits // 8)
+
+
+def _zero_points(zero: np.ndarray, bits: int) -> np.ndarray | None:
     if np.all(zero == 2 ** (bits - 1)):  # MatMulNBits's default: no tensor to store or stream
-        zero_points = None
-    else:
-        zero_points = pack_nibbles(zero) if bits == 4 else zero.astype(np.uint8)
-    blob = block_size * bits // 8
-    return packed.reshape(n, blocks, blob), scale.astype(np.float32), zero_points, bits
+        return None
+    return pack_nibbles(zero) if bits == 4 else zero.astype(np.uint8)
+
+
+def pack_matmul_nbits(entry: LinearPlan, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """``(B [N, blocks, blob], scales [N, blocks], zero_points [N, ·], bits)`` for MatMulNBits;
+    ``zero_points`` is None where every one is the default ``2^(bits−1)`` (symmetric codes)."""
+    codes, scales, zero, bits = _blocked(entry, block_size)
+    return _packed_codes(codes, zero, block_size, bits), scales, _zero_points(zero, bits), bits
+
+
+def lazy_packed_codes(linears: Mapping[str, LinearPlan], path: str, block_size: int) -> ir.LazyTensor:
+    """``B`` of ``linears[path]``, packed only when something reads it: the artifact's writer,
+    which streams it into the external data. Holding every packed matrix from lowering to
+    writing would hold the whole quantized model (a 7B model: 3.4 GiB); read this way, a plan
+    filed block by block (``aqexport.calibrate.plan``) is read back one block at a time, in
+    the graph's order, and each matrix is freed once written."""
+    entry = linears[path]
+    n, k = entry.codes.shape
+    bits = 4 if entry.scheme.bits <= 4 else 8
+    blocks = -(-k // block_size)
+
+    def pack() -> ir.Tensor:
+        codes, _, zero, _ = _blocked(linears[path], block_size)
+        return ir.tensor(_packed_codes(codes, zero, block_size, bits))
+
+    return ir.LazyTensor(pack, ir.DataType.UINT8, ir.Shape([n, blocks, block_size * bits // 8]))
 
 
 def _dequantize_linear_matmul(
@@ -213,7 +246,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _matmul_nbits(self, graph: ir.Graph, path: str, entry: LinearPlan, x: ir.Value, base: str) -> ir.Node:
         block_size = _block_size(entry, path)
-        packed, scales, zero_points, bits = pack_matmul_nbits(entry, block_size)
+        _, scales, zero, bits = _blocked(entry, block_size)
+        zero_points = _zero_points(zero, bits)
         n, k = entry.codes.shape
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size}
         level = self.target.accuracy_level_for(bits)
@@ -221,7 +255,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             attributes["accuracy_level"] = level
         inputs = [
             x,
-            new_initializer(graph, f"{path}.weight_Q{bits}", packed),
+            new_initializer(graph, f"{path}.weight_Q{bits}", lazy_packed_codes(self.linears, path, block_size)),
             new_initializer(graph, f"{path}.weight_scales", scales),
         ]
         if zero_points is not None:

@@ -53,6 +53,7 @@ def test_shared_input_nodes_are_packed_and_compute_the_same():
     assert len(matmuls) == 3  # packed q/k/v, wide (8-bit), o (other input)
     packed = next(node for node in matmuls if node.name.endswith("/packed/MatMulNBits"))
     assert packed.attributes.get_int("N") == 16 + 8 + 16
+    assert isinstance(packed.inputs[1].const_value, ir.LazyTensor)  # concatenated when written
     assert [output.name for output in model.graph.outputs] == ["y_q", "y_k", "y_v", "y_wide", "y_o"]
     for ours, reference in zip(run_all(model, **_feeds()), expected):
         np.testing.assert_array_equal(ours, reference)  # each column is the same dot product

@@ -9,7 +9,7 @@ import torch
 
 from aqexport.calibrate.quantizer import QuantScheme
 from aqexport.errors import AqexportError
-from aqexport.passes.quantize_weights import QuantizeWeightsPass
+from aqexport.passes.quantize_weights import QuantizeWeightsPass, pack_matmul_nbits
 from aqexport.target import Target
 from tests.passes._plans import float_input, initializer, linear_plan, model_of, one_block_plan, run
 
@@ -70,6 +70,20 @@ def test_rule_1_to_3_and_6_weights_equal_dequantized_plan(scheme, weight_format)
     x = np.random.default_rng(0).standard_normal((2, 3, 80)).astype(np.float32)
     expected = x @ entry.dequantize().numpy().T
     np.testing.assert_allclose(run(model, x=x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_codes_are_made_when_the_writer_reads_them_and_equal_the_eager_packing():
+    """Lowering holds no packed matrix (a 7B model's would be 3.4 GiB): ``B`` is a LazyTensor
+    read from the plan when written; what it makes is ``pack_matmul_nbits``' bytes."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 80)
+    entry = linear_plan(weight, QuantScheme(4, 32))
+    model = _matmul_graph(weight)
+    QuantizeWeightsPass(one_block_plan({"fc": entry}).linears(), FLOAT_ACTIVATIONS)(model)
+    codes = model.graph.initializers["layers.0.fc.weight_Q4"].const_value
+    assert isinstance(codes, ir.LazyTensor)
+    assert codes.name == "layers.0.fc.weight_Q4" and list(codes.shape) == [24, 3, 16]
+    np.testing.assert_array_equal(codes.numpy(), pack_matmul_nbits(entry, 32)[0])
 
 
 def test_rule_1_gemm_keeps_its_bias_as_add():
