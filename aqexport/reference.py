@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-__all__ = ["torch_greedy", "torch_logits_of", "torch_step"]
+__all__ = ["torch_greedy", "torch_logits_of", "torch_step", "torch_teacher_forced"]
 
 
 def torch_logits_of(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -55,3 +55,17 @@ def torch_greedy(model: torch.nn.Module, prompt_tokens: list[int], max_new_token
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[], pad_token_id=0)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, len(prompt_tokens) :].tolist()
+
+
+@torch.no_grad()
+def torch_teacher_forced(model: torch.nn.Module, prompt_tokens: list[int], tokens: list[int]) -> list[int]:
+    """The model's greedy choice after the prompt and each prefix of ``tokens``, from one forward
+    over ``prompt + tokens[:-1]``. ``tokens`` is the model's own greedy output exactly when the
+    two lists are equal, and where they first differ is where greedy decoding would first
+    differ: the same verdict as ``torch_greedy``, for one pass over the weights instead of one
+    per token (a streamed model reads every block again for each forward)."""
+    if not tokens:
+        return []
+    ids = torch.tensor([list(prompt_tokens) + list(tokens[:-1])], dtype=torch.long)
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt_tokens) - 1 :]
+    return logits.argmax(-1).tolist()

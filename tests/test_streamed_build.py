@@ -17,6 +17,7 @@ from aqexport.config import load_config
 from aqexport.errors import AqexportError, ConfigError
 from aqexport.memory_budget import streamed_parameters
 from aqexport.pipeline import build
+from aqexport.reference import torch_greedy, torch_teacher_forced
 from aqexport.stream_choice import STREAM_SHARE, choose_streaming
 from aqexport.streamed_model import streamed_model
 from tests.conftest import ARCHITECTURES, tiny_build_config
@@ -84,6 +85,24 @@ def test_a_streamed_build_writes_the_same_artifact(kind, quantization, tiny_mode
         figures = [r["verification"]["perplexity"][side]["perplexity"] for r in (always, never)]
         assert figures[0] == figures[1], side
     assert "folded_skipped" in always["parity_ladder"]
+    # greedy: generate() in PyTorch for the loaded model, one teacher-forced forward for the streamed one
+    greedy = [r["verification"]["greedy"] for r in (always, never)]
+    assert greedy[0]["token_ids"] == greedy[1]["token_ids"]
+    assert greedy[0]["identical_to_pytorch"] == greedy[1]["identical_to_pytorch"]
+    assert greedy[0]["first_divergence"] == greedy[1]["first_divergence"]
+    assert greedy[0]["pytorch_reference"].startswith("teacher-forced") and "pytorch_reference" not in greedy[1]
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_teacher_forced_greedy_gives_generates_verdict(kind, tiny_model_dir):
+    """One forward over the prompt and a token list says where ``generate`` would first differ."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind), dtype=torch.float32).eval()
+    prompt = [5, 17, 99, 3, 250]
+    theirs = torch_greedy(model, prompt, 12)
+    assert torch_teacher_forced(model, prompt, theirs) == theirs
+    changed = [*theirs[:7], (theirs[7] + 1) % 300, *theirs[8:]]
+    chosen = torch_teacher_forced(model, prompt, changed)
+    assert chosen[:7] == theirs[:7] and chosen[7] == theirs[7] != changed[7]
 
 
 def test_auto_streams_when_the_weights_take_more_than_their_share_of_the_budget(tiny_model_dir):
