@@ -40,6 +40,8 @@ from aqexport.atomic_files import out_of_space, write_atomically
 from aqexport.integrity import MANIFEST_FILE, sha256_file
 
 __all__ = [
+    "DATA_FILE",
+    "EXTERNAL_THRESHOLD_BYTES",
     "MODEL_FILE",
     "atomic_directory",
     "dependency_versions",
@@ -55,6 +57,8 @@ __all__ = [
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+#: initializers of this many bytes or more go to ``DATA_FILE``; smaller ones stay in the proto
+EXTERNAL_THRESHOLD_BYTES = 1024
 _TRACKED = (
     "aqexport",
     "torch",
@@ -146,7 +150,7 @@ def recover_interrupted(final: Path) -> list[str]:
 def save_model(model: ir.Model, directory: Path) -> Path:
     """Save with all weights in one external data file beside the graph."""
     path = directory / MODEL_FILE
-    ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
     faults.point("write.model")
     return path
 

@@ -219,11 +219,12 @@ def _rotary_tables(model: nn.Module, positions: int):
 
 
 class StaticStepWrapper(nn.Module):
-    """One token against a fixed-size KV cache: the npu contract (``docs/architecture.md``).
+    """T new tokens against a fixed-size KV cache: the npu contract (``docs/architecture.md``);
+    T = 1 is the step graph, T = ``target.prefill_tokens`` the prefill graph.
 
-    ``attention_bias`` [1, 1, 1, C + 1] is the additive mask over the C cache slots and the new
-    token, built by the host, so the graph has no mask arithmetic; the new token's key/value
-    come back as ``present.*`` [1, kv_heads, 1, head_dim] for the host to write into its slot.
+    ``attention_bias`` [1, 1, T, C + T] is the additive mask over the C cache slots and the new
+    tokens, built by the host, so the graph has no mask arithmetic; the new tokens' keys/values
+    come back as ``present.*`` [1, kv_heads, T, head_dim] for the host to write into their slots.
     Token ids are cast to int32 before the embedding ``Gather`` (NNAPI takes non-constant
     indices only as int32)."""
 
@@ -254,9 +255,16 @@ def static_input_names(layout: CacheLayout) -> list[str]:
 
 
 def export_static_onnx(
-    model: nn.Module, layout: CacheLayout, context: int, opset: int = 21, weights: WeightSource | None = None
+    model: nn.Module,
+    layout: CacheLayout,
+    context: int,
+    opset: int = 21,
+    weights: WeightSource | None = None,
+    tokens: int = 1,
 ) -> tuple[ir.Model, float]:
-    """The npu step graph: every shape fixed (batch 1, one token, ``context`` cache slots)."""
+    """An npu graph with every shape fixed: batch 1, ``tokens`` new tokens (1: the step graph),
+    ``context`` cache slots. The rotary table has ``context + 1`` rows whatever ``tokens`` is,
+    so the step and prefill graphs hold the same table (``aqexport.prefill_graph`` shares it)."""
     layer_types = getattr(model.config, "layer_types", None) or []
     if "sliding_attention" in layer_types:
         raise AqexportError(
@@ -265,9 +273,9 @@ def export_static_onnx(
             "use target.profile cpu or mobile for this model",
         )
     example = (
-        torch.zeros(1, 1, dtype=torch.long),
-        torch.zeros(1, 1, dtype=torch.long),
-        torch.zeros(1, 1, 1, context + 1),
+        torch.zeros(1, tokens, dtype=torch.long),
+        torch.zeros(1, tokens, dtype=torch.long),
+        torch.zeros(1, 1, tokens, context + tokens),
         layout.empty_past(1, context),
     )
     with torch.no_grad(), _rotary_tables(model, context + 1):

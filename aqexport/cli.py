@@ -189,7 +189,7 @@ def calibrate(config: Path) -> None:
 @_no_verify_option
 def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, seed, chat, providers, as_json, no_verify):
     """Generate text with the artifact in ARTIFACT."""
-    from aqexport.runtime import create_session, decoder_for, generate
+    from aqexport.runtime import create_session, decoder_for, generate, prefill_session
     from aqexport.runtime.generate import SamplingConfig
     from aqexport.runtime.session import genai_facts
 
@@ -206,7 +206,7 @@ def run(artifact, prompt, max_new_tokens, sample, temperature, top_k, top_p, see
     else:
         tokens = tokenizer(prompt)["input_ids"]
     session, info = create_session(directory, providers)
-    decoder = decoder_for(session, *genai_facts(directory))
+    decoder = decoder_for(session, *genai_facts(directory), prefill=prefill_session(directory, providers))
     _check_prompt_fits(len(tokens), max_new_tokens, _context_length(directory, decoder))
     eos = tokenizer.eos_token_id
     result = generate(
@@ -347,7 +347,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json, n
     """Perplexity of ARTIFACT on a text file (non-overlapping windows, ALGORITHMS.md §7)."""
     from tqdm import tqdm
 
-    from aqexport.runtime import create_session, decoder_for, perplexity
+    from aqexport.runtime import create_session, decoder_for, perplexity, prefill_session
     from aqexport.runtime.perplexity import onnx_logits_of
     from aqexport.runtime.session import genai_facts
     from aqexport.verify import text_windows
@@ -357,7 +357,7 @@ def eval_command(artifact, text_file, seqlen, max_windows, providers, as_json, n
     tokenizer = _load_tokenizer(directory)
     windows = text_windows(tokenizer, text_file, seqlen, max_windows, ("--text", "--seqlen"))
     session, info = create_session(directory, providers)
-    decoder = decoder_for(session, *genai_facts(directory))
+    decoder = decoder_for(session, *genai_facts(directory), prefill=prefill_session(directory, providers))
     result = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="windows", disable=as_json))
     payload = {**result.as_dict(), "text": str(text_file), "providers": info.used, "tokenizer": tokenizer.name_or_path}
     if as_json:

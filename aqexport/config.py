@@ -113,6 +113,9 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mobile": {"max_context": 2048, "accuracy_level": 4},
     "npu": {"max_context": 512, "npu": "coreml"},
 }
+#: npu: the prefill graph's tokens per call unless set (at most ``max_context``); Qualcomm's
+#: NPU pipelines pair a 128-token graph with a one-token one the same way (AR-128 / AR-1).
+PREFILL_TOKENS = 128
 #: What the mobile profile quantizes unless the config says otherwise (quantizing recipes only).
 MOBILE_QUANTIZATION_DEFAULTS = {"lm_head": "int4", "embedding": "auto"}
 
@@ -143,6 +146,14 @@ class TargetSpec(_Section):
         le=32768,
         description="mobile: the positions (prompt + generated tokens) genai_config.json and the rotary tables "
         "are sized for, default 2048; npu: the static KV cache's slots, default 512; unused on cpu / cuda",
+    )
+    prefill_tokens: int | None = Field(
+        None,
+        ge=2,
+        le=4096,
+        description="npu: the tokens the prefill graph (prefill.onnx) takes per call, a prompt running through "
+        "it in chunks of this many; it shares model.onnx.data with the step graph; default 128 (at most "
+        "max_context); npu only",
     )
     kv_cache: Literal["auto", "shared_buffer", "growing"] = Field(
         "auto",
@@ -175,7 +186,14 @@ class TargetSpec(_Section):
         if not isinstance(raw, dict):
             return raw
         defaults = PROFILE_DEFAULTS.get(str(raw.get("profile", "cpu")), {})
-        return {**raw, **{key: value for key, value in defaults.items() if raw.get(key) is None}}
+        filled = {**raw, **{key: value for key, value in defaults.items() if raw.get(key) is None}}
+        if (
+            filled.get("profile") == "npu"
+            and filled.get("prefill_tokens") is None
+            and isinstance(filled["max_context"], int)
+        ):
+            filled["prefill_tokens"] = min(PREFILL_TOKENS, filled["max_context"])
+        return filled
 
 
 class EvaluationSpec(_Section):
@@ -276,8 +294,11 @@ class BuildConfig(_Section):
             _require_mobile(self)
         if target.profile == "npu":
             _require_npu(self)
-        elif target.npu is not None:
-            raise ConfigError("target.npu applies to profile npu", "remove target.npu, or set target.profile: npu")
+        elif target.npu is not None or target.prefill_tokens is not None:
+            name = "npu" if target.npu is not None else "prefill_tokens"
+            raise ConfigError(
+                f"target.{name} applies to profile npu", f"remove target.{name}, or set target.profile: npu"
+            )
         if "ort" in target.formats and target.weight_format == "qdq":
             raise ConfigError(
                 "target.formats ort with weight_format qdq: the ORT format has no 4-bit tensor type",
@@ -370,6 +391,13 @@ def _require_mobile(config: BuildConfig) -> None:
 
 def _require_npu(config: BuildConfig) -> None:
     """What the static npu graph cannot express, refused before any weight loads."""
+    target = config.target
+    if target.prefill_tokens > target.max_context:
+        raise ConfigError(
+            f"target.prefill_tokens {target.prefill_tokens} is more than the {target.max_context} cache slots "
+            "(target.max_context) a prompt is written into",
+            f"set target.prefill_tokens to at most {target.max_context}",
+        )
     if getattr(config.quantization, "embedding", "float") != "float":
         raise ConfigError(
             "target.profile npu with quantization.embedding "

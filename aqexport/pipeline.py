@@ -85,12 +85,19 @@ from aqexport.lowering import LoweringResult, fp_passes, profile_passes, quantiz
 from aqexport.memory_budget import MemoryGuard, budget_bytes, budget_origin, check_source_fits
 from aqexport.mobile import OPERATOR_CONFIG, ep_usability, operator_config_entries, write_ort_for_cpu, write_ort_format
 from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
+from aqexport.prefill_graph import save_sharing_weights
 from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
 from aqexport.sources import LoadedModel, load_model, resolve_source
 from aqexport.stream_choice import Streaming, streaming_for
 from aqexport.target import Target
-from aqexport.verify import release_weights, torch_reference, verify_artifact, verify_ort_format
+from aqexport.verify import (
+    check_greedy_after,
+    release_weights,
+    torch_reference,
+    verify_artifact,
+    verify_ort_format,
+)
 
 __all__ = ["STAGES", "Calibrated", "Source", "Stage", "build"]
 
@@ -141,18 +148,24 @@ def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any], 
     return Source(loaded, cache_layout(loaded.model), untied, streaming)
 
 
-def capture_stage(source: Source, target: Target) -> tuple[ir.Model, float]:
-    """The float graph and the export's seconds. A local safetensors checkpoint is the graph's
-    weights (read when used, ``aqexport.capture_weights``) and what is traced is a skeleton of
-    the model without weights: the graph neither holds nor shares the loaded model's memory."""
+def capture_stage(source: Source, target: Target) -> tuple[ir.Model, ir.Model | None, float]:
+    """The float graph, the npu profile's prefill graph (else ``None``) and the exports' seconds.
+    A local safetensors checkpoint is the graph's weights (read when used,
+    ``aqexport.capture_weights``) and what is traced is a skeleton of the model without weights:
+    the graph neither holds nor shares the loaded model's memory."""
     model = source.loaded.model
     weights = _checkpoint_weights(source)
     if weights is not None:
         dtype = next(model.parameters()).dtype
         model = skeleton_model(type(model), copy.deepcopy(model.config), dtype)
-    if target.static_graph:
-        return export_static_onnx(model, source.layout, target.max_context, target.opset, weights)
-    return export_onnx(model, source.layout, target.opset, weights)
+    if not target.static_graph:
+        graph, seconds = export_onnx(model, source.layout, target.opset, weights)
+        return graph, None, seconds
+    step, step_seconds = export_static_onnx(model, source.layout, target.max_context, target.opset, weights)
+    prefill, prefill_seconds = export_static_onnx(
+        model, source.layout, target.max_context, target.opset, weights, tokens=target.prefill_tokens
+    )
+    return step, prefill, step_seconds + prefill_seconds
 
 
 def _checkpoint_weights(source: Source) -> CheckpointWeights | None:
@@ -260,9 +273,22 @@ def _head_hessian(config: BuildConfig, loaded: LoadedModel, report: dict[str, An
 
 
 def lower_stage(
-    source: Source, exported_graph: ir.Model, calibrated: Calibrated | None, target: Target
-) -> tuple[ir.Model, LoweringResult]:
-    """The lowered graph (freed once written) and what the passes did (kept for the manifest)."""
+    source: Source,
+    exported_graph: ir.Model,
+    prefill_graph: ir.Model | None,
+    calibrated: Calibrated | None,
+    target: Target,
+) -> tuple[ir.Model, ir.Model | None, LoweringResult]:
+    """The lowered graph and prefill graph (freed once written) and what the passes did to the
+    first (kept for the manifest; the prefill graph goes through the same passes)."""
+    lowered = run_passes(exported_graph, _lowering_passes(source, calibrated, target))
+    prefill = None
+    if prefill_graph is not None:
+        prefill = run_passes(prefill_graph, _lowering_passes(source, calibrated, target)).model
+    return lowered.model, prefill, lowered
+
+
+def _lowering_passes(source: Source, calibrated: Calibrated | None, target: Target) -> list[ir.passes.PassBase]:
     max_positions = target.rotary_positions(getattr(source.loaded.model.config, "max_position_embeddings", None))
     if calibrated is None:
         passes = fp_passes(target, max_positions)
@@ -275,15 +301,18 @@ def lower_stage(
             max_positions,
             tied_embedding=calibrated.tied_embedding,
         )
-    lowered = run_passes(exported_graph, [*passes, *profile_passes(target)])
-    return lowered.model, lowered
+    return [*passes, *profile_passes(target)]
 
 
-def write_stage(lowered_graph: ir.Model, source: Source, target: Target, staging: Path) -> Written:
+def write_stage(
+    lowered_graph: ir.Model, lowered_prefill: ir.Model | None, source: Source, target: Target, staging: Path
+) -> Written:
     loaded = source.loaded
     path = save_model(lowered_graph, staging)
+    prefill = None if lowered_prefill is None else save_sharing_weights(lowered_prefill, path)
     if not target.fuse:  # a fused graph was checked before fusion (lowering.fusion_passes)
-        onnx.checker.check_model(str(path), full_check=True)
+        for graph in (path, *([staging / prefill["graph"]] if prefill else [])):
+            onnx.checker.check_model(str(graph), full_check=True)
     loaded.tokenizer.save_pretrained(staging)
     loaded.model.config.to_json_file(staging / "config.json")
     mobile = None
@@ -295,6 +324,15 @@ def write_stage(lowered_graph: ir.Model, source: Source, target: Target, staging
             "target_ep": target.npu,
             "execution_providers": ep_usability(path),
         }
+        if prefill is not None:
+            mobile["contract"] += (
+                f"; {prefill['graph']}: the same contract at {target.prefill_tokens} tokens per call "
+                f"(a prompt's chunks), reading {prefill['weights_file']}"
+            )
+            prefill["execution_providers"] = ep_usability(staging / prefill["graph"])
+            prefill["ort"] = "the step graph only (model.ort): the ORT format has no external data, so a prefill.ort "
+            "would carry its own copy of every weight"
+            mobile["prefill"] = prefill
     if target.writes_genai_config:
         genai = build_genai_config(
             loaded.model.config,
@@ -339,9 +377,13 @@ def verify_stage(
         }
     loaded = source.loaded
     # The PyTorch side first and once, however often we verify; then the model's weights go, so
-    # ONNX Runtime's sessions never share the process with them (``TorchReference``).
-    reference = torch_reference(loaded.model, loaded.tokenizer, config.evaluation)
-    release_weights(loaded.model)
+    # ONNX Runtime's sessions never share the process with them (``TorchReference``). A streamed
+    # model holds only its edges between forwards; it keeps them for one forward after ONNX
+    # Runtime, which checks the artifact's greedy tokens (``check_greedy_after``).
+    streamed = source.streaming.streamed
+    reference = torch_reference(loaded.model, loaded.tokenizer, config.evaluation, greedy=not streamed)
+    if not streamed:
+        release_weights(loaded.model)
 
     def verify() -> dict[str, Any]:
         return verify_artifact(
@@ -372,6 +414,9 @@ def verify_stage(
                 "target.profile mobile: the int8-activation path MLAS's ARM kernels accelerate "
                 "(Target.mobile_accuracy_level)",
             )
+    if streamed:
+        check_greedy_after(verification, loaded.model, reference, config.evaluation)
+        release_weights(loaded.model)
     if target.writes_ort:
         verification["ort_format"] = verify_ort_format(
             staging, loaded.tokenizer, config.evaluation, target.weight_format
@@ -561,10 +606,15 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("load", load_stage, ("config", "config_dir", "identity", "streaming"), ("source",)),
-    Stage("capture", capture_stage, ("source", "target"), ("exported_graph", "export_seconds")),
+    Stage("capture", capture_stage, ("source", "target"), ("exported_graph", "prefill_graph", "export_seconds")),
     Stage("calibrate", calibrate_stage, ("config", "source", "exported_graph", "on_block"), ("calibrated",)),
-    Stage("lower", lower_stage, ("source", "exported_graph", "calibrated", "target"), ("lowered_graph", "lowering")),
-    Stage("write", write_stage, ("lowered_graph", "source", "target", "staging"), ("written",)),
+    Stage(
+        "lower",
+        lower_stage,
+        ("source", "exported_graph", "prefill_graph", "calibrated", "target"),
+        ("lowered_graph", "lowered_prefill", "lowering"),
+    ),
+    Stage("write", write_stage, ("lowered_graph", "lowered_prefill", "source", "target", "staging"), ("written",)),
     Stage("verify", verify_stage, ("config", "source", "target", "staging", "written"), ("verification",)),
     Stage(
         "finalize",

@@ -45,6 +45,8 @@ class Target:
     max_context: int | None = None
     #: npu: the EP the static graph is meant for (``nnapi`` | ``coreml`` | ``qnn``).
     npu: str | None = None
+    #: npu: tokens per call of the prefill graph (``aqexport.prefill_graph``); ``None`` elsewhere.
+    prefill_tokens: int | None = None
 
     @classmethod
     def from_spec(cls, spec) -> Target:
@@ -68,6 +70,7 @@ class Target:
             opset=spec.opset,
             max_context=spec.max_context,
             npu=spec.npu,
+            prefill_tokens=spec.prefill_tokens,
         )
 
     @property

@@ -1,6 +1,7 @@
 """The npu profile on SmolLM2-135M-Instruct: what each NPU EP would take of the static step
-graph (ONNX Runtime's usability checker), the ``.ort`` file, and the static graph's agreement
-with PyTorch, for an fp32 and an AffineQuant int4 (LM head int8) build.
+and prefill graphs (ONNX Runtime's usability checker), the ``.ort`` file, the prefill graph's
+size beside the step graph whose weights file it reads, and the static graphs' agreement with
+PyTorch, for an fp32 and an AffineQuant int4 (LM head int8) build.
 
 Builds into ``benchmarks/out/artifacts/npu-*`` (the int4 one lowers the plan of
 ``benchmarks/calibration.py`` when present), then reads each report.
@@ -56,41 +57,49 @@ def main() -> None:
         report = json.loads((directory / "report.json").read_text())
         verification, eps = report["verification"], report["mobile"]["execution_providers"]
         onnx_bytes = sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx"))
-        ppl = verification["perplexity"]
+        ppl, prefill = verification["perplexity"], report["mobile"]["prefill"]
         rows.append(
-            f"| {name} | {onnx_bytes / 2**20:.0f} MiB | {verification['ort_format']['bytes'] / 2**20:.0f} MiB | "
+            f"| {name} | {onnx_bytes / 2**20:.0f} MiB | {prefill['bytes'] / 2**20:.2f} MiB "
+            f"({prefill['tokens_per_call']} tokens, {prefill['own_bytes']} B of own weights) | "
+            f"{prefill['pair_vs_one_graph']:.4f}× | {verification['ort_format']['bytes'] / 2**20:.0f} MiB | "
             f"{verification['ort_format']['greedy_identical_to_onnx']} | {ppl['onnx']['perplexity']:.3f} | "
             f"{ppl['pytorch']['perplexity']:.3f} | {verification['logits_parity']['decode_step']['max_rel']:.1e} | "
             f"{verification['greedy']['identical_to_pytorch']} | "
+            f"{verification['greedy']['prefill_tokens_per_second']:.1f} | "
             f"{verification['greedy']['decode_tokens_per_second']:.1f} |"
         )
-        for ep in EPS:
-            e = eps[ep]
-            ep_rows.append(
-                f"| {name} | {ep} | {e['supported_nodes']} / {e['nodes']} ({100 * e['fraction']:.1f} %) | "
-                f"{e['partitions']} | {', '.join(e['unsupported_ops']) or '–'} | {e['verdict']} |"
-            )
+        for graph, checked in (("step", eps), ("prefill", prefill["execution_providers"])):
+            for ep in EPS:
+                e = checked[ep]
+                ep_rows.append(
+                    f"| {name} | {graph} | {ep} | {e['supported_nodes']} / {e['nodes']} "
+                    f"({100 * e['fraction']:.1f} %) | {e['partitions']} | {', '.join(e['unsupported_ops']) or '–'} | "
+                    f"{e['verdict']} |"
+                )
         xnnpack = eps["xnnpack"]
     body = f"""
-## NPU profile: SmolLM2-135M-Instruct as a static step graph
+## NPU profile: SmolLM2-135M-Instruct as static step and prefill graphs
 
 `python benchmarks/npu.py --context {args.context}` at commit {commit_id()}, {date.today()}.
-Machine: {machine()}. Static contract: batch 1, one token per call, {args.context} cache slots,
-attention by an additive mask input; QDQ weights in 8-bit storage (the ORT format has no 4-bit
-type); `model.ort` written at basic optimization level. Perplexity: WikiText-2 test, 4 windows of
-{args.context} tokens, fed token by token through the static graph. Decode tok/s: the static
-graph on this machine's CPU EP (32 greedy tokens), not a phone.
+Machine: {machine()}. Static contract: batch 1, {args.context} cache slots, attention by an
+additive mask input; the step graph (`model.onnx`) takes one token per call, the prefill graph
+(`prefill.onnx`) the default `target.prefill_tokens` and reads `model.onnx.data` (its own size is
+its graph proto; "pair ÷ one graph": both graphs and the weights file over the step graph and
+its weights file). QDQ weights in 8-bit storage (the ORT format has no 4-bit type); `model.ort`
+(the step graph) written at basic optimization level. Perplexity: WikiText-2 test, 4 windows of
+{args.context} tokens, each through the prefill graph's chunks. Prompt and decode tok/s: the
+verification's greedy run (its short prompt, 64 tokens) on this machine's CPU EP, not a phone.
 
-| build | model.onnx | model.ort | .ort greedy = .onnx | ppl ONNX | ppl PyTorch | step logits rel \
-| greedy = PyTorch | decode tok/s (CPU) |
-|---|---|---|---|---|---|---|---|---|
+| build | model.onnx + data | prefill.onnx | pair ÷ one graph | model.ort | .ort greedy = .onnx | ppl ONNX \
+| ppl PyTorch | step logits rel | greedy = PyTorch | prompt tok/s (CPU) | decode tok/s (CPU) |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 ONNX Runtime's usability checker (`onnxruntime.tools.mobile_helpers`; op types and static
 shapes against its published support tables, not a device run):
 
-| build | EP | nodes it takes | partitions | unsupported ops | checker's verdict |
-|---|---|---|---|---|---|
+| build | graph | EP | nodes it takes | partitions | unsupported ops | checker's verdict |
+|---|---|---|---|---|---|---|
 {chr(10).join(ep_rows)}
 
 XNNPACK: {"offered" if xnnpack["available"] else "not offered"} by the installed onnxruntime

@@ -17,8 +17,9 @@ from pathlib import Path
 import onnxruntime as ort
 
 from aqexport.errors import AqexportError
+from aqexport.runtime.static_decoder import PREFILL_FILE
 
-__all__ = ["PROVIDER_NAMES", "SessionInfo", "create_session"]
+__all__ = ["PROVIDER_NAMES", "SessionInfo", "create_session", "prefill_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +132,21 @@ def create_session(
     if unavailable:
         logger.warning("providers %s unavailable; running on %s", unavailable, info.used)
     return session, info
+
+
+def prefill_session(
+    model_path: str | Path,
+    providers: tuple[str, ...] | list[str] = ("cpu",),
+    *,
+    intra_op_threads: int | None = None,
+    accuracy_level: int | None = None,
+    weight_format: str | None = None,
+) -> ort.InferenceSession | None:
+    """The prefill graph of the npu artifact at ``model_path`` (``PREFILL_FILE`` beside its
+    ``model.onnx``), opened as ``create_session`` opens the step graph; ``None`` if it has none."""
+    path = Path(model_path)
+    prefill = (path if path.is_dir() else path.parent) / PREFILL_FILE
+    if not prefill.is_file():
+        return None
+    options = {"intra_op_threads": intra_op_threads, "accuracy_level": accuracy_level, "weight_format": weight_format}
+    return create_session(prefill, providers, **options)[0]

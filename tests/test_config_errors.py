@@ -49,6 +49,14 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         ({"target": {"max_context": 1024}, "output": {"dir": "out"}}, "target.max_context applies"),
         ({"target": {"profile": "npu", "npu": "hexagon"}, "output": {"dir": "out"}}, "target.npu"),
         (
+            {"target": {"profile": "npu", "max_context": 1024, "prefill_tokens": 2048}, "output": {"dir": "out"}},
+            "set target.prefill_tokens to at most 1024",
+        ),
+        (
+            {"target": {"profile": "cpu", "prefill_tokens": 64}, "output": {"dir": "out"}},
+            "target.prefill_tokens applies to profile npu",
+        ),
+        (
             {"target": {"profile": "npu", "kv_cache": "shared_buffer"}, "output": {"dir": "out"}},
             "the npu profile does not build",
         ),

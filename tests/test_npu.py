@@ -1,7 +1,8 @@
 """The npu profile: a static-shape step graph (fixed cache, attention by mask) in portable ops,
-its ``model.ort``, and the per-EP verdict of ONNX Runtime's usability checker in the report.
+its prefill graph reading the same weights file, its ``model.ort``, and the per-EP verdict of
+ONNX Runtime's usability checker in the report.
 
-The static graph must compute what the dynamic one does: same greedy tokens, same logits; the
+The static graphs must compute what the dynamic one does: same greedy tokens, same logits; the
 ``.ort`` must load on the CPU EP and generate the same tokens as ``model.onnx``."""
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import pytest
 from aqexport.config import load_config
 from aqexport.errors import AqexportError
 from aqexport.pipeline import build
-from aqexport.runtime import StaticDecoder, create_session, decoder_for, generate
+from aqexport.runtime import StaticDecoder, create_session, decoder_for, generate, prefill_session
 from tests.conftest import read_report, tiny_build_config
 from tests.tiny_models import data_file
 
 CONTEXT = 64
+#: the prefill graph's tokens per call: prompts of 9 and 21 tokens take a full chunk, a padded one and steps
+PREFILL = 8
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,10 @@ def npu_artifact(tiny_model_dir, tmp_path_factory):
                     "calibration": {"data": str(data_file("valid")), "samples": 4, "seqlen": 32, "epochs": 2},
                 }
             config = tiny_build_config(
-                work, tiny_model_dir(kind), target={"profile": "npu", "max_context": CONTEXT}, **extra
+                work,
+                tiny_model_dir(kind),
+                target={"profile": "npu", "max_context": CONTEXT, "prefill_tokens": PREFILL},
+                **extra,
             )
             built[(kind, quantized)] = build(load_config(config), work)
         return built[(kind, quantized)]
@@ -66,6 +72,53 @@ def test_static_graph_generates_what_the_dynamic_one_does(npu_artifact, tiny_art
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
     for x, y in zip(past_a, past_b):
         assert x.shape == y.shape and np.abs(x - y).max() <= 1e-4 * np.abs(y).max()
+
+
+def _close(ours: np.ndarray, theirs: np.ndarray) -> None:
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prefill_then_step_equals_the_dynamic_graph(npu_artifact, tiny_artifact, kind):
+    static, dynamic = npu_artifact(kind), tiny_artifact(kind)
+    prefill = prefill_session(static)
+    assert prefill is not None and prefill.get_inputs()[0].shape == [1, PREFILL]
+    ours, theirs = decoder_for(create_session(static)[0], prefill=prefill), decoder_for(create_session(dynamic)[0])
+    rng = np.random.default_rng(2)
+    for length in (9, 21):  # a chunk then a step; two chunks, the second padded (5 of 8 tokens)
+        ids = rng.integers(3, 300, (1, length))
+        a, past_a = ours.step(ids, np.ones_like(ids), ours.empty_past(1))
+        b, past_b = theirs.step(ids, np.ones_like(ids), theirs.empty_past(1))
+        _close(a, b)
+        for x, y in zip(past_a, past_b):
+            _close(x, y)
+        step = np.asarray([[int(b[0, -1].argmax())]])
+        mask = np.ones((1, length + 1), dtype=np.int64)
+        _close(ours.step(step, mask, past_a)[0], theirs.step(step, mask, past_b)[0])
+    prompt = list(rng.integers(3, 300, 13))
+    assert generate(ours, prompt, 16).new_tokens == generate(theirs, prompt, 16).new_tokens
+
+
+def test_prefill_graph_reads_the_step_graphs_weights_file(npu_artifact):
+    artifact = npu_artifact("llama", quantized=True)
+    report = read_report(artifact)
+    record = report["mobile"]["prefill"]
+    assert record["tokens_per_call"] == PREFILL and record["weights_file"] == "model.onnx.data"
+    assert record["own_initializers"] == [] and record["own_bytes"] == 0
+    # what the prefill graph adds is a graph proto like the step graph's (a tiny model's weights are
+    # smaller than its protos; SmolLM2's pair is measured in benchmarks/npu.py)
+    assert record["bytes"] <= 1.2 * (artifact / "model.onnx").stat().st_size
+    graph = onnx.load(str(artifact / "prefill.onnx"), load_external_data=False).graph
+    external = [tensor for tensor in graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL]
+    places = [{entry.key: entry.value for entry in tensor.external_data} for tensor in external]
+    assert external and {place["location"] for place in places} == {"model.onnx.data"}
+    assert sum(int(place["length"]) for place in places) == record["shared_bytes"]
+    assert sorted(path.name for path in artifact.glob("*.data")) == ["model.onnx.data"]
+    assert record["execution_providers"]["nnapi"]["fraction"] >= 0.95
+    assert "prefill.onnx" in report["mobile"]["contract"]
+    # the build verified through the pair: the prompt ran through the prefill graph
+    assert report["verification"]["greedy"]["identical_to_pytorch"]
+    assert report["verification"]["logits_parity"]["prefill"]["max_rel"] <= 1e-4
 
 
 def test_report_has_each_ep_verdict_and_the_ort_file(npu_artifact):
