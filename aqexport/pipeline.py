@@ -330,8 +330,10 @@ def write_stage(
                 f"(a prompt's chunks), reading {prefill['weights_file']}"
             )
             prefill["execution_providers"] = ep_usability(staging / prefill["graph"])
-            prefill["ort"] = "the step graph only (model.ort): the ORT format has no external data, so a prefill.ort "
-            "would carry its own copy of every weight"
+            prefill["ort"] = (
+                "the step graph only (model.ort): the ORT format has no external data, so a prefill.ort "
+                "would carry its own copy of every weight"
+            )
             mobile["prefill"] = prefill
     if target.writes_genai_config:
         genai = build_genai_config(
