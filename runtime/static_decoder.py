@@ -72,7 +72,17 @@ class StaticDecoder(OnnxDecoder):
             offset += used
         return np.concatenate(logits, axis=1), self._slots.hand_back(cache, filled + count)
 
-    def _call(self, session, width, used, length, input_ids, position_ids, offset, cache) -> np.ndarray:
+    def _call(
+        self,
+        session: ort.InferenceSession,
+        width: int,
+        used: int,
+        length: int,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        offset: int,
+        cache: list[np.ndarray],
+    ) -> np.ndarray:
         """One call of ``session`` (``width`` tokens per call) on the ``used`` tokens from
         ``offset``, after ``length`` filled slots; writes their keys/values, returns their logits."""
         ids = np.zeros((1, width), np.int64)
