@@ -114,6 +114,8 @@ class TorchReference:
     greedy: list[int] | None = None
     #: perplexity on the evaluation windows and its seconds (``None``: not compared)
     perplexity: tuple[PerplexityResult, float] | None = None
+    #: the evaluation text's windows (``None``: no text), tokenized once for every verification
+    windows: np.ndarray | None = None
 
 
 def torch_reference(model: Any, tokenizer: Any, spec: EvaluationSpec, greedy: bool = True) -> TorchReference:
@@ -125,10 +127,11 @@ def torch_reference(model: Any, tokenizer: Any, spec: EvaluationSpec, greedy: bo
     reference = TorchReference(prompt, prefill, step)
     if greedy and spec.generate_tokens and spec.compare_pytorch:
         reference.greedy = torch_greedy(model, prompt, spec.generate_tokens)
-    if spec.text is not None and spec.compare_pytorch:
-        windows = text_windows(tokenizer, spec.text, spec.seqlen, spec.max_windows, EVALUATION_TEXT)
+    if spec.text is not None:
+        reference.windows = text_windows(tokenizer, spec.text, spec.seqlen, spec.max_windows, EVALUATION_TEXT)
+    if reference.windows is not None and spec.compare_pytorch:
         start = time.perf_counter()
-        ref = perplexity(torch_logits_of(model), windows, lambda it: tqdm(it, desc="ppl torch", leave=False))
+        ref = perplexity(torch_logits_of(model), reference.windows, lambda it: tqdm(it, desc="ppl torch", leave=False))
         reference.perplexity = (ref, time.perf_counter() - start)
     return reference
 
@@ -208,8 +211,8 @@ def verify_artifact(
             "decode_tokens_per_second": ours.decode_tokens_per_second,
         }
 
-    if spec.text is not None:
-        windows = text_windows(tokenizer, spec.text, spec.seqlen, spec.max_windows, EVALUATION_TEXT)
+    if reference.windows is not None:
+        windows = reference.windows
         section: dict[str, Any] = {"text": str(spec.text), "tokenizer": getattr(tokenizer, "name_or_path", "")}
         start = time.perf_counter()
         onnx = perplexity(onnx_logits_of(decoder), windows, lambda it: tqdm(it, desc="ppl onnx", leave=False))
