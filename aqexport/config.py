@@ -129,7 +129,9 @@ class TargetSpec(_Section):
         "required_operators_and_types.config); npu: static step graph + model.ort + per-EP usability report",
     )
     npu: Literal["nnapi", "coreml", "qnn"] | None = Field(
-        None, description="npu profile: the EP the static graph is meant for, reported first (default coreml)"
+        None,
+        description="npu profile: the EP the static graph is meant for, reported first (default coreml); "
+        "coreml stores the plan's weights as float16 values (its EP has no DequantizeLinear), nnapi and qnn as QDQ",
     )
     providers: tuple[Provider, ...] = ("cpu",)
     opset: int = Field(21, ge=21, le=23)

@@ -28,6 +28,7 @@ from aqexport import faults
 from aqexport.errors import PassContractError
 from aqexport.passes import (
     ActivationQuantPass,
+    DequantizeConstantWeightsPass,
     Float16Pass,
     FoldAffinePass,
     GroupQueryAttentionPass,
@@ -157,12 +158,15 @@ def quantized_passes(
 def profile_passes(target: Target) -> list[ir.passes.PassBase]:
     """What a target profile adds at the very end: ``cuda`` converts to float16 (activations,
     weights' scales, KV cache); ``npu`` rewrites the ops mobile NPU EPs lack (on the static
-    graph, whose shapes are all known after inference); ``cpu`` and ``mobile`` keep float32
+    graph, whose shapes are all known after inference), and for CoreML first stores the QDQ
+    weights as the float16 values they dequantize to (``DequantizeConstantWeightsPass``: its
+    EP has no ``DequantizeLinear``); ``cpu`` and ``mobile`` keep float32
     (the mobile profile differs from cpu in its sizes and accuracy level, not in passes)."""
     if target.profile == "cuda":
         return [Float16Pass()]
     if target.profile == "npu":
         return [
+            *([DequantizeConstantWeightsPass()] if target.dequantized_weights else []),
             common_passes.ShapeInferencePass(strict_mode=False),
             MobileOpsPass(),
             common_passes.RemoveUnusedNodesPass(),

@@ -556,6 +556,9 @@ def _quantization_summary(
         "integer_activation_linears": integer_linears,
         "weight_format": target.weight_format,
     }
+    storage = lowering.sections.get("quantization", {}).get("weight_storage")
+    if storage is not None:  # DequantizeConstantWeightsPass (npu: coreml): the codes' values in float
+        summary["weight_storage"] = storage
     if integer_linears:
         summary["accuracy_level_note"] = (
             "these linears run MatMulNBits at accuracy_level 4, which quantizes their input to int8 per block "

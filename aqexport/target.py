@@ -79,6 +79,15 @@ class Target:
         return self.profile == "npu"
 
     @property
+    def dequantized_weights(self) -> bool:
+        """The CoreML npu graph stores its weights as the float16 values the QDQ weights
+        dequantize to: ONNX Runtime's CoreML EP has no ``DequantizeLinear``, so QDQ weights would
+        leave every dequantization on the CPU (SmolLM2: 90.4 % of the step graph's nodes on
+        CoreML). Core ML compresses weights itself (``passes/dequantize_constant_weights.py``).
+        NNAPI and QNN run QDQ weights as they are."""
+        return self.profile == "npu" and self.npu == "coreml"
+
+    @property
     def attention_takes_packed_qkv(self) -> bool:
         """``PackedQkvAttentionPass`` on the cuda profile only: there the attention's own unpack
         and rotation replace four kernel launches per layer (SmolLM2 on an H100: 1.85 ms of a

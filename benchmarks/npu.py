@@ -29,19 +29,22 @@ from _report import commit_id, write_section  # noqa: E402
 from skeleton import machine  # noqa: E402
 
 ARTIFACTS = OUT / "artifacts"
+#: ``target`` keys beside the profile's: ``npu`` picks the weights' storage (coreml, the default:
+#: the plan's values in float16; qnn / nnapi: QDQ codes in 8-bit storage).
 VARIANTS = {
     "npu fp32": {"recipe": "none"},
-    "npu int4": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8"},
+    "npu int4 (coreml)": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8"},
+    "npu int4 (qnn)": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8", "target": {"npu": "qnn"}},
 }
 EPS = ("nnapi", "coreml_neuralnetwork", "coreml_mlprogram")
 
 
 def build(name: str, variant: dict, context: int, rebuild: bool) -> Path:
-    directory = ARTIFACTS / name.replace(" ", "-")
+    directory = ARTIFACTS / name.replace(" ", "-").replace("(", "").replace(")", "")
     if rebuild and directory.exists():
         shutil.rmtree(directory)
     if not (directory / "report.json").exists():
-        variant = {**variant, "target": {"profile": "npu", "max_context": context}}
+        variant = {**variant, "target": {"profile": "npu", "max_context": context, **variant.get("target", {})}}
         path = write_smollm2_config(variant, directory, ARTIFACTS / f"{directory.name}.yaml", 4, 32, seqlen=context)
         subprocess.run([sys.executable, "-m", "aqexport.cli", "build", str(path)], check=True, cwd=ROOT)
     return directory
@@ -107,8 +110,11 @@ Machine: {machine()}. Static contract: batch 1, {args.context} cache slots, atte
 additive mask input; the step graph (`model.onnx`) takes one token per call, the prefill graph
 (`prefill.onnx`) the default `target.prefill_tokens` and reads `model.onnx.data` (its own size is
 its graph proto; "pair ÷ one graph": both graphs and the weights file over the step graph and
-its weights file). QDQ weights in 8-bit storage (the ORT format has no 4-bit type); `model.ort`
-(the step graph) written at basic optimization level. Perplexity: WikiText-2 test, 4 windows of
+its weights file). Weights by `target.npu`: **coreml** (the default) stores the plan's values in
+float16, because ONNX Runtime's CoreML EP has no `DequantizeLinear` (Core ML compresses weights
+itself, with coremltools); **qnn** (and nnapi) keeps QDQ codes in 8-bit storage (the ORT format
+has no 4-bit type). `model.ort` (the step graph) written at basic optimization level, which folds
+the float16 → float32 casts (so the coreml `.ort` holds float32). Perplexity: WikiText-2 test, 4 windows of
 {args.context} tokens, each through the prefill graph's chunks. Prompt tok/s: one prompt of
 `prefill_tokens` tokens through the prefill graph / one token per call through the step graph
 (medians of 3 alternating rounds on one session); decode tok/s: the verification's greedy run

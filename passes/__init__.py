@@ -24,6 +24,7 @@ Adding a pass is its module, its test and one line in a pass list (``aqexport.lo
 from aqexport.passes._result import StatsPassResult
 from aqexport.passes.accuracy_level import AccuracyLevelPass
 from aqexport.passes.activation_quant import ActivationQuantPass
+from aqexport.passes.dequantize_constant_weights import DequantizeConstantWeightsPass
 from aqexport.passes.float16 import Float16Pass
 from aqexport.passes.float_weights import FloatWeightsPass
 from aqexport.passes.fold_affine import FoldAffinePass
@@ -42,6 +43,7 @@ from aqexport.passes.tied_embedding import TiedEmbeddingPass
 __all__ = [
     "AccuracyLevelPass",
     "ActivationQuantPass",
+    "DequantizeConstantWeightsPass",
     "Float16Pass",
     "FloatWeightsPass",
     "FoldAffinePass",
