@@ -65,8 +65,11 @@ class ActivationQuantPass(ir.passes.InPlacePass):
         super().__init__()
         self.plan = plan
 
-    def _quantized(self) -> dict[str, LinearPlan]:
-        return {path: entry for path, entry in self.plan.linears().items() if entry.activation is not None}
+    def _quantized(self) -> list[str]:
+        """Paths of the linears whose input is quantized. Paths, not entries: a plan is read
+        block by block (``QuantPlan.linears``), and a dict of its entries would hold every
+        block's weights at once (``call`` walks the plan again and lowers each as it is read)."""
+        return [path for path, entry in self.plan.linears().items() if entry.activation is not None]
 
     def requires(self, model: ir.Model) -> None:
         for path in self._quantized():
@@ -86,15 +89,18 @@ class ActivationQuantPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> StatsPassResult:
         graph = model.graph
         done: dict[tuple, ir.Value] = {}
-        linears = self._quantized()
-        for path, entry in linears.items():
+        linears = 0
+        for path, entry in self.plan.linears().items():  # block by block, none kept
+            if entry.activation is None:
+                continue
+            linears += 1
             site = find_linear(graph, f"{path}.weight")
             key = (id(site.input), *_quantizer_key(entry))
             if key not in done:
                 done[key] = self._quantizer(graph, site.node, site.input, entry, path)
             site.node.replace_input_with(0, done[key])
         logger.info("activation_quant: %d quantizers", len(done))
-        stats = {"quantizers": len(done), "linears": len(linears)}
+        stats = {"quantizers": len(done), "linears": linears}
         return StatsPassResult(model, modified=bool(done), stats=stats)
 
     def _quantizer(self, graph: ir.Graph, before: ir.Node, x: ir.Value, entry: LinearPlan, path: str) -> ir.Value:
