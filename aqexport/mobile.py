@@ -30,8 +30,15 @@ config, and each NPU EP's verdict on the static graph.
 * The verdicts are ONNX Runtime's usability checker (``onnxruntime.tools.mobile_helpers``), per
   EP: nodes it would assign, partitions, unsupported op types. The checker judges op types and
   static shapes from its published support tables; it does not run the EP, so the figures say
-  the graph is eligible, not how fast the EP runs it. It has no QNN table, and the QNN EP needs
-  Qualcomm's SDK and device: a QNN target gets that said in its entry instead of a verdict.
+  the graph is eligible, not how fast the EP runs it.
+* QNN has no checker table; its verdict is a real compile instead (``qnn_verdict``): the
+  ``onnxruntime-qnn`` plugin EP (Qualcomm's QNN SDK libraries in a PyPI wheel, x86-64 Linux
+  included) prepares the graph for the Hexagon NPU (HTP backend, offline context generation,
+  ``QNN_TARGET``) on this host, and the nodes it leaves outside its ``EPContext`` partitions are
+  the ones the phone's CPU would run. Graph optimizations are off, so the counts are the
+  graph's own nodes. QNN EP hands the graph inputs' ``QuantizeLinear`` to the CPU by design
+  (``offload_graph_io_quantization``). It is a compile, not a device run: speed and on-device
+  numerics are not measured. Without the wheel the entry says how to get the verdict.
 * XNNPACK is reported as available or not in the installed onnxruntime (the PyPI CPU wheel has
   no XNNPACK EP; mobile packages do).
 """
@@ -39,9 +46,12 @@ config, and each NPU EP's verdict on the static graph.
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnxruntime as ort
 from onnxruntime.tools.mobile_helpers import usability_checker
 from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
@@ -50,8 +60,10 @@ from onnxruntime.tools.reduced_build_config_parser import parse_config
 
 __all__ = [
     "OPERATOR_CONFIG",
+    "QNN_TARGET",
     "ep_usability",
     "operator_config_entries",
+    "qnn_verdict",
     "write_ort_for_cpu",
     "write_ort_format",
 ]
@@ -61,6 +73,11 @@ __all__ = [
 OPERATOR_CONFIG = "required_operators_and_types.config"
 
 logger = logging.getLogger(__name__)
+
+#: The NPU the QNN verdict compiles for: Snapdragon 8 Gen 3 (SM8650, Hexagon HTP v75), a 2024
+#: flagship; ``prepare_only`` compiles the context binary without running it (this host has no NPU).
+QNN_TARGET = {"htp_arch": "75", "soc_model": "57", "enable_htp_prepare_only": "1"}
+QNN_EP = "QNNExecutionProvider"
 
 _CHECKS = {
     "nnapi": lambda model: usability_checker.check_nnapi_partitions(model, require_fixed_input_sizes=True),
@@ -130,13 +147,80 @@ def ep_usability(onnx_path: Path) -> dict[str, Any]:
             "verdict": info.suitability().name,
         }
     available = ort.get_available_providers()
-    report["qnn"] = {
-        "checked": False,
-        "reason": "ONNX Runtime's usability checker has no QNN support table, and the QNN EP needs "
-        f"Qualcomm's QNN SDK and device; this onnxruntime offers {', '.join(available)}",
-    }
+    report["qnn"] = qnn_verdict(onnx_path)
     report["xnnpack"] = {
         "available": "XnnpackExecutionProvider" in available,
         "installed_providers": available,
     }
     return report
+
+
+def _qnn_devices() -> list[Any] | None:
+    """The QNN plugin EP's devices, registering the library once per process; None without the
+    ``onnxruntime-qnn`` wheel."""
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        return None
+    devices = [device for device in ort.get_ep_devices() if device.ep_name == QNN_EP]
+    if not devices:
+        ort.register_execution_provider_library(QNN_EP, onnxruntime_qnn.get_library_path())
+        devices = [device for device in ort.get_ep_devices() if device.ep_name == QNN_EP]
+    return devices
+
+
+def qnn_verdict(onnx_path: Path) -> dict[str, Any]:
+    """What the QNN EP's HTP backend takes of the graph, by compiling it (``QNN_TARGET``): the
+    nodes left outside its partitions run on the CPU EP."""
+    devices = _qnn_devices()
+    if devices is None:
+        return {
+            "checked": False,
+            "reason": "ONNX Runtime's usability checker has no QNN table, and the QNN EP is not installed: "
+            "`pip install onnxruntime-qnn` (Qualcomm's QNN SDK as an ONNX Runtime plugin; x86-64 Linux and "
+            "Windows wheels compile for the NPU offline) and rebuild to get the verdict",
+        }
+    import onnxruntime_qnn
+
+    nodes = len(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    with tempfile.TemporaryDirectory(prefix="aqexport-qnn-") as folder:
+        context = Path(folder) / "model_ctx.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        options.add_session_config_entry("ep.context_enable", "1")
+        options.add_session_config_entry("ep.context_file_path", str(context))
+        options.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), **QNN_TARGET})
+        try:
+            ort.InferenceSession(str(onnx_path), sess_options=options)
+        except Exception as error:  # noqa: BLE001 - the compile's failure is the verdict
+            return {
+                "checked": True,
+                "compiled": False,
+                "verdict": "compile failed",
+                "error": str(error)[:500],
+                **_qnn_about(onnxruntime_qnn),
+            }
+        compiled = onnx.load(str(context), load_external_data=False).graph.node
+    left = [node for node in compiled if node.op_type != "EPContext"]
+    left_ops = Counter(f"{node.domain or 'ai.onnx'}:{node.op_type}" for node in left)
+    return {
+        "checked": True,
+        "compiled": True,
+        "verdict": "compiled",
+        "nodes": nodes,
+        "supported_nodes": nodes - len(left),
+        "fraction": (nodes - len(left)) / nodes if nodes else 0.0,
+        "partitions": len(compiled) - len(left),
+        "unsupported_ops": sorted(left_ops),
+        "left_on_cpu": dict(sorted(left_ops.items())),
+        **_qnn_about(onnxruntime_qnn),
+    }
+
+
+def _qnn_about(onnxruntime_qnn: Any) -> dict[str, Any]:
+    return {
+        "how": f"onnxruntime-qnn {onnxruntime_qnn.__version__}: HTP backend, offline context generation for "
+        f"htp_arch {QNN_TARGET['htp_arch']} / soc_model {QNN_TARGET['soc_model']} (Snapdragon 8 Gen 3) on this "
+        "host, graph optimizations off; a compile, not a device run",
+    }

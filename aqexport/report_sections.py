@@ -568,6 +568,13 @@ def mobile(facts) -> str:
         )
     else:
         body += missing("execution provider verdicts")
+    qnn = eps.get("qnn")
+    if isinstance(qnn, dict):
+        body += note(
+            "QNN: "
+            + str(qnn.get("how") or qnn.get("reason") or "—")
+            + (f"; {qnn['error']}" if qnn.get("error") else "")
+        )
     xnnpack = eps.get("xnnpack")
     if isinstance(xnnpack, dict):
         body += note(

@@ -128,7 +128,9 @@ def test_report_has_each_ep_verdict_and_the_ort_file(npu_artifact):
     report = read_report(artifact)
     eps = report["mobile"]["execution_providers"]
     assert report["mobile"]["target_ep"] == "coreml"  # target.npu's default
-    assert eps["qnn"]["checked"] is False and "no QNN support table" in eps["qnn"]["reason"]
+    # QNN: a real compile for the Hexagon NPU (onnxruntime-qnn, a dev dependency): the float graph all on it
+    assert eps["qnn"]["compiled"] and eps["qnn"]["fraction"] == 1.0 and eps["qnn"]["partitions"] == 1, eps["qnn"]
+    assert "offline context generation" in eps["qnn"]["how"]
     for ep in ("nnapi", "coreml_neuralnetwork"):
         assert eps[ep]["fraction"] >= 0.95 and eps[ep]["partitions"] == 1, eps[ep]
     assert eps["coreml_mlprogram"]["fraction"] >= 0.95  # the Gathers (embedding, rotary tables) stay on CPU
@@ -166,7 +168,10 @@ def test_quantized_npu_artifact_keeps_its_plan(npu_artifact):
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
     weight_types = {i.data_type for i in graph.initializer if i.name.endswith("_Q8")}
     assert weight_types == {onnx.TensorProto.UINT8}  # 4-bit codes in 8-bit storage: the ORT format has no int4
-    assert report["mobile"]["execution_providers"]["nnapi"]["fraction"] >= 0.95
+    eps = report["mobile"]["execution_providers"]
+    assert eps["nnapi"]["fraction"] >= 0.95
+    # QNN compiles the graph but keeps weight-only DequantizeLinear (float activations) on the CPU
+    assert eps["qnn"]["compiled"] and eps["qnn"]["unsupported_ops"] == ["ai.onnx:DequantizeLinear"], eps["qnn"]
 
 
 def test_coreml_artifact_stores_the_plans_values_in_float16(npu_artifact):
@@ -176,7 +181,7 @@ def test_coreml_artifact_stores_the_plans_values_in_float16(npu_artifact):
     report = read_report(coreml)
     eps = report["mobile"]["execution_providers"]
     assert report["mobile"]["target_ep"] == "coreml"
-    for ep in ("coreml_mlprogram", "coreml_neuralnetwork", "nnapi"):
+    for ep in ("coreml_mlprogram", "coreml_neuralnetwork", "nnapi", "qnn"):
         assert eps[ep]["fraction"] >= 0.95 and "ai.onnx:DequantizeLinear" not in eps[ep]["unsupported_ops"], eps[ep]
     graph = onnx.load(str(coreml / "model.onnx"), load_external_data=False).graph
     assert "DequantizeLinear" not in {node.op_type for node in graph.node}
