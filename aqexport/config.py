@@ -131,7 +131,8 @@ class TargetSpec(_Section):
     npu: Literal["nnapi", "coreml", "qnn"] | None = Field(
         None,
         description="npu profile: the EP the static graph is meant for, reported first (default coreml); "
-        "coreml stores the plan's weights as float16 values (its EP has no DequantizeLinear), nnapi and qnn as QDQ",
+        "coreml stores the plan's weights as float16 values (its EP has no DequantizeLinear), nnapi as QDQ, qnn as "
+        "QDQ with uint16 activations around every linear (w4a16)",
     )
     providers: tuple[Provider, ...] = ("cpu",)
     opset: int = Field(21, ge=21, le=23)

@@ -43,10 +43,12 @@ from aqexport.passes import (
     StableNamesPass,
     StatsPassResult,
     TiedEmbeddingPass,
+    Uint16ActivationsPass,
 )
 from aqexport.target import Target
 
 if TYPE_CHECKING:
+    from aqexport.calibrate.activation_ranges import ActivationRange
     from aqexport.calibrate.plan import LinearPlan, QuantPlan
 
 __all__ = [
@@ -155,18 +157,22 @@ def quantized_passes(
     ]
 
 
-def profile_passes(target: Target) -> list[ir.passes.PassBase]:
+def profile_passes(
+    target: Target, activation_ranges: Mapping[str, ActivationRange] | None = None
+) -> list[ir.passes.PassBase]:
     """What a target profile adds at the very end: ``cuda`` converts to float16 (activations,
     weights' scales, KV cache); ``npu`` rewrites the ops mobile NPU EPs lack (on the static
     graph, whose shapes are all known after inference), and for CoreML first stores the QDQ
     weights as the float16 values they dequantize to (``DequantizeConstantWeightsPass``: its
-    EP has no ``DequantizeLinear``); ``cpu`` and ``mobile`` keep float32
+    EP has no ``DequantizeLinear``), for QNN puts uint16 QDQ around each QDQ linear
+    (``Uint16ActivationsPass``, given the calibrated ``activation_ranges``); ``cpu`` and ``mobile`` keep float32
     (the mobile profile differs from cpu in its sizes and accuracy level, not in passes)."""
     if target.profile == "cuda":
         return [Float16Pass()]
     if target.profile == "npu":
         return [
             *([DequantizeConstantWeightsPass()] if target.dequantized_weights else []),
+            *([Uint16ActivationsPass(activation_ranges)] if target.uint16_activations and activation_ranges else []),
             common_passes.ShapeInferencePass(strict_mode=False),
             MobileOpsPass(),
             common_passes.RemoveUnusedNodesPass(),

@@ -61,6 +61,7 @@ from aqexport.artifact import (
     write_json,
 )
 from aqexport.build_cache import build_identity, build_lock, portable_config, up_to_date
+from aqexport.calibrate.activation_ranges import ActivationRange, linear_activation_ranges
 from aqexport.calibrate.data import calibration_windows
 from aqexport.calibrate.data_parallel import refuse_ranks
 from aqexport.calibrate.edges import (
@@ -128,6 +129,8 @@ class Calibrated:
     parity_ladder: dict[str, Any] | None = None
     #: ``{embedding path: head path}`` where the embedding reads the head's quantized table.
     tied_embedding: dict[str, str] = field(default_factory=dict)
+    #: The QNN artifact's uint16 activation ranges by linear path (``target.npu: qnn`` only).
+    activation_ranges: dict[str, ActivationRange] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,9 @@ def calibrate_stage(
     tie = _embedding_ties_head(config, source, report)
     lm_head = quantize_lm_head(loaded.model, quant.lm_head, method or "rtn", hessian)
     own_format = "int4" if quant.embedding == "auto" else quant.embedding
+    ranges = {}
+    if Target.from_spec(config.target).uint16_activations:
+        ranges = _activation_ranges(config, loaded, [*(path for path, _ in plan.linears().items()), *lm_head], report)
     return Calibrated(
         plan=plan,
         lm_head=lm_head,
@@ -222,7 +228,30 @@ def calibrate_stage(
         tied_embedding=tie_embedding(loaded.model, lm_head) if tie else {},
         report=report,
         parity_ladder=parity,
+        activation_ranges=ranges,
     )
+
+
+#: Calibration windows the QNN artifact's activation ranges are observed on.
+RANGE_WINDOWS = 8
+
+
+def _activation_ranges(
+    config: BuildConfig, loaded: LoadedModel, paths: list[str], report: dict[str, Any]
+) -> dict[str, ActivationRange]:
+    """Input and output ranges of the linears at ``paths`` in the calibrated model, on the first
+    ``RANGE_WINDOWS`` calibration windows (``aqexport.calibrate.activation_ranges``)."""
+    spec = config.calibration
+    start = time.perf_counter()
+    windows = calibration_windows(loaded.tokenizer, spec.data, RANGE_WINDOWS, spec.seqlen, spec.seed)
+    ranges = linear_activation_ranges(loaded.model, paths, windows)
+    report["activation_ranges"] = {
+        "windows": int(windows.shape[0]),
+        "tokens": int(windows.numel()),
+        "linears": len(ranges),
+        "seconds": time.perf_counter() - start,
+    }
+    return ranges
 
 
 #: Calibration windows the per-linear output errors are measured on (report only).
@@ -301,7 +330,7 @@ def _lowering_passes(source: Source, calibrated: Calibrated | None, target: Targ
             max_positions,
             tied_embedding=calibrated.tied_embedding,
         )
-    return [*passes, *profile_passes(target)]
+    return [*passes, *profile_passes(target, calibrated.activation_ranges if calibrated is not None else None)]
 
 
 def write_stage(
@@ -564,7 +593,9 @@ def _quantization_summary(
             "these linears run MatMulNBits at accuracy_level 4, which quantizes their input to int8 per block "
             "at run time: the artifact departs from the calibrated plan by that rounding (verification measures it)"
         )
-    if calibrated is not None and any(e.activation is not None for e in calibrated.plan.linears().values()):
+    if "activations" in lowering.sections.get("quantization", {}):  # Uint16ActivationsPass (npu: qnn)
+        summary["activations"] = lowering.sections["quantization"]["activations"]
+    elif calibrated is not None and any(e.activation is not None for e in calibrated.plan.linears().values()):
         summary["activations"] = (
             "static per-tensor QDQ (uint8/uint4) where 8/4-bit, else a float fake-quant subgraph"
             if quant.activations == "static"

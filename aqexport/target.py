@@ -88,6 +88,13 @@ class Target:
         return self.profile == "npu" and self.npu == "coreml"
 
     @property
+    def uint16_activations(self) -> bool:
+        """The QNN npu graph quantizes each QDQ linear's input and output to uint16
+        (``passes/uint16_activations.py``): without it QNN's NPU leaves every weight's
+        ``DequantizeLinear`` on the CPU."""
+        return self.profile == "npu" and self.npu == "qnn"
+
+    @property
     def attention_takes_packed_qkv(self) -> bool:
         """``PackedQkvAttentionPass`` on the cuda profile only: there the attention's own unpack
         and rotation replace four kernel launches per layer (SmolLM2 on an H100: 1.85 ms of a

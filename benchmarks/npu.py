@@ -36,7 +36,7 @@ VARIANTS = {
     "npu int4 (coreml)": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8"},
     "npu int4 (qnn)": {"recipe": "affinequant", "preset": "w4a16g128", "lm_head": "int8", "target": {"npu": "qnn"}},
 }
-EPS = ("nnapi", "coreml_neuralnetwork", "coreml_mlprogram")
+EPS = ("nnapi", "coreml_neuralnetwork", "coreml_mlprogram", "qnn")
 
 
 def build(name: str, variant: dict, context: int, rebuild: bool) -> Path:
@@ -96,10 +96,13 @@ def main() -> None:
         for graph, checked in (("step", eps), ("prefill", prefill["execution_providers"])):
             for ep in EPS:
                 e = checked[ep]
+                left = e.get("left_on_cpu")  # QNN's compile counts the nodes it leaves out
+                unsupported = (
+                    ", ".join(f"{op} ×{n}" for op, n in left.items()) if left else ", ".join(e["unsupported_ops"])
+                )
                 ep_rows.append(
                     f"| {name} | {graph} | {ep} | {e['supported_nodes']} / {e['nodes']} "
-                    f"({100 * e['fraction']:.1f} %) | {e['partitions']} | {', '.join(e['unsupported_ops']) or '–'} | "
-                    f"{e['verdict']} |"
+                    f"({100 * e['fraction']:.1f} %) | {e['partitions']} | {unsupported or '–'} | {e['verdict']} |"
                 )
         xnnpack = eps["xnnpack"]
     body = f"""
@@ -112,8 +115,10 @@ additive mask input; the step graph (`model.onnx`) takes one token per call, the
 its graph proto; "pair ÷ one graph": both graphs and the weights file over the step graph and
 its weights file). Weights by `target.npu`: **coreml** (the default) stores the plan's values in
 float16, because ONNX Runtime's CoreML EP has no `DequantizeLinear` (Core ML compresses weights
-itself, with coremltools); **qnn** (and nnapi) keeps QDQ codes in 8-bit storage (the ORT format
-has no 4-bit type). `model.ort` (the step graph) written at basic optimization level, which folds
+itself, with coremltools); **qnn** keeps QDQ codes in 8-bit storage (the ORT format has no 4-bit
+type) and puts uint16 QDQ on every linear's input and output (w4a16). QNN's verdict is a compile
+by `onnxruntime-qnn` for the Hexagon NPU (HTP v75) on this host, the others ONNX Runtime's
+usability checker. `model.ort` (the step graph) written at basic optimization level, which folds
 the float16 → float32 casts (so the coreml `.ort` holds float32). Perplexity: WikiText-2 test, 4 windows of
 {args.context} tokens, each through the prefill graph's chunks. Prompt tok/s: one prompt of
 `prefill_tokens` tokens through the prefill graph / one token per call through the step graph
@@ -126,9 +131,11 @@ the float16 → float32 casts (so the coreml `.ort` holds float32). Perplexity: 
 {chr(10).join(rows)}
 
 ONNX Runtime's usability checker (`onnxruntime.tools.mobile_helpers`; op types and static
-shapes against its published support tables, not a device run):
+shapes against its published support tables, not a device run) for NNAPI and CoreML; for QNN
+`onnxruntime-qnn`'s compile of the graph for the Hexagon NPU (HTP v75, Snapdragon 8 Gen 3,
+offline on this host; the ops it leaves to the CPU, with counts; not a device run either):
 
-| build | graph | EP | nodes it takes | partitions | unsupported ops | checker's verdict |
+| build | graph | EP | nodes it takes | partitions | ops left to the CPU | verdict |
 |---|---|---|---|---|---|---|
 {chr(10).join(ep_rows)}
 

@@ -39,6 +39,7 @@ from aqexport.passes.remove_noop_reshapes import RemoveNoOpReshapesPass
 from aqexport.passes.shared_kv_buffer import SharedKvBufferPass
 from aqexport.passes.stable_names import StableNamesPass
 from aqexport.passes.tied_embedding import TiedEmbeddingPass
+from aqexport.passes.uint16_activations import Uint16ActivationsPass
 
 __all__ = [
     "AccuracyLevelPass",
@@ -59,4 +60,5 @@ __all__ = [
     "StableNamesPass",
     "StatsPassResult",
     "TiedEmbeddingPass",
+    "Uint16ActivationsPass",
 ]

@@ -30,7 +30,8 @@ Rewrite rules, per linear in the plan (weight found by its stable name):
    original columns; the codes there are zero), summed onto the MatMulNBits output.
 7. ``target.weight_format == "qdq"``: the portable form, ``DequantizeLinear → MatMul`` with int4/uint4
    (2–4-bit codes) or int8/uint8 codes in the ONNX layout ``[in, out]``, blocked along ``in``
-   (``block_size``, opset 21) or per output column. Standard ops only, for EPs without the
+   (``block_size``, opset 21; where the group does not divide ``in``, smaller blocks that do,
+   each carrying its group's scale: ``_dividing_block``) or per output column. Standard ops only, for EPs without the
    contrib op. ONNX Runtime's CPU EP fuses the pair back into MatMulNBits with its session's
    ``session.qdq_matmulnbits_accuracy_level`` (default 4: int8 activations), so the runtime
    sets that to the artifact's declared accuracy level. ``"qdq8"`` is the same with 2–4-bit codes
@@ -47,6 +48,7 @@ is a ``MatMul``/``Gemm`` input any more.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -143,11 +145,21 @@ def lazy_packed_codes(linears: Mapping[str, LinearPlan], path: str, block_size: 
     return ir.LazyTensor(pack, ir.DataType.UINT8, ir.Shape([n, blocks, block_size * bits // 8]))
 
 
+def _dividing_block(k: int, group_size: int) -> int:
+    """The block size a ``DequantizeLinear`` uses for groups of ``group_size`` along ``k`` inputs:
+    the group size where it divides ``k``, else the largest block dividing both (SmolLM2's 576
+    inputs in groups of 128: blocks of 64, each group's scale on two of them, the last half-group
+    on one). The same values either way; ONNX allows a ragged last block, but QNN's NPU compiler
+    leaves such a weight on the CPU (measured with onnxruntime-qnn: every linear whose input
+    size is not a multiple of its group)."""
+    return group_size if k % group_size == 0 else math.gcd(k, group_size)
+
+
 def _dequantize_linear_matmul(
     graph: ir.Graph, path: str, entry: LinearPlan, x: ir.Value, base: str, min_container: int = 4
 ) -> list[ir.Node]:
     """``DequantizeLinear(codes [in, out]) → MatMul`` (rule 7): blocked along ``in`` for group
-    plans (opset 21 ``block_size``; a ragged last block is allowed), per column otherwise."""
+    plans (opset 21 ``block_size``, in blocks that divide ``in``), per column otherwise."""
     scheme = entry.scheme
     codes, scale, zero = entry.codes.numpy().T, entry.scale.float().numpy().T, entry.zero.float().numpy().T
     container = max(4 if scheme.bits <= 4 else 8, min_container)
@@ -159,7 +171,11 @@ def _dequantize_linear_matmul(
         codes, zero = codes.astype(np.uint8), zero.astype(np.uint8)
     attributes = {"axis": 1}
     if scheme.group_size is not None:
-        attributes = {"axis": 0, "block_size": scheme.group_size}
+        block = _dividing_block(codes.shape[0], scheme.group_size)
+        if block != scheme.group_size:  # each group's scale and zero point on each of its blocks
+            group_of_block = np.arange(codes.shape[0] // block) * block // scheme.group_size
+            scale, zero = scale[group_of_block], zero[group_of_block]
+        attributes = {"axis": 0, "block_size": block}
     else:
         scale, zero = scale.reshape(-1), zero.reshape(-1)
     inputs = [

@@ -159,8 +159,8 @@ def test_quantized_npu_artifact_keeps_its_plan(npu_artifact):
     artifact = npu_artifact("llama", quantized=True, npu="qnn")  # QDQ weights, as QNN and NNAPI take them
     report = read_report(artifact)
     verification = report["verification"]
-    for step in ("prefill", "decode_step"):
-        assert verification["logits_parity"][step]["max_rel"] <= 1e-4
+    for step in ("prefill", "decode_step"):  # uint16 activations on every linear: measured 6.6e-4
+        assert verification["logits_parity"][step]["max_rel"] <= 2e-3
     assert verification["ort_format"]["greedy_identical_to_onnx"]
     assert report["parity_ladder"]["folded_fp_vs_eager"]["max_rel"] <= 1e-4
     manifest = json.loads((artifact / "manifest.json").read_text())
@@ -170,8 +170,13 @@ def test_quantized_npu_artifact_keeps_its_plan(npu_artifact):
     assert weight_types == {onnx.TensorProto.UINT8}  # 4-bit codes in 8-bit storage: the ORT format has no int4
     eps = report["mobile"]["execution_providers"]
     assert eps["nnapi"]["fraction"] >= 0.95
-    # QNN compiles the graph but keeps weight-only DequantizeLinear (float activations) on the CPU
-    assert eps["qnn"]["compiled"] and eps["qnn"]["unsupported_ops"] == ["ai.onnx:DequantizeLinear"], eps["qnn"]
+    # w4a16: every linear a QDQ unit with uint16 activations, so QNN's NPU takes all of it but the
+    # logits' DequantizeLinear, which QNN EP hands to the CPU by design (graph I/O quantization)
+    assert manifest["quantization"]["activations"].startswith("uint16 per-tensor QDQ")
+    for graph in (eps["qnn"], report["mobile"]["prefill"]["execution_providers"]["qnn"]):
+        assert graph["compiled"] and graph["partitions"] == 1, graph
+        assert graph["left_on_cpu"] == {"ai.onnx:DequantizeLinear": 1}, graph
+    assert report["calibration"]["activation_ranges"]["linears"] == 15  # 7 per block × 2 + the head
 
 
 def test_coreml_artifact_stores_the_plans_values_in_float16(npu_artifact):

@@ -67,6 +67,9 @@ def test_rule_1_to_3_and_6_weights_equal_dequantized_plan(scheme, weight_format)
     assert ops == expected_ops and "layers.0.fc.weight" not in {v.name for n in model.graph for v in n.inputs}
     if weight_format == "matmul_nbits":  # symmetric 4-bit codes use MatMulNBits's default zero point
         assert len(next(iter(model.graph)).inputs) == (3 if scheme.symmetric else 4)
+    elif scheme.group_size is not None:  # rule 7: blocks that divide K (K = 80 in groups of 32: blocks of 16)
+        block = next(iter(model.graph)).attributes.get_int("block_size")
+        assert 80 % block == 0 and scheme.group_size % block == 0
     x = np.random.default_rng(0).standard_normal((2, 3, 80)).astype(np.float32)
     expected = x @ entry.dequantize().numpy().T
     np.testing.assert_allclose(run(model, x=x), expected, rtol=1e-5, atol=1e-5)
