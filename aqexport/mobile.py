@@ -133,7 +133,9 @@ def operator_config_entries(config: Path) -> set[tuple[str, str]]:
     }
 
 
-def ep_usability(onnx_path: Path) -> dict[str, Any]:
+def ep_usability(onnx_path: Path, compile_qnn: bool = True) -> dict[str, Any]:
+    """Each EP's verdict on the graph at ``onnx_path``. ``compile_qnn``: give QNN's (a compile
+    that takes minutes on a real model: SmolLM2's step graph 3.6 min here), else say how to."""
     model = ModelProtoWithShapeInfo(onnx_path).model_with_shape_info
     report: dict[str, Any] = {}
     for name, check in _CHECKS.items():
@@ -147,7 +149,15 @@ def ep_usability(onnx_path: Path) -> dict[str, Any]:
             "verdict": info.suitability().name,
         }
     available = ort.get_available_providers()
-    report["qnn"] = qnn_verdict(onnx_path)
+    report["qnn"] = (
+        qnn_verdict(onnx_path)
+        if compile_qnn
+        else {
+            "checked": False,
+            "reason": "compiled for target.npu: qnn only (minutes per graph on a real model); "
+            "build with it for QNN's verdict",
+        }
+    )
     report["xnnpack"] = {
         "available": "XnnpackExecutionProvider" in available,
         "installed_providers": available,

@@ -351,14 +351,14 @@ def write_stage(
             f"{target.max_context} cache slots, attention_bias input; present.* = the new token's key/value",
             "genai": "not written: onnxruntime-genai does not run the static npu contract",
             "target_ep": target.npu,
-            "execution_providers": ep_usability(path),
+            "execution_providers": ep_usability(path, compile_qnn=target.npu == "qnn"),
         }
         if prefill is not None:
             mobile["contract"] += (
                 f"; {prefill['graph']}: the same contract at {target.prefill_tokens} tokens per call "
                 f"(a prompt's chunks), reading {prefill['weights_file']}"
             )
-            prefill["execution_providers"] = ep_usability(staging / prefill["graph"])
+            prefill["execution_providers"] = ep_usability(staging / prefill["graph"], compile_qnn=target.npu == "qnn")
             prefill["ort"] = (
                 "the step graph only (model.ort): the ORT format has no external data, so a prefill.ort "
                 "would carry its own copy of every weight"
