@@ -99,6 +99,6 @@ def test_observed_ranges_are_of_the_input_and_of_the_output_without_bias():
     for lo, hi, values in ((span.input_lo, span.input_hi, x), (span.output_lo, span.output_hi, y)):
         low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
         width = high - low
-        assert (
-            path == "proj" and lo == pytest.approx(low - MARGIN * width) and hi == pytest.approx(high + MARGIN * width)
-        )
+        # float32 output − bias (100) rounds at ~1e-5
+        assert path == "proj" and lo == pytest.approx(low - MARGIN * width, abs=1e-4)
+        assert hi == pytest.approx(high + MARGIN * width, abs=1e-4)
