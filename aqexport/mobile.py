@@ -165,9 +165,9 @@ def ep_usability(onnx_path: Path, compile_qnn: bool = True) -> dict[str, Any]:
     return report
 
 
-def _qnn_devices() -> list[Any] | None:
-    """The QNN plugin EP's devices, registering the library once per process; None without the
-    ``onnxruntime-qnn`` wheel."""
+def _qnn_plugin() -> tuple[Any, list[Any]] | None:
+    """The ``onnxruntime_qnn`` module and its plugin EP's devices, registering the library once
+    per process; None without the ``onnxruntime-qnn`` wheel."""
     try:
         import onnxruntime_qnn
     except ImportError:
@@ -176,22 +176,21 @@ def _qnn_devices() -> list[Any] | None:
     if not devices:
         ort.register_execution_provider_library(QNN_EP, onnxruntime_qnn.get_library_path())
         devices = [device for device in ort.get_ep_devices() if device.ep_name == QNN_EP]
-    return devices
+    return onnxruntime_qnn, devices
 
 
 def qnn_verdict(onnx_path: Path) -> dict[str, Any]:
     """What the QNN EP's HTP backend takes of the graph, by compiling it (``QNN_TARGET``): the
     nodes left outside its partitions run on the CPU EP."""
-    devices = _qnn_devices()
-    if devices is None:
+    plugin = _qnn_plugin()
+    if plugin is None:
         return {
             "checked": False,
             "reason": "ONNX Runtime's usability checker has no QNN table, and the QNN EP is not installed: "
             "`pip install onnxruntime-qnn` (Qualcomm's QNN SDK as an ONNX Runtime plugin; x86-64 Linux and "
             "Windows wheels compile for the NPU offline) and rebuild to get the verdict",
         }
-    import onnxruntime_qnn
-
+    onnxruntime_qnn, devices = plugin
     nodes = len(onnx.load(str(onnx_path), load_external_data=False).graph.node)
     with tempfile.TemporaryDirectory(prefix="aqexport-qnn-") as folder:
         context = Path(folder) / "model_ctx.onnx"

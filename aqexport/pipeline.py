@@ -182,7 +182,11 @@ def _checkpoint_weights(source: Source) -> CheckpointWeights | None:
 
 
 def calibrate_stage(
-    config: BuildConfig, source: Source, exported_graph: ir.Model, on_block: Callable[[int, int], None]
+    config: BuildConfig,
+    source: Source,
+    exported_graph: ir.Model,
+    target: Target,
+    on_block: Callable[[int, int], None],
 ) -> Calibrated | None:
     """After capture, so the exported graph holds the float weights the plan transforms; the
     PyTorch model becomes the fake-quant model that verification compares the artifact with."""
@@ -219,7 +223,7 @@ def calibrate_stage(
     lm_head = quantize_lm_head(loaded.model, quant.lm_head, method or "rtn", hessian)
     own_format = "int4" if quant.embedding == "auto" else quant.embedding
     ranges = {}
-    if Target.from_spec(config.target).uint16_activations:
+    if target.uint16_activations:
         ranges = _activation_ranges(config, loaded, [*(path for path, _ in plan.linears().items()), *lm_head], report)
     return Calibrated(
         plan=plan,
@@ -643,7 +647,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("load", load_stage, ("config", "config_dir", "identity", "streaming"), ("source",)),
     Stage("capture", capture_stage, ("source", "target"), ("exported_graph", "prefill_graph", "export_seconds")),
-    Stage("calibrate", calibrate_stage, ("config", "source", "exported_graph", "on_block"), ("calibrated",)),
+    Stage("calibrate", calibrate_stage, ("config", "source", "exported_graph", "target", "on_block"), ("calibrated",)),
     Stage(
         "lower",
         lower_stage,

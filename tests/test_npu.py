@@ -238,6 +238,6 @@ def test_qnn_verdict_is_a_compile_for_the_npu(npu_artifact, monkeypatch):
     verdict = mobile.qnn_verdict(graph)
     assert verdict["compiled"] and verdict["fraction"] == 1.0 and verdict["partitions"] == 1, verdict
     assert verdict["nodes"] == len(onnx.load(str(graph), load_external_data=False).graph.node)
-    monkeypatch.setattr(mobile, "_qnn_devices", lambda: None)
+    monkeypatch.setattr(mobile, "_qnn_plugin", lambda: None)
     missing = mobile.qnn_verdict(graph)
     assert missing["checked"] is False and "pip install onnxruntime-qnn" in missing["reason"]
