@@ -91,6 +91,7 @@ from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
 from aqexport.sources import LoadedModel, load_model, resolve_source
 from aqexport.stream_choice import Streaming, streaming_for
+from aqexport.streamed_model import edges_released
 from aqexport.target import Target
 from aqexport.verify import (
     check_greedy_after,
@@ -431,24 +432,25 @@ def verify_stage(
             target.weight_format,
         )
 
-    if target.measures_accuracy_level and low_bit_matmuls(written.path):
-        evaluation = config.evaluation
-        verification, choice = choose_accuracy_level(
-            staging,
-            verify,
-            target.accuracy_tolerance,
-            can_measure=evaluation.text is not None and evaluation.compare_pytorch,
-        )
-        verification["accuracy_level"] = choice
-    else:
-        verification = verify()
-        if target.mobile_accuracy_level and low_bit_matmuls(written.path):
-            verification["accuracy_level"] = fixed_level_record(
-                target.accuracy_level,
-                verification,
-                "target.profile mobile: the int8-activation path MLAS's ARM kernels accelerate "
-                "(Target.mobile_accuracy_level)",
+    with edges_released(loaded.model):  # a streamed model's edges wait on disk while ONNX Runtime runs
+        if target.measures_accuracy_level and low_bit_matmuls(written.path):
+            evaluation = config.evaluation
+            verification, choice = choose_accuracy_level(
+                staging,
+                verify,
+                target.accuracy_tolerance,
+                can_measure=evaluation.text is not None and evaluation.compare_pytorch,
             )
+            verification["accuracy_level"] = choice
+        else:
+            verification = verify()
+            if target.mobile_accuracy_level and low_bit_matmuls(written.path):
+                verification["accuracy_level"] = fixed_level_record(
+                    target.accuracy_level,
+                    verification,
+                    "target.profile mobile: the int8-activation path MLAS's ARM kernels accelerate "
+                    "(Target.mobile_accuracy_level)",
+                )
     if streamed:
         check_greedy_after(verification, loaded.model, reference, config.evaluation)
         release_weights(loaded.model)

@@ -19,7 +19,7 @@ from aqexport.memory_budget import streamed_parameters
 from aqexport.pipeline import build
 from aqexport.reference import torch_greedy, torch_teacher_forced
 from aqexport.stream_choice import STREAM_SHARE, choose_streaming
-from aqexport.streamed_model import streamed_model
+from aqexport.streamed_model import edges_released, streamed_model
 from tests.conftest import ARCHITECTURES, tiny_build_config
 from tests.tiny_models import data_file
 
@@ -43,6 +43,27 @@ def test_a_streamed_model_computes_the_loaded_models_logits(kind, tiny_model_dir
     with resident(blocks[0]):
         assert all(p.device.type == "cpu" for p in blocks[0].parameters())
     assert all(p.device.type == "meta" for p in blocks[0].parameters())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied, untied
+def test_released_edges_come_back_as_they_were(kind, tiny_model_dir):
+    """Verification spills the edges while ONNX Runtime runs: they hold no storage meanwhile,
+    and come back with the values they had (fake-quant ones, not the checkpoint's) and ties."""
+    folder = tiny_model_dir(kind)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    streamed = streamed_model(type(loaded), loaded.config, folder, torch.float32)
+    head = streamed.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(0.5)  # as quantize_lm_head rewrites it in place
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = streamed(ids).logits
+    tied = head.weight is streamed.get_input_embeddings().weight
+    with edges_released(streamed):
+        assert all(p.numel() == 0 for p in streamed.parameters() if p.device.type != "meta")
+    assert (head.weight is streamed.get_input_embeddings().weight) == tied
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, before)
 
 
 def test_a_checkpoint_without_the_models_names_is_refused_with_the_fix(tmp_path, tiny_model_dir):
