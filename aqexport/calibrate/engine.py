@@ -28,7 +28,7 @@ from torch.func import functional_call
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.data_parallel import SINGLE_PROCESS, DataParallel, StepGradients
 from aqexport.calibrate.finite import check_fake_quant_block, check_float_block, check_plan_tensors
-from aqexport.calibrate.fold import BlockTransforms, transformed_weights
+from aqexport.calibrate.fold import BlockTransforms, iter_transformed_weights, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remove_input_hooks
 from aqexport.calibrate.norm_forms import NormTransform, factor_shapes
 from aqexport.calibrate.outliers import OutlierSplit, outlier_mode, split_outlier_columns
@@ -221,9 +221,8 @@ def _freeze(
         for norm, record in structures.items():
             if record.factors:  # the frozen A is the one the lowering composes from the same factors
                 transforms.norm[norm] = record.matrix()
-        weights, biases = transformed_weights(block, structure, transforms, torch.float64)
         linears, quantized_weights = {}, {}
-        for name, weight in weights.items():
+        for name, weight, bias in iter_transformed_weights(block, structure, transforms, torch.float64):
             key = _key(name)
             gamma, beta = params.gamma.get(key), params.beta.get(key)
             weight = weight.float()
@@ -246,7 +245,7 @@ def _freeze(
                 scale=scale.squeeze(-1),
                 zero=zero.squeeze(-1),
                 input_transform=group.norm if group is not None and group.norm in transforms.norm else None,
-                bias=biases.get(name),
+                bias=bias,
                 activation=recipe.activation,
                 stats=stats.get(name),
                 input_shift=group.norm if group is not None and group.norm in transforms.shift else None,
