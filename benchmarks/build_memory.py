@@ -373,9 +373,11 @@ safetensors shards, `random_llama_7b`), which `stream: auto` streams, at a reduc
 checkpoint outgrows the page cache, so every forward over it reads it from disk. Streamed rows
 measured before e45f14c held the model's float edges (embedding, norm, head: 1.6 GiB at 7B)
 through ONNX Runtime's verification; since, they wait in a temporary file
-(`streamed_model.edges_released`). The first 7B row was measured before that commit and before
-`BUDGET_7B` fixed accuracy level 0 (the build chose 4); the second reads its plan and verifies
-at level 0, so its calibrate stage only propagates activations (no per-block quantization).
+(`streamed_model.edges_released`). The first 7B row calibrates its plan in the build; the second
+read the plan an earlier fresh build left (545ef50: the same bytes, since the freeze is unchanged
+but for its memory), so its calibrate stage only propagates activations. That earlier fresh build,
+before the edge spill and the one-linear-at-a-time freeze (9dc861a), at accuracy level 4, peaked at
+7128 MiB in calibrate and 8688 MiB in verify (1958 s).
 
 | model, recipe | commit | build | load | capture | calibrate | lower | write | verify | peak ÷ fp32 weights |
 |---|---|---|---|---|---|---|---|---|---|
