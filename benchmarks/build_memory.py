@@ -45,18 +45,25 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 AQEXPORT = str(Path(sys.executable).parent / "aqexport")
 
 
-def random_llama_1b(folder: Path) -> Path:
-    """Random weights in a Llama 3.2 1B-like shape, with SmolLM2's tokenizer."""
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def smollm2_tokenizer():
+    """The packaged SmolLM2's tokenizer, which the random checkpoints ship (and size their vocabulary by)."""
+    from transformers import AutoTokenizer
 
     from aqexport.config import ModelSpec
     from aqexport.sources import resolve_source
 
     source = resolve_source(ModelSpec(source="default"))
-    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+
+
+def random_llama_1b(folder: Path) -> Path:
+    """Random weights in a Llama 3.2 1B-like shape, with SmolLM2's tokenizer."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=2048,
@@ -84,13 +91,9 @@ def random_llama_7b(folder: Path) -> Path:
         return folder
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import LlamaConfig
 
-    from aqexport.config import ModelSpec
-    from aqexport.sources import resolve_source
-
-    source = resolve_source(ModelSpec(source="default"))
-    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    tokenizer = smollm2_tokenizer()
     hidden, intermediate, layers, vocab = 4096, 11008, 32, len(tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
