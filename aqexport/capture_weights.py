@@ -31,7 +31,7 @@ from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 from onnxscript.optimizer._constant_folding import FOLDED_FROM_KEY
 from torch import nn
 
-from aqexport.source_tensors import SafetensorsTensors
+from aqexport.source_tensors import CheckpointTensors, checkpoint_tensors
 
 __all__ = [
     "CheckpointWeights",
@@ -77,18 +77,20 @@ class CheckpointWeights(WeightSource):
     """Reads from the checkpoint's files; ``tied`` maps a parameter the checkpoint does not store
     (an LM head tied to the embedding) to the one it reads."""
 
-    def __init__(self, tensors: SafetensorsTensors, dtype: torch.dtype, tied: dict[str, str]) -> None:
+    def __init__(self, tensors: CheckpointTensors, dtype: torch.dtype, tied: dict[str, str]) -> None:
         self._tensors = tensors
         self._dtype = dtype
         self._tied = tied
 
     @classmethod
-    def for_model(cls, folder: Path, model: nn.Module, head_tied: bool) -> CheckpointWeights | None:
+    def for_model(
+        cls, folder: Path, model: nn.Module, head_tied: bool, gguf_file: str | None = None
+    ) -> CheckpointWeights | None:
         """``None`` where the checkpoint cannot stand in for the model's parameters: no
-        safetensors, or a parameter whose name or shape the files do not hold (a checkpoint whose
-        keys transformers renames on load, say). ``head_tied``: the checkpoint's LM head is its
-        embedding (``capture.untie_lm_head`` gave the model a copy)."""
-        tensors = SafetensorsTensors.open(folder)
+        safetensors (nor ``gguf_file``), or a parameter whose name or shape the files do not
+        hold (a checkpoint whose keys transformers renames on load, say). ``head_tied``: the
+        checkpoint's LM head is its embedding (``capture.untie_lm_head`` gave the model a copy)."""
+        tensors = checkpoint_tensors(folder, gguf_file, model)
         if tensors is None:
             return None
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}

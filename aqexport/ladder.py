@@ -17,6 +17,7 @@ copy of the weights: skipped above ``PROTO_LIMIT_BYTES`` of weights (the report 
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import torch
 from onnx_ir.passes import common as common_passes
 
+from aqexport.calibrate.fold import FoldedWeights
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.passes import FoldAffinePass, StableNamesPass
 from aqexport.passes.float_weights import FloatWeightsPass
@@ -79,23 +80,18 @@ class FpLadder:
         self.exported_logits = _prefill_logits(graph, prompt)
         self.report["exported_fp_vs_eager"] = compare_logits(self.exported_logits, eager_logits)
 
-    def skip_folded(self, why: str) -> None:
-        """Keep the exported rung only (the caller has no float copy of the blocks to fold)."""
-        self.graph = None
-        self.report["folded_skipped"] = self.why_not_folded = why
-
-    def fold(
-        self, plan: QuantPlan, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]
-    ) -> dict[str, Any]:
-        """The folded fp rung; returns the ladder's report."""
+    def fold(self, plan: QuantPlan, folded: FoldedWeights) -> dict[str, Any]:
+        """The folded fp rung; returns the ladder's report. The graph's ``W'`` are computed as
+        its writer reaches them, a block at a time (``FoldedWeights``)."""
         if self.graph is None:
             return self.report
         folded_model = self.graph.clone()
         self.graph = None
+        weights = {path: functools.partial(folded.weight, path) for path in folded.paths}
         passes = (
             StableNamesPass(),
             FoldAffinePass(plan),
-            FloatWeightsPass(weights, biases),
+            FloatWeightsPass(weights, folded.biases),
             common_passes.RemoveUnusedNodesPass(),  # drops the replaced weights too
         )
         for graph_pass in passes:

@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from aqexport.errors import AqexportError, ConfigError
@@ -128,11 +129,24 @@ def safetensors_numel(file: Path) -> int:
     return sum(math.prod(entry["shape"]) for entry in header.values())
 
 
-def _count_parameters(folder: Path, gguf_file: str | None) -> tuple[int, str] | None:
+def _tensor_sizes(folder: Path, gguf_file: str | None) -> Iterator[tuple[str, int]]:
+    """``(tensor name, elements)`` of a GGUF file or of the folder's safetensors files, from
+    their headers."""
     if gguf_file:
         from gguf import GGUFReader
 
-        return sum(int(t.n_elements) for t in GGUFReader(folder / gguf_file).tensors), "GGUF tensor sizes"
+        for tensor in GGUFReader(folder / gguf_file).tensors:
+            yield tensor.name, int(tensor.n_elements)
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        header, _ = safetensors_header(file)
+        for name, entry in header.items():
+            yield name, math.prod(entry["shape"])
+
+
+def _count_parameters(folder: Path, gguf_file: str | None) -> tuple[int, str] | None:
+    if gguf_file:
+        return sum(count for _, count in _tensor_sizes(folder, gguf_file)), "GGUF tensor sizes"
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return sum(safetensors_numel(file) for file in files), "safetensors headers"
@@ -158,7 +172,7 @@ def check_source_fits(
     weights = parameters * width
     held = resident_bytes() or 0
     if streamed:  # the embedding, the head and one block at a time
-        resident = streamed_parameters(folder) * width
+        resident = streamed_parameters(folder, gguf_file) * width
         kept = f"streamed, a build still holds {_gib(resident)} of them (all but the blocks, and the largest block)"
     else:
         resident = weights
@@ -172,23 +186,21 @@ def check_source_fits(
     )
 
 
-#: a decoder block's tensors: ``model.layers.7.``, ``transformer.h.7.``, ``model.decoder.layers.7.``
+#: a decoder block's tensors: ``model.layers.7.``, ``transformer.h.7.``, ``model.decoder.layers.7.``,
+#: GGUF's ``blk.7.``
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
-def streamed_parameters(folder: Path) -> int:
-    """Parameters a streamed build holds from a safetensors checkpoint's headers: every tensor
-    outside the numbered blocks, plus the largest block."""
+def streamed_parameters(folder: Path, gguf_file: str | None = None) -> int:
+    """Parameters a streamed build holds, from the checkpoint's headers: every tensor outside the
+    numbered blocks, plus the largest block."""
     outside, blocks = 0, {}
-    for file in sorted(folder.glob("*.safetensors")):
-        header, _ = safetensors_header(file)
-        for name, entry in header.items():
-            count = math.prod(entry["shape"])
-            block = _BLOCK.match(name)
-            if block is None:
-                outside += count
-            else:
-                blocks[block.group(1)] = blocks.get(block.group(1), 0) + count
+    for name, count in _tensor_sizes(folder, gguf_file):
+        block = _BLOCK.match(name)
+        if block is None:
+            outside += count
+        else:
+            blocks[block.group(1)] = blocks.get(block.group(1), 0) + count
     return outside + max(blocks.values(), default=0)
 
 

@@ -32,6 +32,7 @@ and ``report.json`` are relative to the config file's folder, never absolute.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from torch import nn
 
 from aqexport import __version__, faults
 from aqexport.accuracy_level import choose_accuracy_level, fixed_level_record, low_bit_matmuls
@@ -71,7 +73,7 @@ from aqexport.calibrate.edges import (
     quantize_lm_head,
     tie_embedding,
 )
-from aqexport.calibrate.fold import folded_float_weights
+from aqexport.calibrate.fold import FoldedWeights
 from aqexport.calibrate.linear_error import linear_output_errors
 from aqexport.calibrate.plan import LinearPlan, QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
@@ -91,7 +93,7 @@ from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
 from aqexport.sources import LoadedModel, load_model, resolve_source
 from aqexport.stream_choice import Streaming, streaming_for
-from aqexport.streamed_model import edges_released
+from aqexport.streamed_model import edges_released, float_linears
 from aqexport.target import Target
 from aqexport.verify import (
     check_greedy_after,
@@ -174,9 +176,11 @@ def capture_stage(source: Source, target: Target) -> tuple[ir.Model, ir.Model | 
 
 def _checkpoint_weights(source: Source) -> CheckpointWeights | None:
     origin = source.loaded.source
-    if origin.kind != "local" or origin.gguf_file:  # a GGUF's tensors are not the model's until converted
+    if origin.kind == "hub":
         return None
-    weights = CheckpointWeights.for_model(Path(origin.location), source.loaded.model, source.untied_lm_head)
+    weights = CheckpointWeights.for_model(
+        Path(origin.location), source.loaded.model, source.untied_lm_head, origin.gguf_file
+    )
     if weights is not None:
         logger.info("capture: a weightless skeleton, the graph reading its weights from %s", origin.location)
     return weights
@@ -197,24 +201,21 @@ def calibrate_stage(
     loaded = source.loaded
     windows = evaluation_windows(config, loaded.tokenizer)
     fp = torch_perplexity(loaded.model, windows)
-    ladder, float_blocks = None, None
+    ladder, float_block = None, None
     if config.evaluation.ladder:
         prompt = loaded.tokenizer(config.evaluation.prompt, add_special_tokens=False)["input_ids"]
         eager, _ = torch_step(loaded.model, np.asarray([prompt]), None, 0)
         ladder = FpLadder(exported_graph, prompt, eager)
-        if ladder.graph is not None and source.streaming.streamed:
-            ladder.skip_folded("a streamed build holds no float copy of its blocks")
-        if ladder.graph is not None:  # a float copy of every block, only where the folded rung runs
-            float_blocks = copy.deepcopy(list(decoder_blocks(loaded.model)[1]))
+        if ladder.graph is not None:  # the float blocks, only where the folded rung runs
+            float_block = _float_blocks(loaded.model, source.streaming.streamed)
     plan, report = calibrate_loaded(config, loaded, source.layout, on_block)
     report["fp_perplexity"] = fp
     parity = None
-    if float_blocks is not None:  # the float block copies go before the folded graph is built and run
-        folded = folded_float_weights(float_blocks, plan)
-        report["linear_errors"] = _linear_errors(config, loaded, float_blocks, plan, folded[0])
-        del float_blocks
-        parity = ladder.fold(plan, *folded)
-        del folded
+    if float_block is not None:
+        folded = FoldedWeights(plan, float_block)
+        report["linear_errors"] = _linear_errors(config, loaded, folded)
+        parity = ladder.fold(plan, folded)
+        del folded, float_block
     elif ladder is not None:
         report["linear_errors"] = {"skipped": f"with the folded rung: {ladder.why_not_folded}"}
         parity = ladder.report
@@ -235,6 +236,15 @@ def calibrate_stage(
         parity_ladder=parity,
         activation_ranges=ranges,
     )
+
+
+def _float_blocks(model: nn.Module, streamed: bool) -> Callable[[int], nn.Module]:
+    """Block ``index``'s float weights once calibration has made the model fake-quant: a
+    streamed model reads them from its checkpoint when asked (``streamed_model.float_linears``),
+    a loaded one keeps a copy of every block, taken now."""
+    if streamed:
+        return functools.partial(float_linears, model)
+    return copy.deepcopy(list(decoder_blocks(model)[1])).__getitem__
 
 
 #: Calibration windows the QNN artifact's activation ranges are observed on.
@@ -263,13 +273,13 @@ def _activation_ranges(
 ERROR_WINDOWS = 2
 
 
-def _linear_errors(config: BuildConfig, loaded: LoadedModel, float_blocks, plan, transformed) -> dict[str, Any]:
+def _linear_errors(config: BuildConfig, loaded: LoadedModel, folded: FoldedWeights) -> dict[str, Any]:
     """Per-linear output error of the plan and of plain RTN (``calibrate.linear_error``), on the
     first calibration windows, with the seconds it took."""
     spec = config.calibration
     start = time.perf_counter()
     windows = calibration_windows(loaded.tokenizer, spec.data, ERROR_WINDOWS, spec.seqlen, spec.seed)
-    errors = linear_output_errors(loaded.model, float_blocks, plan, transformed, windows)
+    errors = linear_output_errors(loaded.model, folded, windows)
     return {"seconds": time.perf_counter() - start, "linears": errors}
 
 

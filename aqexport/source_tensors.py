@@ -17,12 +17,12 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-__all__ = ["SafetensorsTensors", "safetensors_header"]
+__all__ = ["CheckpointTensors", "SafetensorsTensors", "checkpoint_tensors", "safetensors_header"]
 
 #: safetensors dtype names -> torch dtypes (bfloat16 has no numpy dtype: bytes go through torch)
 _DTYPES = {
@@ -88,3 +88,24 @@ class SafetensorsTensors:
         entry = self._entries[name]
         raw = np.fromfile(entry.file, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
         return torch.from_numpy(raw).view(entry.dtype).reshape(entry.shape).to(dtype)
+
+
+class CheckpointTensors(Protocol):
+    """What reads a local checkpoint one tensor at a time, by the model's parameter names."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def checkpoint_tensors(folder: Path, gguf_file: str | None, model: torch.nn.Module) -> CheckpointTensors | None:
+    """A local checkpoint's tensors by the model's parameter names: its GGUF file's (dequantized
+    when read, ``aqexport.gguf_tensors``; ``model``, a skeleton is enough, names them), else its
+    safetensors files' (``None`` when it has none)."""
+    if gguf_file:
+        from aqexport.gguf_tensors import GgufTensors
+
+        return GgufTensors.open(Path(folder) / gguf_file, model)
+    return SafetensorsTensors.open(folder)

@@ -206,7 +206,9 @@ def _streamed(config: Any, source: ResolvedSource, spec: ModelSpec) -> torch.nn.
         raise ConfigError(
             f"a {config.model_type} model (remote code) cannot be streamed", "set build.stream: never"
         ) from None
-    model = streamed_model(model_class, config, Path(source.location), getattr(torch, spec.dtype))
+    model = streamed_model(
+        model_class, config, Path(source.location), getattr(torch, spec.dtype), gguf_file=source.gguf_file
+    )
     try:
         model.generation_config = GenerationConfig.from_pretrained(source.location)
     except OSError:  # no generation_config.json: from_pretrained keeps the one made from the config

@@ -4,9 +4,16 @@ A streamed build (``aqexport.streamed_model``) holds the embedding, the LM head 
 weights instead of the whole model, reading each block from the safetensors checkpoint when it
 runs; it writes the same artifact, byte for byte (``tests/test_streamed_build.py``), and pays
 for it in reads: every forward pass over the model reads every block's weights again (from the
-page cache when the checkpoint fits in it). So ``auto`` streams only when the weights would take
-more than ``STREAM_SHARE`` of the memory budget, and only a local safetensors checkpoint can
-stream (a GGUF's tensors are converted on load; a ``.bin`` is one pickle).
+page cache when the checkpoint fits in it). So ``auto`` streams a safetensors checkpoint only
+when its weights would take more than ``STREAM_SHARE`` of the memory budget.
+
+A local GGUF file always streams under ``auto``: loading it whole dequantizes every tensor into
+a state dict beside the model (twice the float weights at the load's peak), and the streamed
+build dequantizes each tensor once into float shards on disk (``gguf_tensors.float_checkpoint``)
+and reads its blocks from those. For the packaged SmolLM2 that is the shipped default's memory
+(BENCHMARKS.md, "Build memory"): the streamed build holds its embedding and one block, not the
+model, its dequantized copy and a float copy of its blocks for the parity ladder. Only local
+files stream: a Hub id is downloaded by transformers, and a ``.bin`` is one pickle.
 """
 
 from __future__ import annotations
@@ -37,18 +44,21 @@ def choose_streaming(
 ) -> Streaming:
     if stream == "never":
         return Streaming(False, "build.stream: never")
-    streamable = kind == "local" and not gguf_file and any(Path(folder).glob("*.safetensors"))
+    local = kind != "hub"
+    streamable = local and (bool(gguf_file) or any(Path(folder).glob("*.safetensors")))
     if stream == "always":
         if not streamable:
             raise ConfigError(
-                "build.stream: always needs a local safetensors checkpoint (this source is "
-                f"{'a GGUF file' if gguf_file else 'a Hub id' if kind == 'hub' else 'not safetensors'})",
+                "build.stream: always needs a local safetensors checkpoint or GGUF file (this source is "
+                f"{'a Hub id' if not local else 'neither'})",
                 "set build.stream: auto, or save the model with save_pretrained to a folder and build from it",
             )
         return Streaming(True, "build.stream: always")
     if not streamable:
-        return Streaming(False, "auto: only a local safetensors checkpoint streams")
-    budget, counted = budget_bytes(max_memory), source_parameters(Path(folder), None)
+        return Streaming(False, "auto: only a local safetensors checkpoint or GGUF file streams")
+    if gguf_file:
+        return Streaming(True, "auto: a GGUF file streams (loaded whole, its dequantized copy sits beside the model)")
+    budget, counted = budget_bytes(max_memory), source_parameters(Path(folder), gguf_file)
     if budget is None or counted is None:
         return Streaming(False, "auto: the budget or the model's size is unknown")
     weights = counted[0] * torch.finfo(getattr(torch, dtype)).bits // 8

@@ -35,9 +35,10 @@ from aqexport.calibrate.engine import install_plan_input_hooks
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.errors import AqexportError
-from aqexport.source_tensors import SafetensorsTensors
+from aqexport.gguf_tensors import float_checkpoint
+from aqexport.source_tensors import CheckpointTensors, checkpoint_tensors
 
-__all__ = ["CheckpointMap", "edges_released", "streamed_model"]
+__all__ = ["CheckpointMap", "edges_released", "float_linears", "streamed_model"]
 
 
 class CheckpointMap(Mapping[str, torch.Tensor]):
@@ -47,13 +48,17 @@ class CheckpointMap(Mapping[str, torch.Tensor]):
     copies into a loaded block). The plan is read at each request, so a plan that calibration is
     still filling serves float weights for the blocks to come and fake-quant ones for the rest."""
 
-    def __init__(self, tensors: SafetensorsTensors, names: list[str], dtype: torch.dtype) -> None:
+    def __init__(self, tensors: CheckpointTensors, names: list[str], dtype: torch.dtype) -> None:
         self._tensors, self._names, self._dtype = tensors, names, dtype
         self.plan: QuantPlan | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         planned = self._planned(name)
         return planned if planned is not None else self._tensors.read(name, self._dtype)
+
+    def float(self, name: str) -> torch.Tensor:
+        """The checkpoint's tensor, whatever the plan holds."""
+        return self._tensors.read(name, self._dtype)
 
     def _planned(self, name: str) -> torch.Tensor | None:
         plan = self.plan
@@ -106,20 +111,22 @@ def streamed_model(
     folder: Path,
     dtype: torch.dtype,
     plan: QuantPlan | None = None,
+    gguf_file: str | None = None,
 ) -> nn.Module:
-    """The model of ``config`` over the safetensors checkpoint in ``folder``, streamed block by
-    block; with ``plan``, its fake-quant model (each planned block's weights from the plan, and
-    its input hooks: the transforms' inverses, activation quantization). ``model_class``: the
-    causal LM class (the loaded model's, remote code included)."""
-    tensors = SafetensorsTensors.open(folder)
+    """The model of ``config`` over the checkpoint in ``folder`` (its safetensors files, or its
+    ``gguf_file``), streamed block by block; with ``plan``, its fake-quant model (each planned
+    block's weights from the plan, and its input hooks: the transforms' inverses, activation
+    quantization). ``model_class``: the causal LM class (the loaded model's, remote code
+    included)."""
+    with init_empty_weights(include_buffers=False):
+        model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    tensors = checkpoint_tensors(folder, gguf_file, model)
     if tensors is None:
         raise AqexportError(
             f"'{folder}' holds no safetensors checkpoint to stream from",
             "convert the checkpoint to safetensors (save_pretrained writes it)",
         )
     _return_block_memory()
-    with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
     head = model.get_output_embeddings()
     names = [
         name
@@ -134,6 +141,8 @@ def streamed_model(
             "model's names",
             "stream only checkpoints saved by transformers for this architecture",
         )
+    if gguf_file:  # dequantized once, not at every forward (aqexport.gguf_tensors)
+        tensors = float_checkpoint(tensors, names, dtype)
     weights = CheckpointMap(tensors, names, dtype)
     weights.plan = plan
     path, blocks = decoder_blocks(model)
@@ -154,6 +163,31 @@ def streamed_model(
             install_plan_input_hooks(block, plan.blocks[index])
     model.streamed_weights = weights  # calibration points it at the plan it fills (engine.calibrate)
     return model.eval()
+
+
+def float_linears(model: nn.Module, index: int) -> nn.Module:
+    """A module tree holding block ``index``'s float parameters from the checkpoint, under the
+    block's names: what a copy of the loaded block gives the folded rung and the per-linear
+    errors (``fold.FoldedWeights``). Its own module, not the streamed block: the errors are
+    computed inside that block's forward, whose weights the offload hook owns."""
+    weights = model.streamed_weights
+    path, _ = decoder_blocks(model)
+    prefix = f"{path}.{index}."
+    holder = nn.Module()
+    for name in weights:
+        if not name.startswith(prefix):
+            continue
+        *parents, leaf = name[len(prefix) :].split(".")
+        module = holder
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, nn.Parameter(weights.float(name), requires_grad=False))
+    for module in holder.modules():  # a linear without a bias has bias None, as nn.Linear does
+        if "weight" in module._parameters and "bias" not in module._parameters:
+            module.register_parameter("bias", None)
+    return holder
 
 
 @contextmanager

@@ -20,7 +20,7 @@ linear's original weight any more (each multiplies by ``W'``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,10 @@ __all__ = ["FloatWeightsPass"]
 
 class FloatWeightsPass(ir.passes.InPlacePass):
     """``weights`` / ``biases``: the transformed float tensors by module path, anything
-    ``np.asarray`` reads (the plan side holds CPU torch tensors), stored as float32."""
+    ``np.asarray`` reads (the plan side holds CPU torch tensors), stored as float32. A weight may
+    also be a function of no arguments that returns one: its initializer is then an
+    ``ir.LazyTensor`` called when the graph is written, so the caller computes the weights in the
+    order the writer reads them and never holds them all (``fold.FoldedWeights``)."""
 
     def __init__(self, weights: Mapping[str, Any], biases: Mapping[str, Any]) -> None:
         super().__init__()
@@ -56,8 +59,12 @@ class FloatWeightsPass(ir.passes.InPlacePass):
         for path, weight in self.weights.items():
             site = find_linear(graph, f"{path}.weight")
             transposed = site.node.op_type == "MatMul" or not _transb(site.node)
-            array = np.asarray(weight, dtype=np.float32)
-            folded = new_initializer(graph, f"{path}.weight_folded", array.T if transposed else array)
+            if callable(weight):  # W' has W's shape, and the graph's layout of it is the original's
+                read = _layout(weight, transposed)
+                array = ir.LazyTensor(read, dtype=ir.DataType.FLOAT, shape=site.node.inputs[1].const_value.shape)
+            else:
+                array = _float32(weight, transposed)
+            folded = new_initializer(graph, f"{path}.weight_folded", array)
             site.node.replace_input_with(1, folded)
             if path in self.biases:
                 bias = new_initializer(graph, f"{path}.bias_folded", np.asarray(self.biases[path], dtype=np.float32))
@@ -68,6 +75,18 @@ class FloatWeightsPass(ir.passes.InPlacePass):
                 biases += 1
         stats = {"linears": len(self.weights), "biases": biases}
         return StatsPassResult(model, modified=bool(self.weights), stats=stats)
+
+
+def _float32(weight: Any, transposed: bool) -> np.ndarray:
+    array = np.asarray(weight, dtype=np.float32)
+    return array.T if transposed else array
+
+
+def _layout(weight: Callable[[], Any], transposed: bool) -> Callable[[], ir.TensorProtocol]:
+    def read() -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(_float32(weight(), transposed)))
+
+    return read
 
 
 def _transb(node: ir.Node) -> bool:

@@ -105,7 +105,12 @@ def test_a_streamed_build_writes_the_same_artifact(kind, quantization, tiny_mode
     for side in ("onnx", "pytorch"):
         figures = [r["verification"]["perplexity"][side]["perplexity"] for r in (always, never)]
         assert figures[0] == figures[1], side
-    assert "folded_skipped" in always["parity_ladder"]
+    # the folded rung and the per-linear errors: the streamed build reads its float blocks from
+    # the checkpoint, one at a time, and finds what the build holding a copy of them finds
+    assert always["parity_ladder"] == never["parity_ladder"]
+    assert always["parity_ladder"]["folded_fp_vs_exported_fp"]["max_rel"] <= 1e-5
+    errors = [r["calibration"]["linear_errors"]["linears"] for r in (always, never)]
+    assert errors[0] == errors[1] and len(errors[0]) > 0
     # greedy: generate() in PyTorch for the loaded model, one teacher-forced forward for the streamed one
     greedy = [r["verification"]["greedy"] for r in (always, never)]
     assert greedy[0]["token_ids"] == greedy[1]["token_ids"]
@@ -132,12 +137,14 @@ def test_auto_streams_when_the_weights_take_more_than_their_share_of_the_budget(
     below = choose_streaming("auto", "local", folder, None, "float32", f"{int(weights / STREAM_SHARE * 1.2)}B")
     above = choose_streaming("auto", "local", folder, None, "float32", f"{int(weights / STREAM_SHARE * 0.8)}B")
     assert (below.streamed, above.streamed) == (False, True), (below, above)
-    assert not choose_streaming("auto", "local", folder, "model.gguf", "float32", 1.0).streamed
+    # a local GGUF streams whatever its size; a Hub id never does
+    assert choose_streaming("auto", "gguf", folder, "model.gguf", "float32", "1000GB").streamed
+    assert not choose_streaming("auto", "hub", folder, "model.gguf", "float32", 1.0).streamed
 
 
 def test_always_on_a_source_that_cannot_stream_is_one_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="build.stream: always needs a local safetensors"):
-        choose_streaming("always", "gguf", tmp_path, "model.gguf", "float32", None)
+    with pytest.raises(ConfigError, match="build.stream: always needs a local safetensors checkpoint or GGUF"):
+        choose_streaming("always", "hub", tmp_path, None, "float32", None)
 
 
 def test_the_pre_check_counts_what_a_streamed_build_holds(tiny_model_dir):

@@ -6,7 +6,7 @@ few calibration windows run through the calibrated (fake-quant) model:
 
 * ``plan``: ``x`` the input the linear gets in the quantized model, after its transform
   (``Qa((x − δ) A⁻¹)``, the input hook), ``W`` the transformed float weight the codes encode
-  (``W'``, ``fold.folded_float_weights``), ``Ŵ`` the weight the fake-quant linear multiplies
+  (``W'``, ``fold.FoldedWeights``), ``Ŵ`` the weight the fake-quant linear multiplies
   by (dequantized codes, a static LLM.int8 split's float columns);
 * ``rtn``: ``x`` the same input before the transform, ``W`` the original float weight, ``Ŵ``
   its round-to-nearest in the same scheme (no transform, no clipping, no GPTQ): the baseline
@@ -16,7 +16,8 @@ Output, not weight, error: GPTQ and learned clipping *raise* the weight-space er
 output error (on SmolLM2's default build every linear's relative weight error was above RTN's,
 median 1.25×), so a weight-space figure would rank them backwards. Hooks compute each linear's
 sums as it runs and keep nothing, so memory stays one linear's activations. Computed from the
-plan, the float block copies and the calibrated model, so a build that reuses a plan reports it.
+plan, the float weights (``fold.FoldedWeights``: a block at a time) and the calibrated model, so
+a build that reuses a plan reports it.
 Linears with an LLM.int8 outlier split are left out: their input hook routes the outlier
 channels around the quantized matmul, so ``x Ŵᵀ`` is not what the split linear computes.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aqexport.calibrate.fold import FoldedWeights
 from aqexport.calibrate.quantizer import fake_quantize
 
 __all__ = ["linear_output_errors"]
@@ -48,15 +50,10 @@ class _Sums:
 
 
 @torch.no_grad()
-def linear_output_errors(
-    model: nn.Module,
-    float_blocks: list[nn.Module],
-    plan,
-    transformed: dict[str, torch.Tensor],
-    windows: torch.Tensor,
-) -> dict[str, dict[str, float]]:
-    """``{linear path: {"plan": …, "rtn": …, "tokens": n}}`` for every planned decoder linear of the
-    calibrated ``model``, over ``windows`` [N, L] token ids; ``transformed``: ``W'`` by path."""
+def linear_output_errors(model: nn.Module, folded: FoldedWeights, windows: torch.Tensor) -> dict[str, dict[str, float]]:
+    """``{linear path: {"plan": …, "rtn": …, "tokens": n}}`` for every linear of ``folded``'s plan
+    in the calibrated ``model``, over ``windows`` [N, L] token ids."""
+    plan = folded.plan
     sums: dict[str, _Sums] = {}
     handles = []
     for index, block_plan in plan.blocks.items():
@@ -65,19 +62,18 @@ def linear_output_errors(
                 continue
             path = f"{plan.blocks_path}.{index}.{name}"
             module = model.get_submodule(path)
-            original = float_blocks[index].get_submodule(name).weight
             sums[path] = _Sums()
             raw: list[torch.Tensor] = []
 
             def before(_module, args, raw=raw) -> None:
                 raw.append(args[0])
 
-            def after(module, args, raw=raw, path=path, original=original, scheme=entry.scheme) -> None:
+            def after(module, args, raw=raw, path=path, scheme=entry.scheme) -> None:
                 x = raw.pop().reshape(-1, args[0].shape[-1]).float()
                 x_t = args[0].reshape(-1, args[0].shape[-1]).float()
                 record = sums[path]
-                record.add("plan", x_t @ transformed[path].float().T, x_t @ module.weight.float().T)
-                weight = original.detach().float()
+                record.add("plan", x_t @ folded.weight(path).T, x_t @ module.weight.float().T)
+                weight = folded.original(path)
                 record.add("rtn", x @ weight.T, x @ fake_quantize(weight, scheme).T)
                 record.tokens += x.shape[0]
 
