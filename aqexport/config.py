@@ -228,9 +228,9 @@ class BuildSpec(_Section):
 
     stream: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="load the model one decoder block at a time from its safetensors checkpoint (the same "
-        "artifact, byte for byte; every pass over the model reads the weights again): auto when the weights "
-        "exceed 40% of max_memory (aqexport.stream_choice)",
+        description="load the model one decoder block at a time from its safetensors checkpoint or GGUF file "
+        "(the same artifact, byte for byte; every pass over the model reads the weights again): auto streams "
+        "every local GGUF, and safetensors whose weights exceed 40% of max_memory (aqexport.stream_choice)",
     )
 
     @field_validator("max_memory")
