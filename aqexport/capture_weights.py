@@ -84,13 +84,19 @@ class CheckpointWeights(WeightSource):
 
     @classmethod
     def for_model(
-        cls, folder: Path, model: nn.Module, head_tied: bool, gguf_file: str | None = None
+        cls,
+        folder: Path,
+        model: nn.Module,
+        head_tied: bool,
+        gguf_file: str | None = None,
+        tensors: CheckpointTensors | None = None,
     ) -> CheckpointWeights | None:
         """``None`` where the checkpoint cannot stand in for the model's parameters: no
         safetensors (nor ``gguf_file``), or a parameter whose name or shape the files do not
         hold (a checkpoint whose keys transformers renames on load, say). ``head_tied``: the
-        checkpoint's LM head is its embedding (``capture.untie_lm_head`` gave the model a copy)."""
-        tensors = checkpoint_tensors(folder, gguf_file, model)
+        checkpoint's LM head is its embedding (``capture.untie_lm_head`` gave the model a copy).
+        ``tensors``: the checkpoint already open (a streamed model's), else opened here."""
+        tensors = tensors or checkpoint_tensors(folder, gguf_file, model)
         if tensors is None:
             return None
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}

@@ -49,7 +49,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from torch import nn
 
-from aqexport import __version__, faults
+from aqexport import __version__, faults, heap
 from aqexport.accuracy_level import choose_accuracy_level, fixed_level_record, low_bit_matmuls
 from aqexport.artifact import (
     DATA_FILE,
@@ -91,6 +91,7 @@ from aqexport.passes.shared_kv_buffer import KV_CACHE_METADATA_KEY
 from aqexport.prefill_graph import save_sharing_weights
 from aqexport.reference import torch_step
 from aqexport.report_html import REPORT_FILE, write_report
+from aqexport.source_tensors import CheckpointTensors
 from aqexport.sources import LoadedModel, load_model, resolve_source
 from aqexport.stream_choice import Streaming, streaming_for
 from aqexport.streamed_model import edges_released, float_linears
@@ -179,11 +180,19 @@ def _checkpoint_weights(source: Source) -> CheckpointWeights | None:
     if origin.kind == "hub":
         return None
     weights = CheckpointWeights.for_model(
-        Path(origin.location), source.loaded.model, source.untied_lm_head, origin.gguf_file
+        Path(origin.location), source.loaded.model, source.untied_lm_head, origin.gguf_file, _streamed_tensors(source)
     )
     if weights is not None:
         logger.info("capture: a weightless skeleton, the graph reading its weights from %s", origin.location)
     return weights
+
+
+def _streamed_tensors(source: Source) -> CheckpointTensors | None:
+    """The tensors a streamed model reads its blocks from: for a GGUF, its float shards, which
+    the graph then reads too instead of dequantizing each weight again from a mapping of the
+    file that would stay resident (the packaged SmolLM2's 90 MB)."""
+    weights = getattr(source.loaded.model, "streamed_weights", None)
+    return None if weights is None else weights.tensors
 
 
 def calibrate_stage(
@@ -729,6 +738,7 @@ def _run_stages(stages: tuple[Stage, ...], values: dict[str, Any], on_stage: Cal
         logger.info("stage %s: %.1f s", stage.name, timings[stage.name])
         for name in [name for name, last in last_use.items() if last == index and name not in _LOOP_VALUES]:
             values.pop(name, None)  # no later stage needs it: let it go (graphs, the float copy)
+        heap.trim()
 
 
 def build(

@@ -18,7 +18,6 @@ The forward is the model's own code on the same values: its logits equal the loa
 
 from __future__ import annotations
 
-import ctypes
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from accelerate.utils import PrefixedDataset, set_module_tensor_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aqexport import heap
 from aqexport.calibrate.engine import install_plan_input_hooks
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
@@ -55,6 +55,11 @@ class CheckpointMap(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         planned = self._planned(name)
         return planned if planned is not None else self._tensors.read(name, self._dtype)
+
+    @property
+    def tensors(self) -> CheckpointTensors:
+        """The checkpoint this reads (a GGUF's float shards, ``gguf_tensors.float_checkpoint``)."""
+        return self._tensors
 
     def float(self, name: str) -> torch.Tensor:
         """The checkpoint's tensor, whatever the plan holds."""
@@ -83,24 +88,6 @@ class CheckpointMap(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
-#: glibc's ``mallopt`` parameter for the size from which an allocation is its own ``mmap``
-_M_MMAP_THRESHOLD = -3
-
-
-def _return_block_memory() -> None:
-    """Make glibc give a block's freed weights back to the system. Its malloc raises the size
-    above which it maps allocations (dynamically, up to 32 MiB) after the first large free, and
-    keeps freed heap memory for reuse: reloading each block for every forward then leaves its
-    RSS 350 MiB above what the model holds (the 1.17B model: 1487 against 1136 MiB after six
-    forwards of a streamed model; the same with a fixed 1 MiB threshold). Other C libraries:
-    nothing to do."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 def _ties_head(config) -> bool:
     return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
 
@@ -126,7 +113,7 @@ def streamed_model(
             f"'{folder}' holds no safetensors checkpoint to stream from",
             "convert the checkpoint to safetensors (save_pretrained writes it)",
         )
-    _return_block_memory()
+    heap.map_large_allocations()  # a block's weights go back to the system after its forward
     head = model.get_output_embeddings()
     names = [
         name
