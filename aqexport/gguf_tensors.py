@@ -101,20 +101,25 @@ class GgufTensors:
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
-def float_checkpoint(tensors: GgufTensors, names: Iterable[str], dtype: torch.dtype) -> SafetensorsTensors:
+def float_checkpoint(
+    tensors: GgufTensors, names: Iterable[str], dtype: torch.dtype, scratch: Path | None = None
+) -> SafetensorsTensors:
     """``names`` (in the model's order) dequantized once into ``dtype`` safetensors shards, one per
-    decoder block and one per run of tensors outside the blocks, in a temporary folder that lives
-    as long as the returned reader (``TMPDIR`` chooses where: the model's size in ``dtype``)."""
+    decoder block and one per run of tensors outside the blocks (the model's size in ``dtype``).
+    They go in a new folder inside ``scratch``, which its owner removes (a build's scratch
+    folder, gone when the build ends), or else in a temporary folder that lives as long as the
+    returned reader (``TMPDIR`` chooses where)."""
     from safetensors.torch import save_file
 
-    folder = tempfile.TemporaryDirectory(prefix="aqexport-gguf-")
+    holder = None if scratch is not None else tempfile.TemporaryDirectory(prefix="aqexport-gguf-")
+    folder = Path(holder.name) if holder is not None else Path(tempfile.mkdtemp(prefix="aqexport-gguf-", dir=scratch))
     shard: dict[str, torch.Tensor] = {}
     written, group = 0, None
 
     def flush() -> None:
         nonlocal written
         if shard:
-            save_file(shard, str(Path(folder.name) / f"shard-{written:05d}.safetensors"))
+            save_file(shard, str(folder / f"shard-{written:05d}.safetensors"))
             shard.clear()
             written += 1
 
@@ -126,6 +131,6 @@ def float_checkpoint(tensors: GgufTensors, names: Iterable[str], dtype: torch.dt
             group = key
         shard[name] = tensors.read(name, dtype).contiguous()
     flush()
-    converted = SafetensorsTensors.open(Path(folder.name))
-    converted.folder = folder  # removed with the reader
+    converted = SafetensorsTensors.open(folder)
+    converted.folder = holder  # removed with the reader, where no scratch folder owns it
     return converted

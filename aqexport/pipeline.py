@@ -10,7 +10,8 @@ the artifact appears only after the last stage (verification included) succeeded
 
 Values available to the first stage: ``config``, ``config_dir``, ``staging`` (the temp artifact
 directory), ``output_dir`` (where it will be moved), ``identity`` (``build_cache.build_identity``),
-``target`` (``aqexport.target.Target``, resolved once), ``streaming`` (whether the model is
+``target`` (``aqexport.target.Target``, resolved once), ``scratch`` (a temporary folder removed
+when the build ends, however it ends: a streamed GGUF's float shards), ``streaming`` (whether the model is
 loaded one block at a time, ``aqexport.stream_choice``, decided before the memory pre-check),
 ``on_block``, and ``timings`` and
 ``peak_rss_mib`` (filled by the loop after each stage, read by ``finalize``).
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,8 +145,10 @@ class Written:
     mobile: dict[str, Any] | None = None
 
 
-def load_stage(config: BuildConfig, config_dir: Path, identity: dict[str, Any], streaming: Streaming) -> Source:
-    loaded = load_model(config.model, config_dir, identity["source_sha256"], streaming.streamed)
+def load_stage(
+    config: BuildConfig, config_dir: Path, identity: dict[str, Any], streaming: Streaming, scratch: Path
+) -> Source:
+    loaded = load_model(config.model, config_dir, identity["source_sha256"], streaming.streamed, scratch)
     untied = untie_lm_head(loaded.model)
     if getattr(config.quantization, "embedding", None) == "tied" and not untied:  # before any calibration
         raise ConfigError(
@@ -666,7 +670,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("load", load_stage, ("config", "config_dir", "identity", "streaming"), ("source",)),
+    Stage("load", load_stage, ("config", "config_dir", "identity", "streaming", "scratch"), ("source",)),
     Stage("capture", capture_stage, ("source", "target"), ("exported_graph", "prefill_graph", "export_seconds")),
     Stage("calibrate", calibrate_stage, ("config", "source", "exported_graph", "target", "on_block"), ("calibrated",)),
     Stage(
@@ -773,13 +777,14 @@ def build(
                 on_stage("up to date")
                 return final
             logger.info("building: %s", why)
-        with atomic_directory(final) as staging:
+        with atomic_directory(final) as staging, tempfile.TemporaryDirectory(prefix="aqexport-build-") as scratch:
             values: dict[str, Any] = {
                 "config": config,
                 "config_dir": Path(config_dir),
                 "output_dir": final,
                 "identity": identity,
                 "staging": staging,
+                "scratch": Path(scratch),
                 "target": Target.from_spec(config.target),
                 "streaming": streaming,
                 "on_block": on_block,

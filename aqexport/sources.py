@@ -147,12 +147,17 @@ def source_sha256(spec: ModelSpec, base_dir: Path | None = None) -> str:
 
 
 def load_model(
-    spec: ModelSpec, base_dir: Path | None = None, weights_sha256: str | None = None, streamed: bool = False
+    spec: ModelSpec,
+    base_dir: Path | None = None,
+    weights_sha256: str | None = None,
+    streamed: bool = False,
+    scratch: Path | None = None,
 ) -> LoadedModel:
     """``weights_sha256``: the source's hash when the caller already has it (a build computed it
     for its up-to-date check), so a multi-GB checkpoint is not read twice just to hash it.
     ``streamed``: the model holds one decoder block's weights at a time (``aqexport.streamed_model``;
-    a local safetensors checkpoint, ``aqexport.stream_choice``)."""
+    a local safetensors checkpoint, ``aqexport.stream_choice``); ``scratch``: a folder its caller
+    removes, for a streamed GGUF's float shards (``gguf_tensors.float_checkpoint``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(spec, base_dir)
@@ -165,7 +170,7 @@ def load_model(
     kwargs = source.from_pretrained_kwargs()
     logger.info("loading %s model from %s%s", source.kind, source.location, " (streamed)" if streamed else "")
     model = (
-        _streamed(config, source, spec)
+        _streamed(config, source, spec, scratch)
         if streamed
         else load_weights(
             lambda **extra: AutoModelForCausalLM.from_pretrained(
@@ -193,7 +198,7 @@ def load_model(
     return LoadedModel(model, tokenizer, source, architecture, weights_sha256 or _weights_sha256(source, config))
 
 
-def _streamed(config: Any, source: ResolvedSource, spec: ModelSpec) -> torch.nn.Module:
+def _streamed(config: Any, source: ResolvedSource, spec: ModelSpec, scratch: Path | None) -> torch.nn.Module:
     """The causal LM over its checkpoint, one block resident at a time, with the generation
     settings ``from_pretrained`` would have read."""
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -207,7 +212,12 @@ def _streamed(config: Any, source: ResolvedSource, spec: ModelSpec) -> torch.nn.
             f"a {config.model_type} model (remote code) cannot be streamed", "set build.stream: never"
         ) from None
     model = streamed_model(
-        model_class, config, Path(source.location), getattr(torch, spec.dtype), gguf_file=source.gguf_file
+        model_class,
+        config,
+        Path(source.location),
+        getattr(torch, spec.dtype),
+        gguf_file=source.gguf_file,
+        scratch=scratch,
     )
     try:
         model.generation_config = GenerationConfig.from_pretrained(source.location)

@@ -99,12 +99,13 @@ def streamed_model(
     dtype: torch.dtype,
     plan: QuantPlan | None = None,
     gguf_file: str | None = None,
+    scratch: Path | None = None,
 ) -> nn.Module:
     """The model of ``config`` over the checkpoint in ``folder`` (its safetensors files, or its
     ``gguf_file``), streamed block by block; with ``plan``, its fake-quant model (each planned
     block's weights from the plan, and its input hooks: the transforms' inverses, activation
     quantization). ``model_class``: the causal LM class (the loaded model's, remote code
-    included)."""
+    included). ``scratch``: where a GGUF's float shards go (``gguf_tensors.float_checkpoint``)."""
     with init_empty_weights(include_buffers=False):
         model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
     tensors = checkpoint_tensors(folder, gguf_file, model)
@@ -129,7 +130,7 @@ def streamed_model(
             "stream only checkpoints saved by transformers for this architecture",
         )
     if gguf_file:  # dequantized once, not at every forward (aqexport.gguf_tensors)
-        tensors = float_checkpoint(tensors, names, dtype)
+        tensors = float_checkpoint(tensors, names, dtype, scratch)
     weights = CheckpointMap(tensors, names, dtype)
     weights.plan = plan
     path, blocks = decoder_blocks(model)
