@@ -3,7 +3,8 @@
 Rows (issue 17's scaling table, as far as a build that holds the whole model goes):
 
 * SmolLM2-135M, the shipped default (``_smollm2_variants``' ``affinequant tied``: affinequant
-  w4a16g128, GPTQ rounding, int8 head read by the embedding), its plan reused;
+  w4a16g128, GPTQ rounding, int8 head read by the embedding), its plan reused; its source is the
+  packaged GGUF, which ``build.stream: auto`` streams since 9eaaff6;
 * a randomly initialised Llama of 1.17 B parameters (hidden 2048, 16 layers, intermediate 8192,
   32 heads / 8 KV heads, SmolLM2's tokenizer and vocabulary), RTN w4a16g128, written once to
   ``benchmarks/out/random-llama-1b``;
@@ -393,7 +394,15 @@ verification released the model ahead of ONNX Runtime (84ba9b6); streamed 5003 M
 6665cad), then 3567 MiB (verify; d6fe119, 918 s while CI shared the cores) before the edge spill
 (e45f14c) and the one-linear-at-a-time freeze (9dc861a). The whole-model 1.17B row was measured
 while the clean-clone CI shared the machine's 2 cores (it took 442 s alone at e2144fc); peak RSS
-does not depend on it. The SmolLM2 row is the one measured at e2144fc.
+does not depend on it.
+
+The SmolLM2 row: since 9eaaff6 the packaged GGUF streams (`gguf_tensors`: dequantized once into
+float shards in the build's scratch folder, one block resident at a time), and the parity ladder's
+folded rung computes its weights a block at a time. Before (e2144fc, the model loaded whole, plan
+reused): 3132 MiB. A fresh build (its plan calibrated too) of the same config peaked at 2880 MiB
+before (d2495e9, model whole) and 1863 MiB after (6406806, streamed; calibrate 1840, verify 1863);
+those two were one-off `aqexport build --force` runs of the variant's config with an empty
+`plan_dir`, each while tests shared the cores (their times are not comparable).
 """
     print(write_section("build-memory", body))
 
