@@ -132,5 +132,5 @@ def float_checkpoint(
         shard[name] = tensors.read(name, dtype).contiguous()
     flush()
     converted = SafetensorsTensors.open(folder)
-    converted.folder = holder  # removed with the reader, where no scratch folder owns it
+    converted.owner = holder  # removed with the reader, where no scratch folder owns it
     return converted

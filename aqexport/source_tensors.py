@@ -62,6 +62,9 @@ class SafetensorsTensors:
 
     def __init__(self, entries: dict[str, _Entry]) -> None:
         self._entries = entries
+        #: what must live as long as this reader: the temporary folder of files it reads, where
+        #: nothing else owns it (``gguf_tensors.float_checkpoint``)
+        self.owner: Any = None
 
     @classmethod
     def open(cls, folder: Path) -> SafetensorsTensors | None:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aqexport.config import load_config
+from aqexport.config import ModelSpec, load_config
 from aqexport.memory_budget import streamed_parameters
 from aqexport.pipeline import build
 from aqexport.source_tensors import checkpoint_tensors
-from aqexport.sources import default_model_path
+from aqexport.sources import default_model_path, load_model
 from tests.conftest import tiny_build_config
 from tests.tiny_gguf import write_tiny_gguf
 from tests.tiny_models import data_file
@@ -46,6 +46,11 @@ def test_gguf_tensors_are_the_parameters_transformers_loads(tiny_gguf):
     for name, parameter in model.named_parameters():
         assert tensors.shape(name) == tuple(parameter.shape), name
         assert torch.equal(tensors.read(name, torch.float32), parameter), name
+    # streamed without a build's scratch folder (``aqexport calibrate``): its own temporary shards
+    streamed = load_model(ModelSpec(source=str(tiny_gguf)), streamed=True).model
+    ids = torch.tensor([[5, 17, 99, 3, 250, 4000]])
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, model(ids).logits)
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     outside = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.model.layers.parameters())
     assert streamed_parameters(tiny_gguf.parent, tiny_gguf.name) == outside + block
