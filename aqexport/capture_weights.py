@@ -31,7 +31,8 @@ from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 from onnxscript.optimizer._constant_folding import FOLDED_FROM_KEY
 from torch import nn
 
-from aqexport.source_tensors import CheckpointTensors, checkpoint_tensors
+from aqexport.gguf_tensors import checkpoint_tensors
+from aqexport.source_tensors import CheckpointTensors
 
 __all__ = [
     "CheckpointWeights",

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from aqexport.errors import AqexportError
-from aqexport.source_tensors import SafetensorsTensors
+from aqexport.source_tensors import CheckpointTensors, SafetensorsTensors
 
-__all__ = ["GgufTensors", "float_checkpoint"]
+__all__ = ["GgufTensors", "checkpoint_tensors", "float_checkpoint"]
 
 
 class GgufTensors:
@@ -134,3 +134,12 @@ def float_checkpoint(
     converted = SafetensorsTensors.open(folder)
     converted.owner = holder  # removed with the reader, where no scratch folder owns it
     return converted
+
+
+def checkpoint_tensors(folder: Path, gguf_file: str | None, model: nn.Module) -> CheckpointTensors | None:
+    """A local checkpoint's tensors by the model's parameter names: its GGUF file's (dequantized
+    when read, ``aqexport.gguf_tensors``; ``model``, a skeleton is enough, names them), else its
+    safetensors files' (``None`` when it has none)."""
+    if gguf_file:
+        return GgufTensors.open(Path(folder) / gguf_file, model)
+    return SafetensorsTensors.open(folder)

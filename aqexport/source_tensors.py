@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-__all__ = ["CheckpointTensors", "SafetensorsTensors", "checkpoint_tensors", "safetensors_header"]
+__all__ = ["CheckpointTensors", "SafetensorsTensors", "safetensors_header"]
 
 #: safetensors dtype names -> torch dtypes (bfloat16 has no numpy dtype: bytes go through torch)
 _DTYPES = {
@@ -101,14 +101,3 @@ class CheckpointTensors(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor: ...
-
-
-def checkpoint_tensors(folder: Path, gguf_file: str | None, model: torch.nn.Module) -> CheckpointTensors | None:
-    """A local checkpoint's tensors by the model's parameter names: its GGUF file's (dequantized
-    when read, ``aqexport.gguf_tensors``; ``model``, a skeleton is enough, names them), else its
-    safetensors files' (``None`` when it has none)."""
-    if gguf_file:
-        from aqexport.gguf_tensors import GgufTensors
-
-        return GgufTensors.open(Path(folder) / gguf_file, model)
-    return SafetensorsTensors.open(folder)

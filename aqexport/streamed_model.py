@@ -35,8 +35,8 @@ from aqexport.calibrate.engine import install_plan_input_hooks
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.errors import AqexportError
-from aqexport.gguf_tensors import float_checkpoint
-from aqexport.source_tensors import CheckpointTensors, checkpoint_tensors
+from aqexport.gguf_tensors import checkpoint_tensors, float_checkpoint
+from aqexport.source_tensors import CheckpointTensors
 
 __all__ = ["CheckpointMap", "edges_released", "float_linears", "streamed_model"]
 

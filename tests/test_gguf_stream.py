@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aqexport.config import ModelSpec, load_config
+from aqexport.gguf_tensors import checkpoint_tensors
 from aqexport.memory_budget import streamed_parameters
 from aqexport.pipeline import build
-from aqexport.source_tensors import checkpoint_tensors
 from aqexport.sources import default_model_path, load_model
 from tests.conftest import tiny_build_config
 from tests.tiny_gguf import write_tiny_gguf
