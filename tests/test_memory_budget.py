@@ -102,6 +102,7 @@ def test_the_report_names_the_budget(tiny_artifact):
 
 def test_the_guard_stops_the_main_thread_when_memory_passes_the_budget():
     before = signal.getsignal(signal.SIGUSR1)
+    held = None  # the guard may stop the thread while it is still filling the tensor
     with pytest.raises(MemoryBudgetError, match="in stage filling, over its budget") as stopped:
         with MemoryGuard(resident_bytes() + 64 * MIB, "a test's budget") as guard:
             guard.stage = "filling"
