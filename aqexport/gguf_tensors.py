@@ -24,7 +24,6 @@ page cache), and memory still holds one block at a time.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from aqexport.errors import AqexportError
-from aqexport.source_tensors import CheckpointTensors, SafetensorsTensors
+from aqexport.source_tensors import BLOCK_PREFIX, CheckpointTensors, SafetensorsTensors
 
 __all__ = ["GgufTensors", "checkpoint_tensors", "float_checkpoint"]
 
@@ -97,10 +96,6 @@ class GgufTensors:
         return torch.from_numpy(np.copy(result.weights)).to(dtype)
 
 
-#: the decoder block a parameter belongs to: ``model.layers.7.``
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")
-
-
 def float_checkpoint(
     tensors: GgufTensors, names: Iterable[str], dtype: torch.dtype, scratch: Path | None = None
 ) -> SafetensorsTensors:
@@ -124,7 +119,7 @@ def float_checkpoint(
             written += 1
 
     for name in names:
-        block = _BLOCK.match(name)
+        block = BLOCK_PREFIX.match(name)
         key = None if block is None else block.group(1)
         if key != group:
             flush()

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aqexport.errors import AqexportError, ConfigError
-from aqexport.source_tensors import safetensors_header
+from aqexport.source_tensors import BLOCK_PREFIX, safetensors_header
 
 __all__ = [
     "DEFAULT_FRACTION",
@@ -186,17 +186,12 @@ def check_source_fits(
     )
 
 
-#: a decoder block's tensors: ``model.layers.7.``, ``transformer.h.7.``, ``model.decoder.layers.7.``,
-#: GGUF's ``blk.7.``
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")
-
-
 def streamed_parameters(folder: Path, gguf_file: str | None = None) -> int:
     """Parameters a streamed build holds, from the checkpoint's headers: every tensor outside the
     numbered blocks, plus the largest block."""
     outside, blocks = 0, {}
     for name, count in _tensor_sizes(folder, gguf_file):
-        block = _BLOCK.match(name)
+        block = BLOCK_PREFIX.match(name)
         if block is None:
             outside += count
         else:

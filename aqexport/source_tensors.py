@@ -14,6 +14,7 @@ header.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-__all__ = ["CheckpointTensors", "SafetensorsTensors", "safetensors_header"]
+__all__ = ["BLOCK_PREFIX", "CheckpointTensors", "SafetensorsTensors", "safetensors_header"]
+
+#: a decoder block's tensors: ``model.layers.7.``, ``transformer.h.7.``, ``model.decoder.layers.7.``,
+#: GGUF's ``blk.7.`` (group 1: the block's prefix without its dot)
+BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")
 
 #: safetensors dtype names -> torch dtypes (bfloat16 has no numpy dtype: bytes go through torch)
 _DTYPES = {
