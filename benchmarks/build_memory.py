@@ -204,7 +204,7 @@ def write_config(name: str, model: Path, stream: str = "auto", budget: dict | No
     budget = budget or {}
     config = {
         "model": {"source": str(model)},
-        "quantization": {"recipe": "rtn", "preset": "w4a16g128"},
+        "quantization": {"recipe": "rtn", "preset": "w4a16g128"} | budget.get("quantization", {}),
         "calibration": {"data": str(DATA / "valid.txt"), **budget.get("calibration", {})},
         "evaluation": {
             "text": str(DATA / "test.txt"),
@@ -262,6 +262,20 @@ ROWS = {
     "7b": "Llama-2-7B shape 6.74B, RTN w4a16g128, whole (build.stream: never)",
     "7b-streamed": "random Llama 6.87B (Llama-2-7B shape), RTN w4a16g128, streamed (build.stream: auto)",
     "7b-streamed-resumed": "the same, its plan read from the row above's plan_dir",
+    "7b-streamed-gptq": "random Llama 6.87B, RTN transforms + GPTQ rounding w4a16g128, streamed",
+    "7b-streamed-affinequant": "random Llama 6.87B, AffineQuant w4a16g128 (2 epochs), streamed",
+}
+
+#: the 7B rows beside RTN: their artifact's name and the recipe they add to ``BUDGET_7B``
+RECIPES_7B = {
+    "7b-streamed-gptq": (  # Hessians from the training windows alone, not GPTQ's default 32768 tokens
+        "random-llama-7b-gptq",
+        {"quantization": {"rounding": {"method": "gptq", "tokens": 1024}}, "calibration": {"head_tokens": 1024}},
+    ),
+    "7b-streamed-affinequant": (
+        "random-llama-7b-affinequant",
+        {"quantization": {"recipe": "affinequant"}, "calibration": {"epochs": 2, "head_tokens": 1024}},
+    ),
 }
 
 
@@ -296,6 +310,12 @@ def measure(key: str) -> dict:
                 filecmp.cmp(whole / name, streamed / name, shallow=False) for name in ("model.onnx", "model.onnx.data")
             )
         return row
+    if key in RECIPES_7B:  # a fresh plan, calibrated in the build
+        name, recipe = RECIPES_7B[key]
+        budget = BUDGET_7B | recipe | {"calibration": BUDGET_7B["calibration"] | recipe.get("calibration", {})}
+        for leftover in (name, f"{name}.plan"):
+            shutil.rmtree(OUT / "artifacts" / leftover, ignore_errors=True)
+        return {"params_b": 6.87, **run_build(write_config(name, checkpoint("7b"), "auto", budget))}
     if key.startswith("7b-streamed"):  # a fresh plan, or the one the last fresh build left
         big = checkpoint("7b")
         if key == "7b-streamed":
