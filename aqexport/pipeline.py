@@ -213,18 +213,22 @@ def calibrate_stage(
         return None
     loaded = source.loaded
     windows = evaluation_windows(config, loaded.tokenizer)
+    logger.info("calibrate: the float model's perplexity")
     fp = torch_perplexity(loaded.model, windows)
     ladder, float_block = None, None
     if config.evaluation.ladder:
         prompt = loaded.tokenizer(config.evaluation.prompt, add_special_tokens=False)["input_ids"]
         eager, _ = torch_step(loaded.model, np.asarray([prompt]), None, 0)
+        logger.info("calibrate: the parity ladder's float rungs")
         ladder = FpLadder(exported_graph, prompt, eager)
         if ladder.graph is not None:  # the float blocks, only where the folded rung runs
             float_block = _float_blocks(loaded.model, source.streaming.streamed)
+    logger.info("calibrate: the plan, block by block")
     plan, report = calibrate_loaded(config, loaded, source.layout, on_block)
     report["fp_perplexity"] = fp
     parity = None
     if float_block is not None:
+        logger.info("calibrate: per-linear errors and the folded rung")
         folded = FoldedWeights(plan, float_block)
         report["linear_errors"] = _linear_errors(config, loaded, folded)
         parity = ladder.fold(plan, folded)
@@ -233,6 +237,7 @@ def calibrate_stage(
         report["linear_errors"] = {"skipped": f"with the folded rung: {ladder.why_not_folded}"}
         parity = ladder.report
     method = quant.head_method
+    logger.info("calibrate: the LM head (%s, %s)", quant.lm_head, method or "rtn")
     hessian = _head_hessian(config, loaded, report) if method == "gptq" else None
     tie = _embedding_ties_head(config, source, report)
     lm_head = quantize_lm_head(loaded.model, quant.lm_head, method or "rtn", hessian)

@@ -289,22 +289,37 @@ _SHARED_INPUTS = 3
 @torch.no_grad()
 def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
     """``XᵀX / n`` (float64) of every planned linear's input as the fake-quant block of ``plan``
-    sees it: after ``Qa((x − δ) A⁻¹)`` (the accumulating hooks run after the input hooks)."""
+    sees it: after ``Qa((x − δ) A⁻¹)`` (the accumulating hooks run after the input hooks).
+    Linears that read one input (q/k/v, gate/up) share one tensor: three copies of a 7B model's
+    4096² float64 Hessian are 384 MiB."""
     apply_block_plan(block, plan)
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # this call's inputs and their XᵀX
+    owners: dict[str, str] = {}  # linear -> the linear whose total holds its input's XᵀX
+    recent: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # this call's inputs, their XᵀX, whose
 
     def accumulate(_module: nn.Module, args: tuple, name: str) -> None:
         rows = args[0].detach().reshape(-1, args[0].shape[-1])
         # q/k/v (and gate/up) read equal inputs: one product serves the group. A call's product
         # is taken in float32 (sums over its windows' tokens) and accumulated in float64.
-        product = next((p for seen, p in recent if seen.shape == rows.shape and torch.equal(seen, rows)), None)
-        if product is None:
-            product = (rows.T @ rows).double()
-            recent[:] = [*recent[-(_SHARED_INPUTS - 1) :], (rows, product)]
-        totals[name] = totals.get(name, 0) + product
-        counts[name] = counts.get(name, 0) + rows.shape[0]
+        seen = next(
+            (
+                (p, who)
+                for rows_seen, p, who in recent
+                if rows_seen.shape == rows.shape and torch.equal(rows_seen, rows)
+            ),
+            None,
+        )
+        if seen is None:
+            product, owner = (rows.T @ rows).double(), name
+            recent[:] = [*recent[-(_SHARED_INPUTS - 1) :], (rows, product, name)]
+        else:
+            product, owner = seen
+        if owners.setdefault(name, owner) != owner:
+            raise RuntimeError(f"{name}'s input matched {owner}'s in one call and {owners[name]}'s in another")
+        if owner == name:
+            totals[name] = totals.get(name, 0) + product
+            counts[name] = counts.get(name, 0) + rows.shape[0]
 
     handles = [
         block.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: accumulate(m, a, name))
@@ -315,7 +330,9 @@ def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwa
     finally:
         for handle in handles:
             handle.remove()
-    return {name: total / counts[name] for name, total in totals.items()}
+    for name, total in totals.items():
+        total /= counts[name]
+    return {name: totals[owner] for name, owner in owners.items()}
 
 
 def _input_state(plan: BlockPlan) -> InputState:

@@ -53,12 +53,18 @@ def input_hessian(inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float = DAMPENING) -> torch.Tensor:
-    """Upper Cholesky factor of ``H⁻¹`` after dampening; dead inputs (zero variance) get 1."""
-    hessian = hessian.clone()
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    hessian += dampening * torch.diag(hessian).mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+    """Upper Cholesky factor of ``H⁻¹`` after dampening; dead inputs (zero variance) get 1.
+
+    ``hessian`` is consumed (dampened in place). At most two ``columns²`` float64 matrices live
+    at once: a 7B model's down projection's is 924 MiB, and the copy, the identity and the three
+    factorisations the textbook form holds together made GPTQ the peak of a streamed build."""
+    diagonal = hessian.diagonal()
+    diagonal[diagonal == 0] = 1.0
+    diagonal.add_(dampening * diagonal.mean())
+    factor = torch.linalg.cholesky(hessian)
+    del hessian, diagonal
+    inverse = torch.cholesky_inverse(factor)
+    del factor
     return torch.linalg.cholesky(inverse, upper=True)
 
 
@@ -72,12 +78,13 @@ def _gptq_loop(
     inverse: torch.Tensor,
     scheme: QuantScheme,
     group_range: GroupRange | None = None,
-    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The column loop: quantize each column on its range, push the error onto the columns not
     yet done (lazily, ``LAZY_BLOCK`` at a time). ``work`` is consumed. The range is either
-    ``group_range``'s, asked at each group's first column, or fixed per column by ``grid``
-    (scale, zero [rows, columns] in the loop's column order, which act order permutes)."""
+    ``group_range``'s, asked at each group's first column, or fixed by ``grid``: scale and zero
+    [rows, groups] and the group of each column in the loop's order, which act order permutes
+    (not expanded to [rows, columns]: 1.3 GiB in float64 for a 7B model's down projection)."""
     rows, columns = work.shape
     group = scheme.group_size or columns
     codes = torch.empty(rows, columns, dtype=torch.int32)
@@ -89,7 +96,8 @@ def _gptq_loop(
         for offset in range(stop - start):
             column = start + offset
             if grid is not None:
-                scale, zero = grid[0][:, column : column + 1], grid[1][:, column : column + 1]
+                index = int(grid[2][column])
+                scale, zero = grid[0][:, index : index + 1], grid[1][:, index : index + 1]
             elif column % group == 0:  # the group's error-updated columns; it may run past this block
                 current = block[:, offset : offset + group]
                 if current.shape[1] < group:
@@ -124,7 +132,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
         scales[:, column // scheme.group_size], zeros[:, column // scheme.group_size] = scale[:, 0, 0], zero[:, 0, 0]
         return scale.reshape(rows, 1), zero.reshape(rows, 1)
 
-    codes = _gptq_loop(weight.detach().double().clone(), _inverse_cholesky(hessian.double()), scheme, group_range)
+    codes = _gptq_loop(
+        weight.detach().double().clone(), _inverse_cholesky(hessian.double().clone()), scheme, group_range
+    )
     return LinearPlan(scheme, codes.to(_code_dtype(scheme)), scales.float(), zeros.float())
 
 
@@ -147,13 +157,10 @@ def gptq_codes(
     natural order, 29.32 with act order (fp 25.62)."""
     columns = weight.shape[1]
     group = scheme.group_size or columns
-    scale_columns = scale.double().repeat_interleave(group, dim=1)[:, :columns]
-    zero_columns = zero.double().repeat_interleave(group, dim=1)[:, :columns]
-    hessian = hessian.double()
     order = torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order else torch.arange(columns)
-    inverse = _inverse_cholesky(hessian[order][:, order], dampening)
-    grid = (scale_columns[:, order], zero_columns[:, order])
-    codes = _gptq_loop(weight.detach().double()[:, order].clone(), inverse, scheme, grid=grid)
+    inverse = _inverse_cholesky(hessian.double()[order[:, None], order], dampening)  # one permuted copy
+    grid = (scale.double(), zero.double(), order // group)
+    codes = _gptq_loop(weight.detach().double()[:, order], inverse, scheme, grid=grid)
     return codes[:, torch.argsort(order)].to(_code_dtype(scheme))
 
 
@@ -176,8 +183,9 @@ class GptqRounding(Rounding):
 
     def refine(self, plan: BlockPlan, weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
         for name, entry in plan.linears.items():
+            weight, hessian = weights.pop(name), hessians.pop(name)  # freed as soon as they are used
             if entry.outlier is not None:
                 continue  # an LLM.int8 split's float columns would absorb error that never reaches the output
             entry.codes = gptq_codes(
-                weights[name], hessians[name], entry.scheme, entry.scale, entry.zero, self.dampening, self.act_order
+                weight, hessian, entry.scheme, entry.scale, entry.zero, self.dampening, self.act_order
             )
