@@ -294,7 +294,7 @@ def checkpoint(size: str) -> Path:
     return folder
 
 
-def measure(key: str) -> dict:
+def measure(key: str, resume: bool = False) -> dict:
     if key == "default":
         build_variant("affinequant tied")
         return {"params_b": 0.1345, **run_build(variant_config("affinequant tied"))}
@@ -310,12 +310,16 @@ def measure(key: str) -> dict:
                 filecmp.cmp(whole / name, streamed / name, shallow=False) for name in ("model.onnx", "model.onnx.data")
             )
         return row
-    if key in RECIPES_7B:  # a fresh plan, calibrated in the build
+    if key in RECIPES_7B:  # a fresh plan, calibrated in the build (--resume: from an interrupted one's blocks)
         name, recipe = RECIPES_7B[key]
         budget = BUDGET_7B | recipe | {"calibration": BUDGET_7B["calibration"] | recipe.get("calibration", {})}
-        for leftover in (name, f"{name}.plan"):
+        for leftover in (name,) if resume else (name, f"{name}.plan"):
             shutil.rmtree(OUT / "artifacts" / leftover, ignore_errors=True)
-        return {"params_b": 6.87, **run_build(write_config(name, checkpoint("7b"), "auto", budget))}
+        row = run_build(write_config(name, checkpoint("7b"), "auto", budget))
+        if row["exit"] == 0:
+            report = json.loads((OUT / "artifacts" / name / "report.json").read_text())
+            row["resumed_from_block"] = report["calibration"].get("resumed_from_block", 0)
+        return {"params_b": 6.87, **row}
     if key.startswith("7b-streamed"):  # a fresh plan, or the one the last fresh build left
         big = checkpoint("7b")
         if key == "7b-streamed":
@@ -335,6 +339,11 @@ def main() -> None:
         default=list(ROWS),
         help="re-measure these; keep the others recorded (none: rewrite the section from the records)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="the fresh-plan 7B rows resume the plan an interrupted run left (the row says from which block)",
+    )
     parser.add_argument("--write-checkpoint", choices=list(CHECKPOINTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_checkpoint:
@@ -345,7 +354,7 @@ def main() -> None:
     rows = {}
     for key, name in ROWS.items():
         if key in args.rows:
-            rows[name] = {**measure(key), "commit": commit_id(), "date": str(date.today())}
+            rows[name] = {**measure(key, args.resume), "commit": commit_id(), "date": str(date.today())}
         elif name in recorded["rows"]:  # rows written before per-row commits carry the file's
             rows[name] = {"commit": recorded.get("commit"), **recorded["rows"][name]}
     RESULTS.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
@@ -375,6 +384,12 @@ def main() -> None:
                 f"{v['step_max_rel']:.1e} (cached step) of their largest, perplexity {v['ppl_onnx']:.1f} (ONNX) "
                 f"against {v['ppl_pytorch']:.1f} (PyTorch; a random model's are near the vocabulary's size), "
                 f"{greedy} ({v['greedy_reference'].split(':')[0]})."
+            )
+        if row.get("resumed_from_block"):
+            refusals.append(
+                f"{name}: its calibrate stage resumed at block {row['resumed_from_block']} the plan an "
+                "interrupted process of the same config had filled (`--resume`): the stage times and peaks "
+                "above are the resuming process's."
             )
         if "same_bytes_as_whole" in row:
             same = "the same bytes as" if row["same_bytes_as_whole"] else "**different bytes from**"
