@@ -18,21 +18,19 @@ The forward is the model's own code on the same values: its logits equal the loa
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import PrefixedDataset, set_module_tensor_to_device
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aqexport import heap
 from aqexport.calibrate.engine import install_plan_input_hooks
 from aqexport.calibrate.plan import QuantPlan
+from aqexport.calibrate.residency import edges_released
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.errors import AqexportError
 from aqexport.gguf_tensors import checkpoint_tensors, float_checkpoint
@@ -176,33 +174,3 @@ def float_linears(model: nn.Module, index: int) -> nn.Module:
         if "weight" in module._parameters and "bias" not in module._parameters:
             module.register_parameter("bias", None)
     return holder
-
-
-@contextmanager
-def edges_released(model: nn.Module) -> Iterator[None]:
-    """Spill a streamed model's resident parameters (embedding, final norm, LM head: all but the
-    offloaded blocks') to a temporary safetensors file for a while, and read them back after.
-    Verification opens ONNX Runtime's session on the artifact between two PyTorch forwards, and a
-    7B model's float edges (1.6 GiB at a 49152-token vocabulary) would sit beside the session's
-    weights for nothing. Spilled, not re-read from the checkpoint: the head and embedding hold
-    the plan's fake-quant values by now (``calibrate.edges``). Each ``Parameter`` keeps its
-    identity (its ``.data`` goes and comes back), so ties and hooks survive. A loaded model is
-    left alone: verification releases its weights whole (``verify.release_weights``)."""
-    if getattr(model, "streamed_weights", None) is None:
-        yield
-        return
-    held = {}
-    for name, parameter in model.named_parameters():  # each shared parameter once
-        if parameter.device.type != "meta":
-            held[name] = parameter
-    with tempfile.TemporaryDirectory(prefix="aqexport-edges-") as folder:
-        spill = Path(folder) / "edges.safetensors"
-        save_file({name: parameter.detach().contiguous() for name, parameter in held.items()}, str(spill))
-        for parameter in held.values():
-            parameter.data = torch.empty(0, dtype=parameter.dtype)
-        try:
-            yield
-        finally:
-            values = load_file(str(spill))
-            for name, parameter in held.items():
-                parameter.data = values.pop(name)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.data_parallel import SINGLE_PROCESS, DataParallel, StepGradients
@@ -33,9 +34,9 @@ from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remo
 from aqexport.calibrate.norm_forms import NormTransform, factor_shapes
 from aqexport.calibrate.outliers import OutlierSplit, outlier_mode, split_outlier_columns
 from aqexport.calibrate.plan import BlockPlan, LinearPlan, QuantPlan
-from aqexport.calibrate.quantizer import fake_quantize, quantize_codes, quantize_params
+from aqexport.calibrate.quantizer import QuantScheme, fake_quantize, quantize_codes, quantize_params
 from aqexport.calibrate.recipe import CalibrationRecipe
-from aqexport.calibrate.residency import resident, stream_from_plan
+from aqexport.calibrate.residency import edges_released, resident, stream_from_plan
 from aqexport.calibrate.statistics import ChannelStats, StatisticsCollector
 from aqexport.calibrate.structure import BlockStructure, decoder_blocks, discover_block, rotary_pair_matrix
 from aqexport.calibrate.transforms import (
@@ -175,6 +176,22 @@ def _block_transforms(
     return transforms
 
 
+def _recomputed_fake_quantize(
+    weight: torch.Tensor, scheme: QuantScheme, gamma: torch.Tensor | None, beta: torch.Tensor | None
+) -> torch.Tensor:
+    """``fake_quantize`` whose intermediates are recomputed in the backward pass, not kept.
+
+    Its autograd graph keeps several weight-sized tensors per linear (the grouped weight, the
+    division by Δ, the clamp's input, ``q − z``) from the forward to the backward: 2.5× the
+    block's weights, the largest share of a training step's memory (a 7B block: ~2 GB). The
+    checkpoint keeps only its inputs and rebuilds one linear's graph at a time during the
+    backward; the ops are elementwise, a rounding error beside the step's matmuls, and
+    deterministic, so the gradients are the same bit for bit."""
+    if not torch.is_grad_enabled():
+        return fake_quantize(weight, scheme, gamma, beta)
+    return checkpoint(fake_quantize, weight, scheme, gamma, beta, use_reentrant=False)
+
+
 def _quantized_overrides(
     block: nn.Module,
     structure: BlockStructure,
@@ -190,7 +207,7 @@ def _quantized_overrides(
     state.inverses = {norm: torch.linalg.inv(matrix) for norm, matrix in transforms.norm.items()}
     state.shifts = transforms.shift
     overrides = {
-        f"{name}.weight": fake_quantize(
+        f"{name}.weight": _recomputed_fake_quantize(
             weight, recipe.weight, params.gamma.get(_key(name)), params.beta.get(_key(name))
         )
         for name, weight in weights.items()
@@ -326,7 +343,7 @@ def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwa
         for name in plan.linears
     ]
     try:
-        _run_block(block, hidden, kwargs, FORWARD_BATCH)
+        _observe_block(block, hidden, kwargs, FORWARD_BATCH)
     finally:
         for handle in handles:
             handle.remove()
@@ -373,7 +390,7 @@ def _calibrate_static_ranges(block: nn.Module, plan: BlockPlan, hidden: torch.Te
     state = _input_state(plan)
     state.observed = {}
     install_input_hooks(block, plan.structure, state)
-    _run_block(block, hidden, kwargs)
+    _observe_block(block, hidden, kwargs)
     for name, (low, high) in state.observed.items():
         entry = plan.linears[name]
         scale, zero = quantize_params(torch.stack([low, high]).reshape(1, 2).float(), entry.activation)
@@ -476,10 +493,30 @@ def _train_block(
 
 
 @torch.no_grad()
+def _observe_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = 1) -> None:
+    """``block`` over ``hidden`` for what its hooks see; each call's output is dropped as it
+    comes (the GPTQ Hessians' 32768 tokens: 72 MB of outputs nobody reads, for the packaged
+    SmolLM2)."""
+    for i in range(0, hidden.shape[0], batch):
+        block(hidden[i : i + batch], **kwargs)
+
+
+@torch.no_grad()
 def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = 1) -> torch.Tensor:
     """``block`` over ``hidden`` [N, L, H], ``batch`` windows per call (the caught keyword
-    arguments are batch 1 and broadcast: masks [1, 1, L, L], positions [1, L])."""
-    return torch.cat([_output(block(hidden[i : i + batch], **kwargs)) for i in range(0, hidden.shape[0], batch)])
+    arguments are batch 1 and broadcast: masks [1, 1, L, L], positions [1, L]).
+
+    Each call's output is copied into one tensor as it comes, not concatenated at the end: the
+    pieces and their concatenation were two copies of the output at once (72 MB each for the
+    packaged SmolLM2's GPTQ windows, 32768 tokens)."""
+    out = None
+    for i in range(0, hidden.shape[0], batch):
+        piece = _output(block(hidden[i : i + batch], **kwargs))
+        if out is None:
+            out = piece.new_empty((hidden.shape[0], *piece.shape[1:]))
+        out[i : i + piece.shape[0]] = piece
+        del piece
+    return out
 
 
 def calibrate(
@@ -517,41 +554,42 @@ def calibrate(
     x_fp = inputs.hidden
     x_q = x_fp.clone()
     h_q = None if hessian_windows is None else catch_block_inputs(model, blocks, hessian_windows).hidden
-    for index, block in enumerate(blocks):
-        with resident(block):  # a streamed model's block holds its weights for this iteration only
-            kwargs = inputs.kwargs[index]
-            start = time.perf_counter()
-            with StatisticsCollector(block, recipe.outlier_threshold) as collector:
-                y_fp = _run_block(block, x_fp, kwargs)
-            name = f"{blocks_path}.{index}"
-            check_float_block(block, name, index, x_fp, y_fp, kwargs, plan.directory)
-            if index in plan.blocks:
-                block_plan = plan.blocks[index]
-            else:
-                structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
-                params = BlockParameters(block, structure, recipe, collector.stats)
-                losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index, parallel)
-                block_plan, weights = _freeze(
-                    block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}"
-                )
-                block_plan.loss_curve = losses
-                if recipe.rounding.needs_hessians:
-                    seen = x_q if h_q is None else h_q
-                    recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, seen, kwargs))
-                if recipe.static_activations and recipe.activation is not None:
-                    _calibrate_static_ranges(block, block_plan, x_q, kwargs)
-            apply_block_plan(block, block_plan)
-            x_q_next = _run_block(block, x_q, kwargs)
-            if h_q is not None:
-                h_q = _run_block(block, h_q, kwargs, FORWARD_BATCH)
-            check_fake_quant_block(block, name, index, x_q, x_q_next, kwargs, plan.directory)
-            block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))
-            if index not in plan.blocks:
-                block_plan.seconds = time.perf_counter() - start
-                check_plan_tensors(block_plan.tensors(), name, index, plan.directory)
-                plan.add_block(block_plan)
-            x_fp, x_q = y_fp, x_q_next
-            on_block(index + 1, len(blocks))
-            logger.info("block %d: output mse %.3e", index, block_plan.output_mse)
+    with edges_released(model):  # the blocks need neither the embedding nor the head
+        for index, block in enumerate(blocks):
+            with resident(block):  # a streamed model's block holds its weights for this iteration only
+                kwargs = inputs.kwargs[index]
+                start = time.perf_counter()
+                with StatisticsCollector(block, recipe.outlier_threshold) as collector:
+                    y_fp = _run_block(block, x_fp, kwargs)
+                name = f"{blocks_path}.{index}"
+                check_float_block(block, name, index, x_fp, y_fp, kwargs, plan.directory)
+                if index in plan.blocks:
+                    block_plan = plan.blocks[index]
+                else:
+                    structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
+                    params = BlockParameters(block, structure, recipe, collector.stats)
+                    losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index, parallel)
+                    block_plan, weights = _freeze(
+                        block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}"
+                    )
+                    block_plan.loss_curve = losses
+                    if recipe.rounding.needs_hessians:
+                        seen = x_q if h_q is None else h_q
+                        recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, seen, kwargs))
+                    if recipe.static_activations and recipe.activation is not None:
+                        _calibrate_static_ranges(block, block_plan, x_q, kwargs)
+                apply_block_plan(block, block_plan)
+                x_q_next = _run_block(block, x_q, kwargs)
+                if h_q is not None:
+                    h_q = _run_block(block, h_q, kwargs, FORWARD_BATCH)
+                check_fake_quant_block(block, name, index, x_q, x_q_next, kwargs, plan.directory)
+                block_plan.output_mse = float(torch.nn.functional.mse_loss(x_q_next, y_fp))
+                if index not in plan.blocks:
+                    block_plan.seconds = time.perf_counter() - start
+                    check_plan_tensors(block_plan.tensors(), name, index, plan.directory)
+                    plan.add_block(block_plan)
+                x_fp, x_q = y_fp, x_q_next
+                on_block(index + 1, len(blocks))
+                logger.info("block %d: output mse %.3e", index, block_plan.output_mse)
     stream_from_plan(model, plan)  # and from now on as fake-quant, as a loaded model's blocks are
     return plan
