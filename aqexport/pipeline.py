@@ -231,7 +231,8 @@ def calibrate_stage(
         logger.info("calibrate: per-linear errors and the folded rung")
         folded = FoldedWeights(plan, float_block)
         report["linear_errors"] = _linear_errors(config, loaded, folded)
-        parity = ladder.fold(plan, folded)
+        with edges_released(loaded.model):  # the rung's session is the calibrate stage's peak
+            parity = ladder.fold(plan, folded)
         del folded, float_block
     elif ladder is not None:
         report["linear_errors"] = {"skipped": f"with the folded rung: {ladder.why_not_folded}"}

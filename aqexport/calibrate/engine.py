@@ -519,6 +519,40 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int 
     return out
 
 
+def _plan_block(
+    block: nn.Module,
+    name: str,
+    index: int,
+    recipe: CalibrationRecipe,
+    stats: dict[str, ChannelStats],
+    x_fp: torch.Tensor,
+    x_q: torch.Tensor,
+    y_fp: torch.Tensor,
+    h_q: torch.Tensor | None,
+    kwargs: dict,
+    head_dim: int,
+    kv_heads: int,
+    parallel: DataParallel,
+) -> BlockPlan:
+    """Train one block's transforms and clipping, freeze them, round its weights: a function of
+    its own so that what only this block needs (its transformed float weights, the trained
+    parameters) is gone when it returns. Kept as loop variables they lived on through the next
+    block's training: a 7B block's transformed weights alone are 810 MiB."""
+    structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
+    params = BlockParameters(block, structure, recipe, stats)
+    losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index, parallel)
+    block_plan, weights = _freeze(block, structure, params, recipe, index, stats, name)
+    del params
+    block_plan.loss_curve = losses
+    if recipe.rounding.needs_hessians:
+        seen = x_q if h_q is None else h_q
+        recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, seen, kwargs))
+    del weights
+    if recipe.static_activations and recipe.activation is not None:
+        _calibrate_static_ranges(block, block_plan, x_q, kwargs)
+    return block_plan
+
+
 def calibrate(
     model: nn.Module,
     windows: torch.Tensor,
@@ -566,18 +600,21 @@ def calibrate(
                 if index in plan.blocks:
                     block_plan = plan.blocks[index]
                 else:
-                    structure = discover_block(block, x_fp[:1], kwargs, head_dim, kv_heads)
-                    params = BlockParameters(block, structure, recipe, collector.stats)
-                    losses = _train_block(block, structure, recipe, params, x_q, y_fp, kwargs, index, parallel)
-                    block_plan, weights = _freeze(
-                        block, structure, params, recipe, index, collector.stats, f"{blocks_path}.{index}"
+                    block_plan = _plan_block(
+                        block,
+                        name,
+                        index,
+                        recipe,
+                        collector.stats,
+                        x_fp,
+                        x_q,
+                        y_fp,
+                        h_q,
+                        kwargs,
+                        head_dim,
+                        kv_heads,
+                        parallel,
                     )
-                    block_plan.loss_curve = losses
-                    if recipe.rounding.needs_hessians:
-                        seen = x_q if h_q is None else h_q
-                        recipe.rounding.refine(block_plan, weights, _input_hessians(block, block_plan, seen, kwargs))
-                    if recipe.static_activations and recipe.activation is not None:
-                        _calibrate_static_ranges(block, block_plan, x_q, kwargs)
                 apply_block_plan(block, block_plan)
                 x_q_next = _run_block(block, x_q, kwargs)
                 if h_q is not None:

@@ -236,10 +236,12 @@ class BlockStore(MutableMapping[int, BlockPlan]):
         self._recent: OrderedDict[int, BlockPlan] = OrderedDict()
 
     def file(self, index: int, path: Path, sha256: str, block: BlockPlan) -> None:
-        """``block`` is in ``path`` now: keep its metadata, read it back from there."""
+        """``block`` is in ``path`` now: keep its metadata, read it back from there when asked.
+        Not kept among the recent blocks: calibration files each block as it finishes, and the
+        two it kept (a 7B model's: 2 × 470 MiB) sat beside the next block's training."""
         self._held.pop(index, None)
+        self._recent.pop(index, None)
         self._filed[index] = (path, sha256, block.metadata(), block.seconds)
-        self._remember(index, block)
 
     def metadata(self, index: int) -> tuple[dict[str, Any], float]:
         """A block's ``plan.json`` metadata and wall time, without reading its tensors."""
