@@ -434,10 +434,15 @@ does not depend on it.
 The SmolLM2 row: since 9eaaff6 the packaged GGUF streams (`gguf_tensors`: dequantized once into
 float shards in the build's scratch folder, one block resident at a time), and the parity ladder's
 folded rung computes its weights a block at a time. Before (e2144fc, the model loaded whole, plan
-reused): 3132 MiB. A fresh build (its plan calibrated too) of the same config peaked at 2880 MiB
-before (d2495e9, model whole) and 1863 MiB after (6406806, streamed; calibrate 1840, verify 1863);
-those two were one-off `aqexport build --force` runs of the variant's config with an empty
-`plan_dir`, each while tests shared the cores (their times are not comparable).
+reused): 3132 MiB; streamed, 1777 MiB (526f859; verify, calibrate 1652) before the memory work
+of dcc3c4a and da538db (perplexity scored 64 positions at a time, the fake-quant step recomputed in
+the backward, the edges on disk while blocks calibrate and while the folded rung's session runs,
+no block state carried into the next block). Its row above (da538db) was measured while a 7B
+calibration probe shared the two cores: its stage times are not comparable. A fresh build (its
+plan calibrated too) of the same config peaked at 2880 MiB before (d2495e9, model whole) and
+1863 MiB after (6406806, streamed; calibrate 1840, verify 1863); those two were one-off
+`aqexport build --force` runs of the variant's config with an empty `plan_dir`, each while tests
+shared the cores (their times are not comparable). A fresh build at da538db is not measured yet.
 """
     print(write_section("build-memory", body))
 
