@@ -30,7 +30,7 @@ from torch import nn
 from aqexport import heap
 from aqexport.calibrate.engine import install_plan_input_hooks
 from aqexport.calibrate.plan import QuantPlan
-from aqexport.calibrate.residency import edges_released
+from aqexport.calibrate.residency import edges_released, spill_inverses
 from aqexport.calibrate.structure import decoder_blocks
 from aqexport.errors import AqexportError
 from aqexport.gguf_tensors import checkpoint_tensors, float_checkpoint
@@ -147,6 +147,7 @@ def streamed_model(
         add_hook_to_module(block, hook)
         if plan is not None and index in plan.blocks:
             install_plan_input_hooks(block, plan.blocks[index])
+            spill_inverses(block)
     model.streamed_weights = weights  # calibration points it at the plan it fills (engine.calibrate)
     return model.eval()
 

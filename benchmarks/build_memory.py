@@ -272,9 +272,9 @@ RECIPES_7B = {
         "random-llama-7b-gptq",
         {"quantization": {"rounding": {"method": "gptq", "tokens": 1024}}, "calibration": {"head_tokens": 1024}},
     ),
-    "7b-streamed-affinequant": (
+    "7b-streamed-affinequant": (  # one window, two epochs: a 7B block's training step takes over a minute here
         "random-llama-7b-affinequant",
-        {"quantization": {"recipe": "affinequant"}, "calibration": {"epochs": 2, "head_tokens": 1024}},
+        {"quantization": {"recipe": "affinequant"}, "calibration": {"samples": 1, "epochs": 2, "head_tokens": 1024}},
     ),
 }
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 import filecmp
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aqexport.calibrate.residency import resident
+from aqexport.calibrate import residency
+from aqexport.calibrate.input_hooks import InputState, input_state, install_input_hooks
+from aqexport.calibrate.residency import FileTensors, resident
 from aqexport.config import load_config
 from aqexport.errors import AqexportError, ConfigError
 from aqexport.memory_budget import streamed_parameters
@@ -43,6 +46,27 @@ def test_a_streamed_model_computes_the_loaded_models_logits(kind, tiny_model_dir
     with resident(blocks[0]):
         assert all(p.device.type == "cpu" for p in blocks[0].parameters())
     assert all(p.device.type == "meta" for p in blocks[0].parameters())
+
+
+def test_a_streamed_blocks_inverses_wait_on_disk_between_forwards(tiny_model_dir, monkeypatch):
+    """A fake-quant streamed block keeps its transforms' inverses in files once released (held, a
+    7B model's 32 blocks kept 4 GiB of them); its forward reads them back: the same logits."""
+    monkeypatch.setattr(residency, "SPILL_BYTES", 0)  # a tiny block's are below the size that spills
+    folder = tiny_model_dir("llama")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    streamed = streamed_model(type(loaded), loaded.config, folder, torch.float32)
+    block = streamed.model.layers[0]
+    size = loaded.config.hidden_size
+    inverse = torch.eye(size) + 0.05 * torch.randn(size, size, generator=torch.Generator().manual_seed(1))
+    mlp = SimpleNamespace(linears=("mlp.gate_proj", "mlp.up_proj"), group_of=lambda _: SimpleNamespace(norm="mlp"))
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with resident(block):
+            install_input_hooks(block, mlp, InputState(inverses={"mlp": inverse}))
+            held = streamed(ids).logits
+        assert isinstance(input_state(block).inverses, FileTensors)
+        assert torch.equal(streamed(ids).logits, held)
+        assert not torch.allclose(held, loaded(ids).logits)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # tied, untied

@@ -628,5 +628,6 @@ def calibrate(
                 x_fp, x_q = y_fp, x_q_next
                 on_block(index + 1, len(blocks))
                 logger.info("block %d: output mse %.3e", index, block_plan.output_mse)
+                del block_plan  # filed; held on, a 7B block's codes (470 MiB) sat through the next's training
     stream_from_plan(model, plan)  # and from now on as fake-quant, as a loaded model's blocks are
     return plan

@@ -13,6 +13,7 @@ range does not exist until the block is frozen.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -22,16 +23,18 @@ from aqexport.calibrate.outliers import OutlierSplit, quantize_with_outliers
 from aqexport.calibrate.quantizer import QuantScheme, fake_quantize, fake_quantize_with
 from aqexport.calibrate.structure import BlockStructure
 
-__all__ = ["InputState", "install_input_hooks", "remove_input_hooks"]
+__all__ = ["InputState", "input_state", "install_input_hooks", "remove_input_hooks"]
 
 _HOOKS_ATTRIBUTE = "_aqexport_input_hooks"
+_STATE_ATTRIBUTE = "_aqexport_input_state"
 
 
 @dataclass
 class InputState:
     activation: QuantScheme | None = None
     static: bool = False  # per-tensor activation ranges (static after calibration)
-    inverses: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> A⁻¹
+    # norm path -> A⁻¹; a streamed block's wait in a file (``residency.FileTensors``)
+    inverses: Mapping[str, torch.Tensor] = field(default_factory=dict)
     shifts: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> δ
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # linear -> (Δ, z)
     observed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # linear -> (min, max): observe only
@@ -64,6 +67,12 @@ def remove_input_hooks(block: nn.Module) -> None:
     for handle in getattr(block, _HOOKS_ATTRIBUTE, []):
         handle.remove()
     setattr(block, _HOOKS_ATTRIBUTE, [])
+    setattr(block, _STATE_ATTRIBUTE, None)
+
+
+def input_state(block: nn.Module) -> InputState | None:
+    """The state ``block``'s input hooks read, if it has any."""
+    return getattr(block, _STATE_ATTRIBUTE, None)
 
 
 def install_input_hooks(block: nn.Module, structure: BlockStructure, state: InputState) -> None:
@@ -79,3 +88,4 @@ def install_input_hooks(block: nn.Module, structure: BlockStructure, state: Inpu
 
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
     setattr(block, _HOOKS_ATTRIBUTE, handles)
+    setattr(block, _STATE_ATTRIBUTE, state)
