@@ -220,7 +220,8 @@ def calibrate_stage(
         prompt = loaded.tokenizer(config.evaluation.prompt, add_special_tokens=False)["input_ids"]
         eager, _ = torch_step(loaded.model, np.asarray([prompt]), None, 0)
         logger.info("calibrate: the parity ladder's float rungs")
-        ladder = FpLadder(exported_graph, prompt, eager)
+        with edges_released(loaded.model):  # the exported rung's session: as the folded one's below
+            ladder = FpLadder(exported_graph, prompt, eager)
         if ladder.graph is not None:  # the float blocks, only where the folded rung runs
             float_block = _float_blocks(loaded.model, source.streaming.streamed)
     logger.info("calibrate: the plan, block by block")

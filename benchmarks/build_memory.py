@@ -408,10 +408,15 @@ refused from its safetensors headers by `build.max_memory` (default 90 % of RAM)
 weight is read (its checkpoint is a sparse file); the streamed 7B row is a random Llama-2-7B-shaped
 model (SmolLM2's 49152-token vocabulary: 6.87 B parameters, 25.6 GiB of float32 in 34
 safetensors shards, `random_llama_7b`), which `stream: auto` streams, at a reduced budget
-(`BUDGET_7B`: 4 × 256 calibration windows, 2 × 256 evaluation windows, accuracy level 0). Its
-checkpoint outgrows the page cache, so every forward over it reads it from disk. Streamed rows
-measured before e45f14c held the model's float edges (embedding, norm, head: 1.6 GiB at 7B)
-through ONNX Runtime's verification; since, they wait in a temporary file
+(`BUDGET_7B`: 4 × 256 calibration windows, 2 × 256 evaluation windows, accuracy level 0). The
+GPTQ row takes its Hessians from those windows (1024 tokens, not GPTQ's default 32768); the
+AffineQuant row trains each block on one of them for 2 epochs (`RECIPES_7B`: a 7B block's
+training step takes over a minute here, and 4 windows × 2 epochs would take the build 5 h), in
+the default norm-side form for a weight-only preset (diagonal, kept in the plan as a 4096²
+matrix per norm, whose inverses the streamed model's blocks keep in files between forwards:
+`residency.spill_inverses`). Its checkpoint outgrows the page cache, so every forward over it
+reads it from disk. Streamed rows measured before e45f14c held the model's float edges
+(embedding, norm, head: 1.6 GiB at 7B) through ONNX Runtime's verification; since, they wait in a temporary file
 (`streamed_model.edges_released`). The first 7B row calibrates its plan in the build; the second
 read the plan an earlier fresh build left (545ef50: the same bytes, since the freeze is unchanged
 but for its memory), so its calibrate stage only propagates activations. That earlier fresh build,
