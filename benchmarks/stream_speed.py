@@ -12,11 +12,12 @@ which favours the faster one's tail a little: the stage table shows where each s
 Peaks are each process's own (``report.json`` ``memory.peak_rss_mib``). Both artifacts are
 compared byte for byte, as ``tests/test_streamed_build.py`` compares tiny models'.
 
-    python benchmarks/stream_speed.py
+    python benchmarks/stream_speed.py [--render]
 """
 
 from __future__ import annotations
 
+import argparse
 import filecmp
 import json
 import os
@@ -126,8 +127,14 @@ model.onnx.data are {"the same bytes" if same else "**not the same bytes**"}.
 
 
 def main() -> None:
-    record = {**measure(), "commit": commit_id(), "date": str(date.today()), "machine": machine()}
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--render", action="store_true", help="rewrite the section from the last record")
+    if parser.parse_args().render:
+        record = json.loads(RESULTS.read_text())
+    else:
+        commit = commit_id()  # the code the builds run: HEAD when they start
+        record = {**measure(), "commit": commit, "date": str(date.today()), "machine": machine()}
+        RESULTS.write_text(json.dumps(record, indent=1) + "\n")
     print(write_section("stream-speed", render(record)))
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.data import calibration_windows
-from aqexport.calibrate.engine import apply_plan, calibrate
+from aqexport.calibrate.engine import apply_plan, calibrate, frozen_inverse
 from aqexport.calibrate.fold import BlockTransforms, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks
 from aqexport.calibrate.plan import QuantPlan
@@ -124,6 +124,20 @@ def test_methods_order_by_block_error(tiny_model_dir, kind):
             for report in block.matrix_reports.values():
                 assert report["min_dominance_margin"] > 0 and report["inverse_error"] < 1e-10
     assert errors["affinequant"] < errors["omniquant"] < errors["rtn"], errors
+
+
+def test_a_diagonal_transform_is_inverted_as_a_vector_with_the_dense_values():
+    """The frozen hooks hold a diagonal ``A⁻¹`` as its diagonal, and ``(x − δ)A⁻¹`` is the dense
+    product bit for bit; any other ``A`` keeps its dense inverse."""
+    generator = torch.Generator().manual_seed(0)
+    diagonal = torch.diag(torch.rand(576, generator=generator, dtype=torch.float64) * 3 + 0.1)
+    dense = diagonal + 0.01 * torch.rand(576, 576, generator=generator, dtype=torch.float64)
+    x = torch.randn(3, 7, 576, generator=generator)
+    for matrix, ndim in ((diagonal, 1), (dense, 2)):
+        inverse = frozen_inverse(matrix)
+        assert inverse.ndim == ndim
+        held = InputState(inverses={"norm": inverse}).map("linear", "norm", x)
+        assert torch.equal(held, x @ torch.linalg.inv(matrix).float())
 
 
 def test_resume_after_interruption_gives_the_same_plan(tiny_model_dir, tmp_path):

@@ -48,7 +48,7 @@ from aqexport.calibrate.transforms import (
     matrix_report,
 )
 
-__all__ = ["BlockParameters", "apply_block_plan", "apply_plan", "calibrate", "smoothquant_scales"]
+__all__ = ["BlockParameters", "apply_block_plan", "apply_plan", "calibrate", "frozen_inverse", "smoothquant_scales"]
 
 logger = logging.getLogger(__name__)
 
@@ -352,12 +352,26 @@ def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwa
     return {name: totals[owner] for name, owner in owners.items()}
 
 
+def frozen_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """``A⁻¹`` for a frozen block's input hooks: computed in float64, held in float32. A diagonal
+    ``A`` (the default norm-side form of weight-only presets, which the plan stores as a d × d
+    matrix) gives the reciprocal of its diagonal as a vector, which ``InputState.map`` multiplies
+    elementwise: the same values as the dense inverse and product, whose other terms are exact
+    zeros (``tests/test_calibration.py``), for d floats a norm instead of d² (64 MiB at 7B) and no
+    O(d³) inverse."""
+    matrix = matrix.double()
+    diagonal = torch.diagonal(matrix)
+    if torch.count_nonzero(matrix) == torch.count_nonzero(diagonal):
+        return (1.0 / diagonal).float()
+    return torch.linalg.inv(matrix).float()
+
+
 def _input_state(plan: BlockPlan) -> InputState:
     activation = next((e.activation for e in plan.linears.values() if e.activation is not None), None)
     return InputState(
         activation=activation,
         static=plan.static_activations,
-        inverses={norm: torch.linalg.inv(matrix.double()).float() for norm, matrix in plan.norm_transforms.items()},
+        inverses={norm: frozen_inverse(matrix) for norm, matrix in plan.norm_transforms.items()},
         shifts={norm: shift.float() for norm, shift in plan.norm_shifts.items()},
         ranges={name: (e.act_scale, e.act_zero) for name, e in plan.linears.items() if e.act_scale is not None},
         outliers={name: e.outlier for name, e in plan.linears.items() if e.outlier is not None},

@@ -33,7 +33,8 @@ _STATE_ATTRIBUTE = "_aqexport_input_state"
 class InputState:
     activation: QuantScheme | None = None
     static: bool = False  # per-tensor activation ranges (static after calibration)
-    # norm path -> A⁻¹; a streamed block's wait in a file (``residency.FileTensors``)
+    # norm path -> A⁻¹ (a diagonal one: its diagonal); a streamed block's large ones wait in files
+    # (``residency.FileTensors``)
     inverses: Mapping[str, torch.Tensor] = field(default_factory=dict)
     shifts: dict[str, torch.Tensor] = field(default_factory=dict)  # norm path -> δ
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # linear -> (Δ, z)
@@ -44,7 +45,8 @@ class InputState:
         if norm is not None and norm in self.shifts:
             x = x - self.shifts[norm].to(x.dtype)
         if norm is not None and norm in self.inverses:
-            x = x @ self.inverses[norm].to(x.dtype)
+            inverse = self.inverses[norm].to(x.dtype)  # a diagonal one as its diagonal (engine.frozen_inverse)
+            x = x * inverse if inverse.ndim == 1 else x @ inverse
         if self.observed is not None:
             low, high = x.detach().amin(), x.detach().amax()
             if linear in self.observed:
