@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from aqexport.calibrate import gptq
 from aqexport.calibrate.edges import head_input_hessian, quantize_lm_head
 from aqexport.calibrate.gptq import gptq_codes, gptq_quantize, input_hessian
 from aqexport.calibrate.quantizer import QuantScheme, fake_quantize, quantize_params
@@ -35,6 +36,22 @@ def test_gptq_beats_rtn_on_the_output_error(scheme):
     gptq_error = _output_error(inputs, weight, entry.dequantize())
     rtn_error = _output_error(inputs, weight, fake_quantize(weight, scheme))
     assert gptq_error < 0.7 * rtn_error
+
+
+def test_the_heads_gptq_in_row_chunks_gives_the_same_bits(monkeypatch):
+    """The head is quantized ``ROW_CHUNK`` rows at a time (the whole of SmolLM2's took 0.5 GB);
+    rows are independent, so chunks of 7 (the last one short) give what one chunk gives."""
+    torch.manual_seed(2)
+    weight = torch.randn(100, 64)
+    hessian = input_hessian(_correlated_inputs(512, 64))
+    for scheme in (QuantScheme(8, 32), QuantScheme(4, 16, symmetric=True)):
+        whole = gptq_quantize(weight, hessian, scheme)
+        monkeypatch.setattr(gptq, "ROW_CHUNK", 7)
+        chunked = gptq_quantize(weight, hessian, scheme)
+        monkeypatch.undo()
+        for name in ("codes", "scale", "zero"):
+            assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+        assert chunked.codes.dtype == whole.codes.dtype
 
 
 def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():

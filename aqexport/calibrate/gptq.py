@@ -44,6 +44,10 @@ DAMPENING = 0.01
 TOKENS = 32768
 #: Columns updated together before the lazy update of the rest (the reference code's 128).
 LAZY_BLOCK = 128
+#: Rows the LM head's GPTQ works on at once. Whole, SmolLM2's 49152 × 576 head held its float64
+#: copy, int32 codes and the lazy update's temporaries (about 0.6 GB) beside the build's edges:
+#: the fresh default build's peak. Rows are independent, so the codes are the same bit for bit.
+ROW_CHUNK = 4096
 
 
 def input_hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -125,17 +129,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
     rows, columns = weight.shape
     scales = torch.empty(rows, scheme.num_groups(columns), dtype=torch.float64)
     zeros = torch.empty_like(scales)
+    codes = torch.empty(rows, columns, dtype=_code_dtype(scheme))
     column_scheme = QuantScheme(scheme.bits, None, scheme.symmetric)
+    inverse = _inverse_cholesky(hessian.double().clone())
+    for first in range(0, rows, ROW_CHUNK):  # each row's codes depend on that row alone
+        chunk = slice(first, min(first + ROW_CHUNK, rows))
 
-    def group_range(column: int, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero = quantize_params(current, column_scheme)
-        scales[:, column // scheme.group_size], zeros[:, column // scheme.group_size] = scale[:, 0, 0], zero[:, 0, 0]
-        return scale.reshape(rows, 1), zero.reshape(rows, 1)
+        def group_range(column: int, current: torch.Tensor, chunk: slice = chunk) -> tuple[torch.Tensor, torch.Tensor]:
+            scale, zero = quantize_params(current, column_scheme)
+            group = column // scheme.group_size
+            scales[chunk, group], zeros[chunk, group] = scale[:, 0, 0], zero[:, 0, 0]
+            return scale.reshape(-1, 1), zero.reshape(-1, 1)
 
-    codes = _gptq_loop(
-        weight.detach().double().clone(), _inverse_cholesky(hessian.double().clone()), scheme, group_range
-    )
-    return LinearPlan(scheme, codes.to(_code_dtype(scheme)), scales.float(), zeros.float())
+        codes[chunk] = _gptq_loop(weight[chunk].detach().to(torch.float64, copy=True), inverse, scheme, group_range)
+    return LinearPlan(scheme, codes, scales.float(), zeros.float())
 
 
 @torch.no_grad()
