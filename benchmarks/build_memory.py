@@ -447,7 +447,8 @@ calibration probe shared the two cores: its stage times are not comparable. A fr
 plan calibrated too) of the same config peaked at 2880 MiB before (d2495e9, model whole) and
 1863 MiB after (6406806, streamed; calibrate 1840, verify 1863); those two were one-off
 `aqexport build --force` runs of the variant's config with an empty `plan_dir`, each while tests
-shared the cores (their times are not comparable). A fresh build at da538db is not measured yet.
+shared the cores (their times are not comparable). Fresh builds of the shipped default since,
+streamed and whole side by side: the "Streamed against whole" section (`benchmarks/stream_speed.py`).
 """
     print(write_section("build-memory", body))
 
