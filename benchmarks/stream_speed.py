@@ -12,7 +12,7 @@ which favours the faster one's tail a little: the stage table shows where each s
 Peaks are each process's own (``report.json`` ``memory.peak_rss_mib``). Both artifacts are
 compared byte for byte, as ``tests/test_streamed_build.py`` compares tiny models'.
 
-    python benchmarks/stream_speed.py [--render]
+    python benchmarks/stream_speed.py [--render | --collect COMMIT]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -67,33 +66,40 @@ def measure() -> dict:
     for mode in MODES:
         config = write_config(mode)
         log = (OUT / f"{mode}.log").open("w")
-        process = subprocess.Popen([AQEXPORT, "build", str(config)], stdout=log, stderr=log)
-        started[mode] = (process, time.perf_counter())
-    rows = {}
-    for mode, (process, start) in started.items():
+        started[mode] = subprocess.Popen([AQEXPORT, "build", str(config)], stdout=log, stderr=log)
+    for process in started.values():
         process.wait()
-        wall = time.perf_counter() - start
-        if process.returncode != 0:
-            tail = (OUT / f"{mode}.log").read_text().strip().splitlines()[-1:]
-            raise SystemExit(f"the {mode} build failed: {tail}")
+    # what else ran: the 1-minute load average of the two cores before the builds and after
+    return collect() | {"load": [load_before, os.getloadavg()[0]]}
+
+
+def collect() -> dict:
+    """The rows of the builds in ``OUT`` that finished (a report), and whether both wrote the
+    same artifact. ``--collect`` reads them without building: a run stopped half way keeps the
+    half that finished."""
+    rows, missing = {}, []
+    for mode in MODES:
+        if not (OUT / mode / "report.json").is_file():
+            missing.append(mode)
+            continue
         report = json.loads((OUT / mode / "report.json").read_text())
         rows[mode] = {
-            "wall_s": wall,
             "timings": report["timings"],
             "peak_rss_mib": report["memory"]["peak_rss_mib"],
             "streamed": report["memory"]["streamed"],
             "ppl_onnx": report["verification"]["perplexity"]["onnx"]["perplexity"],
         }
-    same = {
-        name: filecmp.cmp(OUT / "streamed" / name, OUT / "whole" / name, shallow=False)
-        for name in ("model.onnx", "model.onnx.data")
-    }
-    # what else ran: the 1-minute load average of the two cores before the builds and after
-    return {"rows": rows, "same_bytes": same, "load": [load_before, os.getloadavg()[0]]}
+    same = None
+    if not missing:
+        same = all(
+            filecmp.cmp(OUT / "streamed" / name, OUT / "whole" / name, shallow=False)
+            for name in ("model.onnx", "model.onnx.data")
+        )
+    return {"rows": rows, "unfinished": missing, "same_bytes": same}
 
 
-def render(record: dict) -> str:
-    rows = record["rows"]
+def _run_text(run: dict) -> str:
+    rows = run["rows"]
     lines = []
     for mode, row in rows.items():
         times, peaks = row["timings"], row["peak_rss_mib"]
@@ -102,40 +108,58 @@ def render(record: dict) -> str:
             f"| {mode} (build.stream: {MODES[mode]}) | {sum(times.values()):.0f} s | {cells} | "
             f"{max(peaks.values()):.0f} MiB | {row['ppl_onnx']:.3f} |"
         )
-    ratio = sum(rows["streamed"]["timings"].values()) / sum(rows["whole"]["timings"].values())
-    by_stage = ", ".join(f"{s} {rows['streamed']['timings'][s] / rows['whole']['timings'][s]:.2f}" for s in STAGES)
-    same = all(record["same_bytes"].values())
+    for mode in run.get("unfinished", []):
+        lines.append(f"| {mode} (build.stream: {MODES[mode]}) | stopped before it finished |" + " — |" * 8)
+    load = run.get("load")
+    text = f"At {run['commit']}, {run['date']}" + (
+        f" (1-minute load average {load[0]:.1f} before the builds started, {load[1]:.1f} when the last ended; "
+        "2.0 is both cores busy)"
+        if load
+        else " (read back with `--collect`)"
+    )
+    text += ":\n\n| build | total | load | capture | calibrate | lower | write | verify | peak | ppl (ORT) |\n"
+    text += "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    if "streamed" in rows and "whole" in rows:
+        streamed, whole = rows["streamed"]["timings"], rows["whole"]["timings"]
+        ratio = sum(streamed.values()) / sum(whole.values())
+        by_stage = ", ".join(f"{s} {streamed[s] / whole[s]:.2f}" for s in STAGES)
+        same = run["same_bytes"]
+        same = all(same.values()) if isinstance(same, dict) else same  # the first record: per file
+        bytes_ = "the same bytes" if same else "**not the same bytes**"
+        text += f"\nStreamed over whole: {ratio:.2f}× the time ({by_stage}); the artifacts are {bytes_}.\n"
+    return text
+
+
+def render(runs: list[dict]) -> str:
+    body = "\n".join(_run_text(run) for run in reversed(runs))
     return f"""
 ## Streamed against whole: the shipped default's fresh build
 
-`python benchmarks/stream_speed.py`, {record["date"]} at {record["commit"]}. Machine: {record["machine"]}.
+`python benchmarks/stream_speed.py` (each run is kept; newest first). Machine: {runs[-1]["machine"]}.
 The shipped default (`examples/smollm2-affinequant-w4a16g128.yaml`, whose GGUF source
 `build.stream: auto` streams) built fresh from the same config twice, streamed and holding the
 whole model (`build.stream: never`), each calibrating into a fresh plan directory, as two
 processes started together (they share the machine's drift; while both run each has one of the
 two cores, so the times are about twice a lone build's). Per stage: seconds / the process's
-running peak RSS in MiB. The 1-minute load average was {record["load"][0]:.1f} before they
-started (what else ran: 2.0 is both cores busy) and {record["load"][1]:.1f} when the last ended.
+running peak RSS in MiB.
 
-| build | total | load | capture | calibrate | lower | write | verify | peak | ppl (ORT) |
-|---|---|---|---|---|---|---|---|---|---|
-{chr(10).join(lines)}
-
-Streamed over whole: {ratio:.2f}× the time ({by_stage}). The two artifacts' model.onnx and
-model.onnx.data are {"the same bytes" if same else "**not the same bytes**"}.
-"""
+{body}"""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--render", action="store_true", help="rewrite the section from the last record")
-    if parser.parse_args().render:
-        record = json.loads(RESULTS.read_text())
-    else:
+    parser.add_argument("--render", action="store_true", help="rewrite the section from the records")
+    parser.add_argument("--collect", metavar="COMMIT", help="record the builds in the output folder as run at COMMIT")
+    args = parser.parse_args()
+    recorded = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+    runs = recorded["runs"] if "runs" in recorded else [recorded]  # the first record was one run
+    if args.collect:
+        runs.append({**collect(), "commit": args.collect, "date": str(date.today()), "machine": machine()})
+    elif not args.render:
         commit = commit_id()  # the code the builds run: HEAD when they start
-        record = {**measure(), "commit": commit, "date": str(date.today()), "machine": machine()}
-        RESULTS.write_text(json.dumps(record, indent=1) + "\n")
-    print(write_section("stream-speed", render(record)))
+        runs.append({**measure(), "commit": commit, "date": str(date.today()), "machine": machine()})
+    RESULTS.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    print(write_section("stream-speed", render(runs)))
 
 
 if __name__ == "__main__":
