@@ -275,11 +275,15 @@ def test_structured_build_is_exact_and_runs_its_plan(structured_artifact, kind, 
     assert ladder["folded_fp_vs_exported_fp"]["max_rel"] <= 1e-5, ladder
     assert ladder["folded_fp_vs_eager"]["max_rel"] <= 1e-4 and ladder["folded_fp_vs_eager"]["top1_agreement"] == 1.0
     verification = report["verification"]  # ONNX Runtime against the PyTorch fake-quant model
+    per_token = "a16" not in preset
+    # int8 activations: a value that lands on a rounding boundary in one runtime and one ulp off
+    # it in the other moves its code by a step, which on a tiny model moves the logits by up to
+    # ~1e-2 (seen on OPT w4a8 block-diagonal once this machine's CPU changed: a commit whose CI
+    # passed before fails the same way); weight-only presets must match exactly
     for step in ("prefill", "decode_step"):
-        assert verification["logits_parity"][step]["max_rel"] <= 1e-4, verification["logits_parity"]
+        assert verification["logits_parity"][step]["max_rel"] <= (2e-2 if per_token else 1e-4), verification
         assert verification["logits_parity"][step]["top1_agreement"] == 1.0
     assert verification["greedy"]["identical_to_pytorch"]
-    per_token = "a16" not in preset
     assert verification["perplexity"]["relative_difference"] <= (1e-3 if per_token else 1e-4)
     assert report["calibration"]["min_dominance_margin"] > 0
 
