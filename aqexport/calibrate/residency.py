@@ -65,6 +65,9 @@ class FileTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return torch.load(self._files[name], weights_only=True)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would read the file to find out
+        return name in self._files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
