@@ -272,7 +272,9 @@ RECIPES_7B = {
         "random-llama-7b-gptq",
         {"quantization": {"rounding": {"method": "gptq", "tokens": 1024}}, "calibration": {"head_tokens": 1024}},
     ),
-    "7b-streamed-affinequant": (  # one window, two epochs: a 7B block's training step takes over a minute here
+    # one window, two epochs: a 7B block calibrates in ~46 s alone here (143 s while the diagonal
+    # norm transforms were applied as d × d matrices)
+    "7b-streamed-affinequant": (
         "random-llama-7b-affinequant",
         {"quantization": {"recipe": "affinequant"}, "calibration": {"samples": 1, "epochs": 2, "head_tokens": 1024}},
     ),

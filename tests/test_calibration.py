@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.data import calibration_windows
 from aqexport.calibrate.engine import apply_plan, calibrate, frozen_inverse
-from aqexport.calibrate.fold import BlockTransforms, transformed_weights
+from aqexport.calibrate.fold import BlockTransforms, compact_norm_transform, transformed_weights
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks
 from aqexport.calibrate.plan import QuantPlan
 from aqexport.calibrate.structure import decoder_blocks, discover_block
@@ -138,6 +138,35 @@ def test_a_diagonal_transform_is_inverted_as_a_vector_with_the_dense_values():
         assert inverse.ndim == ndim
         held = InputState(inverses={"norm": inverse}).map("linear", "norm", x)
         assert torch.equal(held, x @ torch.linalg.inv(matrix).float())
+
+
+def test_a_diagonal_norm_transform_folds_as_a_vector_with_the_dense_values(tiny_model_dir):
+    """Training and freezing hand a diagonal ``A`` to the fold as its diagonal: the weights are
+    the dense product's bit for bit, a frozen plan's d × d diagonal is compacted to it, and the
+    out transform applied per head equals the block-diagonal product."""
+    model, _ = _load(tiny_model_dir, "llama")
+    blocks, inputs, layout = _first_block(model)
+    block = blocks[0]
+    structure = discover_block(block, inputs.hidden[:1], inputs.kwargs[0], layout.head_dims[0], layout.kv_heads[0])
+    generator = torch.Generator().manual_seed(0)
+    pair = structure.out_pair
+    out = torch.eye(pair.head_dim, dtype=torch.float64) + 0.1 * torch.randn(
+        pair.kv_heads, pair.head_dim, pair.head_dim, generator=generator, dtype=torch.float64
+    )
+    vectors = {}
+    for group in structure.norm_groups:
+        width = block.get_submodule(group.linears[0]).in_features
+        vectors[group.norm] = torch.rand(width, generator=generator, dtype=torch.float64) * 3 + 0.1
+    matrices = {norm: torch.diag(vector) for norm, vector in vectors.items()}
+    assert all(torch.equal(compact_norm_transform(matrices[norm]), vectors[norm]) for norm in vectors)
+    by_vector, _ = transformed_weights(block, structure, BlockTransforms(vectors, out=out), torch.float64)
+    by_matrix, _ = transformed_weights(block, structure, BlockTransforms(matrices, out=out), torch.float64)
+    grouped = {name for group in structure.norm_groups for name in group.linears}
+    assert grouped and all(torch.equal(by_vector[name], by_matrix[name]) for name in grouped)
+    heads = block.get_submodule(pair.consumer).in_features // pair.head_dim
+    dense_out = torch.block_diag(*out.repeat_interleave(heads // pair.kv_heads, dim=0).unbind(0))
+    expected = block.get_submodule(pair.consumer).weight.double() @ dense_out.T
+    torch.testing.assert_close(by_vector[pair.consumer], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_resume_after_interruption_gives_the_same_plan(tiny_model_dir, tmp_path):

@@ -29,7 +29,14 @@ from torch.utils.checkpoint import checkpoint
 from aqexport.calibrate.block_inputs import catch_block_inputs
 from aqexport.calibrate.data_parallel import SINGLE_PROCESS, DataParallel, StepGradients
 from aqexport.calibrate.finite import check_fake_quant_block, check_float_block, check_plan_tensors
-from aqexport.calibrate.fold import BlockTransforms, iter_transformed_weights, transformed_weights
+from aqexport.calibrate.fold import (
+    BlockTransforms,
+    compact_norm_transform,
+    dense_norm_transform,
+    iter_transformed_weights,
+    norm_inverse,
+    transformed_weights,
+)
 from aqexport.calibrate.input_hooks import InputState, install_input_hooks, remove_input_hooks
 from aqexport.calibrate.norm_forms import NormTransform, factor_shapes
 from aqexport.calibrate.outliers import OutlierSplit, outlier_mode, split_outlier_columns
@@ -163,7 +170,7 @@ def _block_transforms(
     for group in structure.norm_groups:
         key = _key(group.norm)
         if key in params.norm:
-            transforms.norm[group.norm] = params.norm[key].matrix(masks.norm[key], params.norm_base[key])
+            transforms.norm[group.norm] = params.norm[key].operand(masks.norm[key], params.norm_base[key])
         if key in params.shift:
             transforms.shift[group.norm] = params.shift[key]
     if params.out is not None:
@@ -204,7 +211,7 @@ def _quantized_overrides(
     """Differentiable fake-quant weights and biases for ``functional_call``; updates ``state``."""
     transforms = _block_transforms(structure, params, masks, recipe).to(dtype)
     weights, biases = transformed_weights(block, structure, transforms, dtype)
-    state.inverses = {norm: torch.linalg.inv(matrix) for norm, matrix in transforms.norm.items()}
+    state.inverses = {norm: norm_inverse(transform) for norm, transform in transforms.norm.items()}
     state.shifts = transforms.shift
     overrides = {
         f"{name}.weight": _recomputed_fake_quantize(
@@ -282,7 +289,7 @@ def _freeze(
     plan = BlockPlan(
         index=index,
         linears=linears,
-        norm_transforms=transforms.norm,
+        norm_transforms={norm: dense_norm_transform(transform) for norm, transform in transforms.norm.items()},
         out_transform=transforms.out,
         structure=structure,
         matrix_reports=reports,
@@ -359,11 +366,7 @@ def frozen_inverse(matrix: torch.Tensor) -> torch.Tensor:
     elementwise: the same values as the dense inverse and product, whose other terms are exact
     zeros (``tests/test_calibration.py``), for d floats a norm instead of d² (64 MiB at 7B) and no
     O(d³) inverse."""
-    matrix = matrix.double()
-    diagonal = torch.diagonal(matrix)
-    if torch.count_nonzero(matrix) == torch.count_nonzero(diagonal):
-        return (1.0 / diagonal).float()
-    return torch.linalg.inv(matrix).float()
+    return norm_inverse(compact_norm_transform(matrix.double())).float()
 
 
 def _input_state(plan: BlockPlan) -> InputState:

@@ -27,7 +27,10 @@ from aqexport.calibrate.structure import BlockStructure, rotary_coefficients, ro
 __all__ = [
     "BlockTransforms",
     "FoldedWeights",
+    "compact_norm_transform",
+    "dense_norm_transform",
     "iter_transformed_weights",
+    "norm_inverse",
     "plan_transforms",
     "transformed_weights",
 ]
@@ -37,7 +40,7 @@ __all__ = [
 class BlockTransforms:
     """The matrices of one block, keyed by norm path (``norm``, ``shift``)."""
 
-    norm: dict[str, torch.Tensor] = field(default_factory=dict)  # A, [n, n]
+    norm: dict[str, torch.Tensor] = field(default_factory=dict)  # A, [n, n]; a diagonal A as its diagonal, [n]
     shift: dict[str, torch.Tensor] = field(default_factory=dict)  # δ, [n]
     out: torch.Tensor | None = None  # B, [kv_heads, d, d]
     qk: torch.Tensor | None = None  # (a, b) pairs, [kv_heads, 2, d/2]
@@ -59,6 +62,39 @@ def _rows_by_head(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``blockdiag(blocks) @ weight`` without building the block-diagonal matrix."""
     heads, d, _ = blocks.shape
     return (blocks @ weight.reshape(heads, d, -1)).reshape(weight.shape)
+
+
+def _columns_by_head(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``weight @ blockdiag(blocks)ᵀ`` without building the block-diagonal matrix: heads · d²
+    multiply-adds per row instead of (heads · d)², a 32nd of the work at 7B."""
+    heads, d, _ = blocks.shape
+    rows = weight.shape[0]
+    per_head = weight.reshape(rows, heads, d).transpose(0, 1) @ blocks.transpose(-1, -2)
+    return per_head.transpose(0, 1).reshape(rows, heads * d)
+
+
+def _by_norm_transform(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """``W Aᵀ``; a diagonal ``A`` given as its diagonal scales the columns, with the values of
+    the dense product (whose other terms are exact zeros)."""
+    return weight * transform if transform.ndim == 1 else weight @ transform.T
+
+
+def norm_inverse(transform: torch.Tensor) -> torch.Tensor:
+    """``A⁻¹`` in the form ``transform`` has: a diagonal's reciprocal, else the dense inverse."""
+    return transform.reciprocal() if transform.ndim == 1 else torch.linalg.inv(transform)
+
+
+def compact_norm_transform(matrix: torch.Tensor) -> torch.Tensor:
+    """A plan's ``A`` (stored d × d whatever its form) as its diagonal when it is diagonal: the
+    form ``BlockTransforms`` uses for the diagonal default, so folding a frozen plan costs d²
+    per linear, not d³."""
+    diagonal = torch.diagonal(matrix)
+    return diagonal.clone() if torch.count_nonzero(matrix) == torch.count_nonzero(diagonal) else matrix
+
+
+def dense_norm_transform(transform: torch.Tensor) -> torch.Tensor:
+    """The d × d ``A`` a plan stores, from either form."""
+    return torch.diag(transform) if transform.ndim == 1 else transform
 
 
 def _bias_by_head(bias: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -117,19 +153,20 @@ def iter_transformed_weights(
             if bias is not None:
                 bias = changed = _bias_by_head(bias, right)
         if pair is not None and transforms.out is not None and name == pair.consumer:
-            weight = weight @ torch.block_diag(*_per_head(transforms.out.to(dtype), pair.heads).unbind(0)).T
+            weight = _columns_by_head(weight, _per_head(transforms.out.to(dtype), pair.heads))
         group = structure.group_of(name)
         if group is not None and group.norm in transforms.shift:
             changed = (0 if bias is None else bias) + weight @ transforms.shift[group.norm].to(dtype)
         if group is not None and group.norm in transforms.norm:
-            weight = weight @ transforms.norm[group.norm].to(dtype).T
+            weight = _by_norm_transform(weight, transforms.norm[group.norm].to(dtype))
         yield name, weight, changed
 
 
 def plan_transforms(block_plan) -> BlockTransforms:
     """The transforms a frozen ``BlockPlan`` holds, in the form ``transformed_weights`` takes."""
     qk = None if block_plan.qk_transform is None else rotary_coefficients(block_plan.qk_transform)
-    return BlockTransforms(dict(block_plan.norm_transforms), dict(block_plan.norm_shifts), block_plan.out_transform, qk)
+    norm = {name: compact_norm_transform(matrix) for name, matrix in block_plan.norm_transforms.items()}
+    return BlockTransforms(norm, dict(block_plan.norm_shifts), block_plan.out_transform, qk)
 
 
 class FoldedWeights:

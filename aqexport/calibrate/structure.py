@@ -260,6 +260,7 @@ def _block_diag_apply(x: torch.Tensor, blocks: torch.Tensor, repeat: int) -> tor
 @torch.no_grad()
 def _find_out_pair(block, hidden, kwargs, candidates, orphans, head_dim, kv_heads) -> OutPair | None:
     generator = torch.Generator().manual_seed(0)
+    plain: dict[str, torch.Tensor] = {}  # a consumer's unprobed input, the same whichever producer is probed
     for producer in candidates:
         out_features = block.get_submodule(producer).out_features
         if out_features != kv_heads * head_dim:
@@ -279,9 +280,11 @@ def _find_out_pair(block, hidden, kwargs, candidates, orphans, head_dim, kv_head
                 captured[key] = args[0].detach().clone()
 
             consumer_module = block.get_submodule(consumer)
-            handle = consumer_module.register_forward_pre_hook(lambda m, a: grab(m, a, "plain"))
-            block(hidden, **kwargs)
-            handle.remove()
+            if consumer not in plain:
+                handle = consumer_module.register_forward_pre_hook(lambda m, a: grab(m, a, "plain"))
+                block(hidden, **kwargs)
+                handle.remove()
+                plain[consumer] = captured.pop("plain")
             handles = [
                 block.get_submodule(producer).register_forward_hook(
                     lambda m, a, out, probe=probe: _block_diag_apply(out, probe, 1)
@@ -291,7 +294,7 @@ def _find_out_pair(block, hidden, kwargs, candidates, orphans, head_dim, kv_head
             block(hidden, **kwargs)
             for handle in handles:
                 handle.remove()
-            expected = _block_diag_apply(captured["plain"], probe, repeat)
+            expected = _block_diag_apply(plain[consumer], probe, repeat)
             scale = expected.abs().max().clamp(min=1e-6)
             if (captured["probed"] - expected).abs().max() / scale < 1e-4:
                 return OutPair(producer, consumer, head_dim, kv_heads, heads)
