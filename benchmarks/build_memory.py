@@ -412,11 +412,14 @@ model (SmolLM2's 49152-token vocabulary: 6.87 B parameters, 25.6 GiB of float32 
 safetensors shards, `random_llama_7b`), which `stream: auto` streams, at a reduced budget
 (`BUDGET_7B`: 4 × 256 calibration windows, 2 × 256 evaluation windows, accuracy level 0). The
 GPTQ row takes its Hessians from those windows (1024 tokens, not GPTQ's default 32768); the
-AffineQuant row trains each block on one of them for 2 epochs (`RECIPES_7B`: a 7B block's
-training step takes over a minute here, and 4 windows × 2 epochs would take the build 5 h), in
-the default norm-side form for a weight-only preset (diagonal, kept in the plan as a 4096²
-matrix per norm, whose inverses the streamed model's blocks keep in files between forwards:
-`residency.spill_inverses`). Its checkpoint outgrows the page cache, so every forward over it
+AffineQuant row trains each block on one of them for 2 epochs (`RECIPES_7B`), in the default
+norm-side form for a weight-only preset: diagonal, which calibration applies as a vector since
+09eed60 (a 7B-shaped block then calibrates in 46 s alone, 143 s before, when each step multiplied
+the block's weights by 4096² matrices; `docs/transforms.md`). Its 09eed60 row ran while the
+clean-clone CI shared the two cores for 44 of its 66 minutes, so its times are not the build's
+alone; peak RSS does not depend on it. The plan still stores each diagonal as a 4096² float64
+matrix (the plan is 15 GiB on disk, 8 of it those zeros); a frozen block's input hooks hold its
+inverse as a vector (fe19316). Its checkpoint outgrows the page cache, so every forward over it
 reads it from disk. Streamed rows measured before e45f14c held the model's float edges
 (embedding, norm, head: 1.6 GiB at 7B) through ONNX Runtime's verification; since, they wait in a temporary file
 (`streamed_model.edges_released`). The first 7B row calibrates its plan in the build; the second
