@@ -94,8 +94,8 @@ def matrix_report(matrix: torch.Tensor, learned: torch.Tensor | list[torch.Tenso
     ``learned`` is the guarded factor (or factors: blocks, Kronecker factors) when ``matrix`` is a
     product with a fixed positive diagonal (norm-group transforms): their margin is the one that
     guarantees invertibility. A diagonal ``A`` may come as its diagonal (the default norm-side
-    form): its figures are then exact and cost d, where the dense ones cost a d³ inverse and SVD
-    (at d = 4096 in float64, tens of seconds a norm on this machine).
+    form): its figures are then exact and cost d, where the dense ones cost a float64 d³
+    inverse, an SVD and a d³ product per norm of every frozen block.
     """
     a = matrix.double()
     guarded = [a] if learned is None else learned if isinstance(learned, list) else [learned]
