@@ -127,6 +127,8 @@ def _run_text(run: dict) -> str:
         same = all(same.values()) if isinstance(same, dict) else same  # the first record: per file
         bytes_ = "the same bytes" if same else "**not the same bytes**"
         text += f"\nStreamed over whole: {ratio:.2f}× the time ({by_stage}); the artifacts are {bytes_}.\n"
+    if run.get("note"):  # what the record alone cannot say, added to the record by hand
+        text += f"\n{run['note']}\n"
     return text
 
 
