@@ -16,7 +16,9 @@ default 90 % of the machine's memory, checked twice:
   which raises ``MemoryBudgetError`` naming the stage; the staging directory is removed as for
   any failed build. The signal lands between Python bytecodes, so one large native operation
   can overshoot before it does; on a machine without ``/proc`` or off the main thread only the
-  first check runs.
+  first check runs. The exception can land inside library code that catches ``Exception`` and
+  goes on (torch's ONNX exporter does, registering its ops), so the guard raises it again at the
+  next stage and on the way out: a build past its budget never writes its artifact.
 
 ``max_memory`` does not change the artifact, so it is not part of the build identity.
 """
@@ -210,7 +212,7 @@ class MemoryGuard:
     def __init__(self, budget: int | None, what: str) -> None:
         self.budget = budget
         self.what = what  # how the budget was set, for the message
-        self.stage = "start"
+        self._stage = "start"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._previous = None
@@ -229,12 +231,24 @@ class MemoryGuard:
             self._thread.start()
         return self
 
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    @stage.setter
+    def stage(self, name: str) -> None:
+        if self._seen:  # the signal's exception was swallowed on its way up: stop here instead
+            raise self._error()
+        self._stage = name
+
     def __exit__(self, _type, error, _traceback) -> None:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             signal.signal(signal.SIGUSR1, self._previous)
-        if self._seen and error is not None and not isinstance(error, MemoryBudgetError):
+        if self._seen and error is None:
+            raise self._error()  # swallowed in the last stage
+        if self._seen and not isinstance(error, MemoryBudgetError):
             # the signal's exception, re-wrapped on its way out (torch.export turns exceptions
             # raised while it traces into its own), or whatever failed once memory had run out
             raise self._error() from error

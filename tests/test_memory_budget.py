@@ -115,6 +115,25 @@ def test_the_guard_stops_the_main_thread_when_memory_passes_the_budget():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+@pytest.mark.parametrize("after", ["next stage", "exit"])
+def test_a_swallowed_budget_error_is_raised_again(after):
+    """Library code that catches ``Exception`` (torch's ONNX exporter, registering its ops) can
+    swallow the signal's error; the guard raises it again at the next stage or on the way out."""
+    swallowed = []
+    with pytest.raises(MemoryBudgetError, match="in stage swallowing, over its budget"):
+        with MemoryGuard(1, "a test's budget") as guard:
+            guard.stage = "swallowing"
+            deadline = time.monotonic() + 10
+            while not swallowed and time.monotonic() < deadline:
+                try:
+                    time.sleep(0.05)
+                except Exception as error:  # noqa: BLE001 - what the exporter does
+                    swallowed.append(error)
+            if after == "next stage":
+                guard.stage = "after"
+    assert len(swallowed) == 1 and isinstance(swallowed[0], MemoryBudgetError)
+
+
 def test_a_build_that_outgrows_its_budget_is_stopped_and_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch):
     """The guard's wiring in a real build: resident memory reads as over the budget from the
     capture stage on (the real reading is the test above); the guard looks every 0.2 s, so it
