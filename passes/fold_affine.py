@@ -94,6 +94,8 @@ def _check_structure(block: BlockPlan, norm: str, name: str) -> None:
     fix = "recalibrate the plan: the calibration engine records forms it can lower"
     if structure.form not in NORM_FORMS:
         raise AqexportError(f"'{name}' records the unknown transform form '{structure.form}'", fix)
+    if structure.form != "diagonal" and matrix.ndim != 2:
+        raise AqexportError(f"'{name}' records a {structure.form} transform but stores a vector, not a matrix", fix)
     if structure.form == "diagonal":
         if not is_diagonal(matrix):
             raise AqexportError(f"'{name}' records a diagonal transform but its matrix is not diagonal", fix)

@@ -147,7 +147,7 @@ def test_layout_of_the_files(tmp_path):
         tensors.keys()
     )
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert saved["format"] == PLAN_FORMAT == 5
+    assert saved["format"] == PLAN_FORMAT == 6
     structures = saved["blocks"]["0"]["norm_structures"]
     assert structures["input_layernorm"] == {"form": "kronecker", "factors": [None, None]}
     assert structures["final"] == {"form": "dense", "factors": []}
@@ -188,7 +188,7 @@ def test_plan_of_another_format_is_refused(tmp_path, found):
         QuantPlan.open(tmp_path, RECIPE, MODEL)
     message = str(raised.value)
     assert "\n" not in message
-    assert f"plan formats 4 and {PLAN_FORMAT}" in message
+    assert f"plan formats 4, 5 and {PLAN_FORMAT}" in message
     assert (f"plan format {found}," if found is not None else "has no plan format") in message
     assert "recalibrate into a fresh plan_dir" in raised.value.fix
 

@@ -301,6 +301,10 @@ def test_structured_build_is_exact_and_runs_its_plan(structured_artifact, kind, 
             if factors:  # the plan's A is exactly what the lowering composes
                 composed = compose(form, tensors[f"norm_structures.{norm}.scales"], factors)
                 assert np.array_equal(composed, tensors[f"norm_transforms.{norm}"].numpy())
+            stored = tensors[f"norm_transforms.{norm}"]
+            width = tensors[f"norm_structures.{norm}.scales"].shape[0]
+            # plan format 6: a diagonal A is stored as its diagonal, every other form as d × d
+            assert stored.shape == ((width,) if form == "diagonal" else (width, width))
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     (fold,) = [record["stats"] for record in manifest["passes"] if record["pass"] == "FoldAffinePass"]

@@ -32,7 +32,6 @@ from aqexport.calibrate.finite import check_fake_quant_block, check_float_block,
 from aqexport.calibrate.fold import (
     BlockTransforms,
     compact_norm_transform,
-    dense_norm_transform,
     iter_transformed_weights,
     norm_inverse,
     transformed_weights,
@@ -289,7 +288,7 @@ def _freeze(
     plan = BlockPlan(
         index=index,
         linears=linears,
-        norm_transforms={norm: dense_norm_transform(transform) for norm, transform in transforms.norm.items()},
+        norm_transforms=dict(transforms.norm),  # a diagonal as its vector (plan format 6)
         out_transform=transforms.out,
         structure=structure,
         matrix_reports=reports,
@@ -361,11 +360,11 @@ def _input_hessians(block: nn.Module, plan: BlockPlan, hidden: torch.Tensor, kwa
 
 def frozen_inverse(matrix: torch.Tensor) -> torch.Tensor:
     """``A⁻¹`` for a frozen block's input hooks: computed in float64, held in float32. A diagonal
-    ``A`` (the default norm-side form of weight-only presets, which the plan stores as a d × d
-    matrix) gives the reciprocal of its diagonal as a vector, which ``InputState.map`` multiplies
-    elementwise: the same values as the dense inverse and product, whose other terms are exact
-    zeros (``tests/test_calibration.py``), for d floats a norm instead of d² (64 MiB at 7B) and no
-    O(d³) inverse."""
+    ``A`` (the default norm-side form of weight-only presets, which plan format 6 stores as its
+    vector and format 5 as a d × d matrix) gives the reciprocal of its diagonal as a vector,
+    which ``InputState.map`` multiplies elementwise: the same values as the dense inverse and
+    product, whose other terms are exact zeros (``tests/test_calibration.py``), for d floats a
+    norm instead of d² (64 MiB at 7B) and no O(d³) inverse."""
     return norm_inverse(compact_norm_transform(matrix.double())).float()
 
 

@@ -28,7 +28,6 @@ __all__ = [
     "BlockTransforms",
     "FoldedWeights",
     "compact_norm_transform",
-    "dense_norm_transform",
     "iter_transformed_weights",
     "norm_inverse",
     "plan_transforms",
@@ -85,16 +84,13 @@ def norm_inverse(transform: torch.Tensor) -> torch.Tensor:
 
 
 def compact_norm_transform(matrix: torch.Tensor) -> torch.Tensor:
-    """A plan's ``A`` (stored d × d whatever its form) as its diagonal when it is diagonal: the
-    form ``BlockTransforms`` uses for the diagonal default, so folding a frozen plan costs d²
-    per linear, not d³."""
+    """A plan's ``A`` as its diagonal when it is diagonal: the form ``BlockTransforms`` uses for
+    the diagonal default, so folding a frozen plan costs d² per linear, not d³. Plan format 6
+    stores a diagonal as that vector already; a format-5 plan stored every ``A`` as d × d."""
+    if matrix.ndim == 1:
+        return matrix
     diagonal = torch.diagonal(matrix)
     return diagonal.clone() if torch.count_nonzero(matrix) == torch.count_nonzero(diagonal) else matrix
-
-
-def dense_norm_transform(transform: torch.Tensor) -> torch.Tensor:
-    """The d × d ``A`` a plan stores, from either form."""
-    return torch.diag(transform) if transform.ndim == 1 else transform
 
 
 def _bias_by_head(bias: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ DEFAULT_BLOCK = 64  # the largest block size the default picks (a divisor of d a
 class NormStructure:
     """How a plan's norm-side ``A`` is built: ``A = S · diag(scales)``, ``S`` from ``factors``
     (``block_diagonal``: ``[blocks [m, k, k]]``; ``kronecker``: ``[S₁, S₂]``; ``dense`` and
-    ``diagonal``: none, ``A`` itself is the plan's ``norm_transforms`` entry)."""
+    ``diagonal``: none, ``A`` itself is the plan's ``norm_transforms`` entry, the diagonal as
+    its vector)."""
 
     form: str
     scales: torch.Tensor = field(metadata=stored(torch.float64))  # s₀ [d]

@@ -6,7 +6,7 @@ re-derives them), which norm-group transform feeds it, and a transformed bias wh
 transform changed it. Per block: the transforms in float64, their dominance margin / condition
 number / inverse error, the loss curve and the block's output error.
 
-On disk (format ``PLAN_FORMAT`` = 5): ``plan.json`` holds ``format``, ``recipe``, ``model``,
+On disk (format ``PLAN_FORMAT`` = 6): ``plan.json`` holds ``format``, ``recipe``, ``model``,
 ``blocks_path`` and ``blocks`` (per block index, the block's scalar fields: structure, reports,
 loss curve, and per linear its schemes, input transform / shift, ``has_bias``, stats tokens / τ,
 outlier mode / threshold / channel count; per ``dict[str, Tensor]`` field its keys). One
@@ -16,7 +16,11 @@ outlier mode / threshold / channel count; per ``dict[str, Tensor]`` field its ke
 ``norm_transforms.<norm>``, ``norm_shifts.<norm>``, ``out_transform``, ``qk_transform``,
 ``norm_structures.<norm>.scales|factors.<i>`` (format 5: the form of each norm-side transform,
 ``aqexport.calibrate.norm_forms.NormStructure``; a format-4 plan, written before forms existed,
-is read with no structures, i.e. every transform what its matrix is: dense or diagonal).
+is read with no structures, i.e. every transform what its matrix is: dense or diagonal). Format 6
+stores a diagonal ``A`` as its diagonal, a ``[d]`` vector (the default form of weight-only
+presets: 32 KiB a norm at hidden 4096 instead of a 128 MiB float64 matrix, 8 GiB of zeros in a 7B
+plan); format 5 stored every ``A`` as ``[d, d]`` and is read as it is, since every reader of
+``norm_transforms`` (``fold.compact_norm_transform``, ``aqexport.transform_algebra``) takes both.
 Each block file is written to a temp file, flushed and renamed
 (``aqexport.atomic_files.write_atomically``), and ``plan.json`` rewritten the same way after
 each block, so a calibration killed mid-model resumes from the last block whose file landed.
@@ -79,7 +83,7 @@ from aqexport.errors import AqexportError
 
 __all__ = ["PLAN_FORMAT", "BlockPlan", "BlockStore", "LinearPlan", "PlanLinears", "QuantPlan"]
 
-PLAN_FORMAT = 5
+PLAN_FORMAT = 6
 TIMINGS_FILE = "timings.json"
 INDEX_FILE = "plan.json"
 _NO_SPACE_FIX = (
@@ -110,7 +114,7 @@ def _from_format_4(block_meta: dict[str, Any]) -> dict[str, Any]:
 
 #: Older formats this aqexport still reads, each with the upgrade of one block's metadata; a
 #: resumed plan is rewritten in ``PLAN_FORMAT`` as its next block lands.
-_UPGRADES = {4: _from_format_4, PLAN_FORMAT: lambda block_meta: block_meta}
+_UPGRADES = {4: _from_format_4, 5: lambda block_meta: block_meta, PLAN_FORMAT: lambda block_meta: block_meta}
 
 _F32, _F64 = stored(torch.float32), stored(torch.float64)
 
@@ -418,7 +422,8 @@ class QuantPlan:
         found = saved.get("format") if isinstance(saved, dict) else None
         if found not in _UPGRADES:
             version = "has no plan format" if found is None else f"is plan format {_show(found)}"
-            readable = " and ".join(str(f) for f in sorted(_UPGRADES))
+            formats = [str(f) for f in sorted(_UPGRADES)]
+            readable = f"{', '.join(formats[:-1])} and {formats[-1]}"
             raise AqexportError(f"'{index}' {version}, this aqexport reads plan formats {readable}", fresh)
         if saved.get("recipe") != recipe or saved.get("model") != model:
             differences = _differences("recipe", saved.get("recipe"), recipe) + _differences(

@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
+from aqexport.calibrate.norm_forms import NormStructure
 from aqexport.calibrate.quantizer import QuantScheme
 from aqexport.errors import AqexportError
 from aqexport.passes.fold_affine import FoldAffinePass
@@ -165,3 +166,36 @@ def test_numpy_inverse_matches_the_float32_of_torch():
     FoldAffinePass(_plan(dense, None))(model)
     stored = model.graph.initializers["layers.0.norm.inverse"].const_value.numpy()
     np.testing.assert_array_equal(stored, torch.linalg.inv(dense).float().numpy())
+
+
+@pytest.mark.parametrize(
+    ("norm", "shift", "extra_consumer"),
+    [("layer_norm", True, False), ("rms_norm", False, False), ("rms_norm", False, True)],
+)
+def test_a_diagonal_stored_as_its_vector_folds_as_its_matrix(norm, shift, extra_consumer):
+    """Plan format 6 stores a diagonal ``A`` as its diagonal; format 5 stored the d × d matrix.
+    Both fold to the same graph, initializer for initializer."""
+    matrix = _diagonal()
+    delta = torch.linspace(-0.5, 0.5, H, dtype=torch.float64) if shift else None
+    folded = {}
+    for storage in ("matrix", "vector"):
+        plan = _plan(matrix, delta)
+        if storage == "vector":
+            plan.blocks[0].norm_transforms["norm"] = torch.diagonal(matrix).clone()
+        model = _graph(norm, _transformed(matrix, delta), extra_consumer=extra_consumer)
+        stats = FoldAffinePass(plan)(model).stats
+        folded[storage] = (
+            stats["placements"],
+            {v.name: v.const_value.numpy() for v in model.graph.initializers.values()},
+        )
+    assert folded["vector"][0] == folded["matrix"][0]
+    assert folded["vector"][1].keys() == folded["matrix"][1].keys()
+    assert all(np.array_equal(folded["vector"][1][k], folded["matrix"][1][k]) for k in folded["matrix"][1])
+
+
+def test_a_vector_recorded_as_a_dense_transform_is_refused():
+    plan = _plan(_diagonal(), None)
+    plan.blocks[0].norm_transforms["norm"] = torch.linspace(0.3, 3.0, H, dtype=torch.float64)
+    plan.blocks[0].norm_structures["norm"] = NormStructure("dense", torch.ones(H, dtype=torch.float64))
+    with pytest.raises(ir.passes.PreconditionError, match="records a dense transform but stores a vector"):
+        FoldAffinePass(plan)(_graph("rms_norm", _transformed(_diagonal(), None)))
