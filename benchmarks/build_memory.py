@@ -417,8 +417,10 @@ norm-side form for a weight-only preset: diagonal, which calibration applies as 
 09eed60 (a 7B-shaped block then calibrates in 46 s alone, 143 s before, when each step multiplied
 the block's weights by 4096² matrices; `docs/transforms.md`). Its 09eed60 row ran while the
 clean-clone CI shared the two cores for 44 of its 66 minutes, so its times are not the build's
-alone; peak RSS does not depend on it. The plan still stores each diagonal as a 4096² float64
-matrix (the plan is 15 GiB on disk, 8 of it those zeros); a frozen block's input hooks hold its
+alone; peak RSS does not depend on it. Its plan (format 5) stored each diagonal as a 4096²
+float64 matrix: 15 GiB on disk, 8 of it those zeros (492 MB a block file, 2 × 128 MiB of it the
+two diagonals); plan format 6 (e05cac4) stores the vector, 224 MB a block, about 7 GB a plan (by
+arithmetic from that block file; the row was not rebuilt). A frozen block's input hooks hold its
 inverse as a vector (fe19316). Its checkpoint outgrows the page cache, so every forward over it
 reads it from disk. Streamed rows measured before e45f14c held the model's float edges
 (embedding, norm, head: 1.6 GiB at 7B) through ONNX Runtime's verification; since, they wait in a temporary file
