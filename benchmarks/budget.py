@@ -34,14 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import yaml  # noqa: E402
+from _builds import EXAMPLE, build_report_row, write_example_config  # noqa: E402
 from _report import commit_id, write_section  # noqa: E402
 from skeleton import machine  # noqa: E402
 
 from aqexport.calibration_run import run_calibration  # noqa: E402
 from aqexport.config import load_config  # noqa: E402
 
-EXAMPLE = ROOT / "examples" / "smollm2-affinequant-w4a16g128.yaml"
 OUT = ROOT / "benchmarks" / "out" / "budget"
 RESULTS = ROOT / "benchmarks" / "out" / "budget.json"
 HEADER = (
@@ -81,30 +80,18 @@ def measure(budget: str) -> dict:
 
 def build_default() -> dict:
     """``aqexport build`` of the example as shipped, into a fresh output and plan directory."""
-    config = yaml.safe_load(EXAMPLE.read_text())
-    for section, key in (("calibration", "data"), ("evaluation", "text")):
-        config[section][key] = str((EXAMPLE.parent / config[section][key]).resolve())
     output = OUT / "default-build"
-    config["calibration"]["plan_dir"] = str(output.with_name("default-build.plan"))
-    config["output"]["dir"] = str(output)
-    for leftover in (output, output.with_name("default-build.plan")):
-        shutil.rmtree(leftover, ignore_errors=True)
-    path = OUT / "default-build.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path = write_example_config(output)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     aqexport = str(Path(sys.executable).parent / "aqexport")
     subprocess.run([aqexport, "build", str(path)], check=True, capture_output=True)
     wall = time.perf_counter() - start
-    report = json.loads((output / "report.json").read_text())
     calibration = load_config(EXAMPLE).calibration
     return {
         "budget": f"{calibration.samples}x{calibration.seqlen}x{calibration.epochs}",
         "wall": wall,
-        "timings": report["timings"],
-        "peak_rss_mib": report["memory"]["peak_rss_mib"],
-        "ppl_onnx": report["verification"]["perplexity"]["onnx"]["perplexity"],
+        **build_report_row(output),
         "load": [load_before, os.getloadavg()[0]],
         "commit": commit_id(),
         "date": str(date.today()),

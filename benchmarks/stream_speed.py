@@ -21,21 +21,18 @@ import argparse
 import filecmp
 import json
 import os
-import shutil
 import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _builds import build_report_row, write_example_config  # noqa: E402
 from _report import commit_id, write_section  # noqa: E402
 from skeleton import machine  # noqa: E402
 
-EXAMPLE = ROOT / "examples" / "smollm2-affinequant-w4a16g128.yaml"
 OUT = ROOT / "benchmarks" / "out" / "stream-speed"
 RESULTS = ROOT / "benchmarks" / "results" / "stream_speed.json"
 AQEXPORT = str(Path(sys.executable).parent / "aqexport")
@@ -44,20 +41,9 @@ MODES = {"streamed": "auto", "whole": "never"}  # the row's name -> build.stream
 
 
 def write_config(mode: str) -> Path:
-    """The example with its paths made absolute, a fresh plan and output of its own, and
-    ``build.stream`` set (``auto`` is what the example ships)."""
-    config = yaml.safe_load(EXAMPLE.read_text())
-    for section, key in (("calibration", "data"), ("evaluation", "text")):
-        config[section][key] = str((EXAMPLE.parent / config[section][key]).resolve())
-    config["calibration"]["plan_dir"] = str(OUT / f"{mode}.plan")
-    config["output"]["dir"] = str(OUT / mode)
-    config["build"] = {**config.get("build", {}), "stream": MODES[mode]}
-    for leftover in (OUT / mode, OUT / f"{mode}.plan"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    path = OUT / f"{mode}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    """The example with a fresh plan and output of its own, and ``build.stream`` set (``auto`` is
+    what the example ships)."""
+    return write_example_config(OUT / mode, {"stream": MODES[mode]})
 
 
 def measure() -> dict:
@@ -82,13 +68,7 @@ def collect() -> dict:
         if not (OUT / mode / "report.json").is_file():
             missing.append(mode)
             continue
-        report = json.loads((OUT / mode / "report.json").read_text())
-        rows[mode] = {
-            "timings": report["timings"],
-            "peak_rss_mib": report["memory"]["peak_rss_mib"],
-            "streamed": report["memory"]["streamed"],
-            "ppl_onnx": report["verification"]["perplexity"]["onnx"]["perplexity"],
-        }
+        rows[mode] = build_report_row(OUT / mode)
     same = None
     if not missing:
         same = all(

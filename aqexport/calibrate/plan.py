@@ -112,9 +112,14 @@ def _from_format_4(block_meta: dict[str, Any]) -> dict[str, Any]:
     return {**block_meta, "norm_structures": {}}
 
 
+def _as_saved(block_meta: dict[str, Any]) -> dict[str, Any]:
+    """Format 5 differs from 6 only in a tensor's shape, which every reader takes as it is."""
+    return block_meta
+
+
 #: Older formats this aqexport still reads, each with the upgrade of one block's metadata; a
 #: resumed plan is rewritten in ``PLAN_FORMAT`` as its next block lands.
-_UPGRADES = {4: _from_format_4, 5: lambda block_meta: block_meta, PLAN_FORMAT: lambda block_meta: block_meta}
+_UPGRADES = {4: _from_format_4, 5: _as_saved, PLAN_FORMAT: _as_saved}
 
 _F32, _F64 = stored(torch.float32), stored(torch.float64)
 
